@@ -1,0 +1,126 @@
+"""The result aggregator: record chunk results; the last one claims the job and requests
+exactly one canonical transform per table, with that table's explicit file list."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from canonflow import jsonio
+from canonflow.model import (
+    ChunkResult,
+    ChunkSpec,
+    JobOutcome,
+    TableRef,
+    TransformRequest,
+    TriggerMode,
+    aggregated_request_id,
+)
+from canonflow.stores.state import Completion
+from canonflow.transform.request import manifest_prefix
+
+if TYPE_CHECKING:
+    from canonflow.runtime import Runtime
+
+log = logging.getLogger("canonflow.aggregate")
+
+
+@dataclass
+class TableOutcome:
+    table: TableRef
+    chunks: int = 0
+    chunks_failed: int = 0
+    records_extracted: int = 0
+    files: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.chunks_failed == 0
+
+
+def table_outcomes(specs: Sequence[ChunkSpec],
+                   results: Sequence[ChunkResult]) -> dict[TableRef, TableOutcome]:
+    """Per table: how its chunks ended and which files they wrote (a missing result is a
+    failed chunk)."""
+    by_chunk = {r.chunk_id: r for r in results}
+    tables: dict[TableRef, TableOutcome] = {}
+    for spec in specs:
+        t = tables.setdefault(spec.table, TableOutcome(spec.table))
+        t.chunks += 1
+        result = by_chunk.get(spec.chunk_id)
+        if result is None or not result.completed:
+            t.chunks_failed += 1
+            t.errors.append(result.error.message if result and result.error else "no result")
+        if result is not None:
+            t.records_extracted += result.records_processed
+            t.files.extend(result.s3_files_written)
+    return tables
+
+
+def job_outcome(tables: dict[TableRef, TableOutcome]) -> JobOutcome:
+    if all(t.ok for t in tables.values()):
+        return JobOutcome.COMPLETED
+    if any(t.ok for t in tables.values()):
+        return JobOutcome.PARTIAL_SUCCESS
+    return JobOutcome.FAILED
+
+
+def transform_requests(rt: Runtime, job_id: str,
+                       tables: dict[TableRef, TableOutcome]) -> list[TransformRequest]:
+    """One file-specific request per fully successful table that wrote files; lists longer
+    than ``max_inline_files`` travel as a manifest object (claim check)."""
+    requests = []
+    for ref, t in tables.items():
+        if not t.ok or not t.files:
+            continue
+        files = sorted(set(t.files))
+        common: dict[str, Any] = dict(
+            tenant_id=ref.tenant_id, service_name=ref.service_name, table_name=ref.table_name,
+            job_id=job_id, request_id=aggregated_request_id(job_id, ref), trigger="aggregated",
+        )
+        if len(files) > rt.settings.max_inline_files:
+            key = f"{manifest_prefix(ref)}{job_id}.json"
+            rt.objects.put(key, jsonio.dumps(files))
+            requests.append(TransformRequest(**common, source_files_manifest=key))
+        else:
+            requests.append(TransformRequest(**common, source_files=files))
+    return requests
+
+
+def aggregate_job(rt: Runtime, job_id: str) -> list[TransformRequest]:
+    """Run by the one completer whose claim succeeded (or the sweeper that reclaimed)."""
+    state = rt.state
+    job = state.job(job_id)
+    if job is None:
+        return []
+    tables = table_outcomes(state.chunk_specs(job_id), state.chunk_results(job_id))
+    outcome = job_outcome(tables)
+    requests: list[TransformRequest] = []
+    if job.trigger_mode == TriggerMode.AGGREGATED.value:
+        requests = transform_requests(rt, job_id, tables)
+    report = {"tables": {ref.label: {
+        "tenant_id": ref.tenant_id, "service_name": ref.service_name,
+        "table_name": ref.table_name, "chunks": t.chunks, "chunks_failed": t.chunks_failed,
+        "records_extracted": t.records_extracted, "files_written": len(set(t.files)),
+        "transformed": t.ok and bool(t.files), "errors": t.errors[:5],
+    } for ref, t in tables.items()}}
+    state.finish_aggregation(job_id, outcome.value, requests, report)
+    log.info("job aggregated", extra={
+        "job_id": job_id, "outcome": outcome.value,
+        "transforms_requested": [r.request_id for r in requests],
+        "not_transformed": [ref.label for ref, t in tables.items() if not t.ok],
+    })
+    return requests
+
+
+def complete_chunk(rt: Runtime, result: ChunkResult) -> Completion:
+    """Record one chunk result; if it was the job's last, aggregate (exactly once)."""
+    completion = rt.state.complete_chunk(result)
+    if completion.claimed:
+        aggregate_job(rt, result.job_id)
+    return completion

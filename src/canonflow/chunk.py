@@ -1,0 +1,97 @@
+"""The chunk processor: fetch a page range, write raw batch files, return a chunk result.
+
+It only writes. The transform is requested by the result aggregator once per table, except in
+the ``per_batch`` rollback mode, which reproduces the legacy trigger: a time-based transform
+request after every batch write.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import logging
+import time
+
+import pyarrow as pa
+
+from canonflow import jsonio
+from canonflow.errors import error_payload
+from canonflow.model import ChunkError, ChunkResult, ChunkSpec, TransformRequest, TriggerMode, raw_key
+
+if TYPE_CHECKING:
+    from canonflow.runtime import Runtime
+
+log = logging.getLogger("canonflow.chunk")
+
+
+def encode_batch(lines: list[bytes]) -> bytes:
+    """zstd-compressed JSON Lines."""
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        out.write(b"\n".join(lines) + b"\n")
+    return bytes(sink.getvalue().to_pybytes())
+
+
+class _BatchWriter:
+    def __init__(self, spec: ChunkSpec, rt: Runtime) -> None:
+        self.spec = spec
+        self.rt = rt
+        self.lines: list[bytes] = []
+        self.files: list[str] = []
+
+    def add(self, records: list[dict[str, object]]) -> None:
+        self.lines.extend(jsonio.dumps(r) for r in records)
+        size = self.spec.batch_records
+        while len(self.lines) >= size:
+            self._write(self.lines[:size])
+            del self.lines[:size]
+
+    def close(self) -> None:
+        if self.lines:
+            self._write(self.lines)
+            self.lines = []
+
+    def _write(self, lines: list[bytes]) -> None:
+        spec = self.spec
+        key = raw_key(spec.table, spec.job_id, spec.chunk_id, len(self.files))
+        self.rt.objects.put(key, encode_batch(lines))  # a retry rewrites the same key
+        self.files.append(key)
+        if spec.trigger_mode is TriggerMode.PER_BATCH:
+            t = spec.table
+            self.rt.state.enqueue_request(TransformRequest(
+                tenant_id=t.tenant_id, service_name=t.service_name, table_name=t.table_name,
+                job_id=spec.job_id, trigger="per_batch",
+                request_id=f"{spec.job_id}:{spec.chunk_id}:{len(self.files) - 1:05d}",
+            ))
+
+
+def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
+    started = time.perf_counter()
+    t = spec.table
+    writer = _BatchWriter(spec, rt)
+    records = 0
+    page = spec.start_page
+    final_page: int | None = None
+    error = None
+    try:
+        client = rt.client(t.tenant_id, t.service_name)
+        while spec.end_page is None or page <= spec.end_page:
+            fetched = client.fetch_page(t.table_name, page, spec.page_size)
+            writer.add(fetched.records)
+            records += len(fetched.records)
+            final_page = page
+            if len(fetched.records) < spec.page_size:
+                break
+            page += 1
+        writer.close()
+    except Exception as exc:  # every failure becomes part of the chunk result
+        error = ChunkError(**error_payload(exc))
+        log.warning("chunk failed", extra={"chunk_id": spec.chunk_id, "job_id": spec.job_id,
+                                           "table": t.label, "error": error.message})
+    return ChunkResult(
+        job_id=spec.job_id, chunk_id=spec.chunk_id, completed=error is None,
+        records_processed=records, processing_time=round(time.perf_counter() - started, 4),
+        final_page=final_page, final_offset=(spec.start_page - 1) * spec.page_size + records,
+        s3_files_written=writer.files, s3_files_count=len(writer.files),
+        table_metadata=t, error=error,
+    )

@@ -1,0 +1,275 @@
+"""The ``canonflow`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from canonflow import jsonio, log
+from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
+from canonflow.connectors.demo_api import DemoApi, serve, tenant_token
+from canonflow.dispatch import open_dispatcher
+from canonflow.errors import CanonflowError
+from canonflow.model import TransformRequest, TriggerMode
+from canonflow.progress import RichProgress
+from canonflow.query import run_query
+from canonflow.report import job_report, totals
+from canonflow.runner import JobRunner, recover
+from canonflow.runtime import Runtime
+from canonflow.stores import open_object_store
+
+app = typer.Typer(
+    help="Sync many tenants' SaaS data into one canonical model: parallel chunks, "
+    "exactly-once canonical processing, nothing lost.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+console = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 120)
+
+PipelineOpt = Annotated[Path | None, typer.Option(
+    "--pipeline", "-p", help="Pipeline YAML (stores, sources, tenants).")]
+DataDirOpt = Annotated[Path, typer.Option(
+    "--data-dir", help="Data directory of the embedded default (used without --pipeline).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for machines.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs at INFO on stderr.")]
+
+
+def _settings(pipeline: Path | None, data_dir: Path) -> Settings:
+    if pipeline is not None:
+        return load_settings(pipeline)
+    root = data_dir.resolve()
+    return Settings(object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db")
+
+
+def _emit_json(doc: Any) -> None:
+    sys.stdout.write(jsonio.dumps_str(doc) + "\n")
+
+
+def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
+    jobs = ", ".join(f"{r['tenant_id']}={r['job_id']} ({r['status']}/{r['outcome']})"
+                     for r in reports)
+    table = Table(title=f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s",
+                  caption=jobs)
+    table.add_column("table", no_wrap=True)
+    for col in ("chunks", "records", "files", "transforms", "canonical", "quarantined"):
+        table.add_column(col, justify="right")
+    for rep in reports:
+        for label, t in rep["tables"].items():
+            table.add_row(label, str(t["chunks"]), str(t["records_extracted"]),
+                          str(t["files_written"]), str(t["transforms_triggered"]),
+                          str(t["records_canonical"]), str(t["records_quarantined"]))
+    sums = [totals(r) for r in reports]
+    if sums:
+        agg = {k: sum(s[k] for s in sums) for k in sums[0]}
+        table.add_section()
+        table.add_row("total", str(agg["chunks"]), str(agg["records_extracted"]),
+                      str(agg["files_written"]), str(agg["transforms_triggered"]),
+                      str(agg["records_canonical"]), str(agg["records_quarantined"]))
+    return table
+
+
+def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool) -> int:
+    started = time.perf_counter()
+    rt = Runtime(settings)
+    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    try:
+        if as_json:
+            job_ids = JobRunner(settings, rt, dispatcher).run(tenants)
+        else:
+            with RichProgress(console) as progress:
+                job_ids = JobRunner(settings, rt, dispatcher, progress).run(tenants)
+        reports = [job_report(rt.state, j) for j in job_ids]
+    finally:
+        dispatcher.close()
+        rt.close()
+    seconds = time.perf_counter() - started
+    if as_json:
+        _emit_json({"seconds": round(seconds, 3), "jobs": reports})
+    else:
+        out.print(_summary(reports, seconds))
+    failed = [r for r in reports if r["status"] != "done" or r["outcome"] != "completed"]
+    return 1 if failed else 0
+
+
+@app.command()
+def demo(
+    tenants: Annotated[int, typer.Option(help="How many demo tenants to sync.", min=1)] = 2,
+    records: Annotated[int, typer.Option(help="Records per table per tenant.", min=0)] = 2000,
+    workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    trigger_mode: Annotated[TriggerMode, typer.Option(
+        help="aggregated (one transform per table) or per_batch (legacy rollback).")
+    ] = TriggerMode.AGGREGATED,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start the demo SaaS API, sync demo tenants end to end, print a summary.
+
+    Leaves canonical tables in DATA_DIR that `canonflow query` reads.
+    """
+    log.configure(logging.INFO if verbose else logging.WARNING)
+    names = ["acme", "globex", "initech", "umbrella", "hooli", "stark"]
+    tenant_ids = [names[i] if i < len(names) else f"tenant{i}" for i in range(tenants)]
+    with serve(DemoApi(records)) as server:
+        root = data_dir.resolve()
+        settings = Settings(
+            name="demo", object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db",
+            dispatcher=f"local://?workers={workers}", trigger_mode=trigger_mode,
+            batch_records=1000,
+            sources=[SourceConfig(service="crm", base_url=f"{server.base_url}/crm/v1"),
+                     SourceConfig(service="helpdesk", base_url=f"{server.base_url}/helpdesk/v1")],
+            tenants=[TenantConfig.model_validate({
+                "tenant_id": t, "credentials": {"crm": {"token": tenant_token(t)},
+                                                "helpdesk": {"token": tenant_token(t)}}})
+                for t in tenant_ids],
+        )
+        code = _run_jobs(settings, None, as_json)
+    if not as_json:
+        console.print(f'Canonical tables are in {root}/canonical; try: '
+                      f'canonflow query --data-dir {data_dir} "SELECT count(*) FROM contact"')
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML.")],
+    tenant: Annotated[list[str] | None, typer.Option(
+        help="Sync only this tenant (repeatable).")] = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one sync job per tenant of PIPELINE and wait for its canonical transforms."""
+    log.configure(logging.INFO if verbose else logging.WARNING)
+    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json))
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A job id; default: recent jobs.")] = None,
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a job's status, per table, or the most recent jobs."""
+    rt = Runtime(_settings(pipeline, data_dir))
+    try:
+        if job_id is not None:
+            rep = job_report(rt.state, job_id)
+            if rep["status"] == "unknown":
+                raise CanonflowError(f"no job {job_id!r} in {rt.settings.state_store}")
+            if as_json:
+                _emit_json(rep)
+            else:
+                out.print(_summary([rep], rep["seconds"]))
+            return
+        jobs = rt.state.jobs(20)
+        if as_json:
+            _emit_json({"jobs": [job_report(rt.state, j.job_id) for j in jobs]})
+            return
+        table = Table(title="recent jobs")
+        for col in ("job", "tenant", "status", "outcome", "chunks", "created"):
+            table.add_column(col)
+        for j in jobs:
+            table.add_row(j.job_id, j.tenant_id, j.status, j.outcome or "",
+                          f"{j.completed_chunks}/{j.total_chunks}",
+                          j.created_at.isoformat(timespec="seconds"))
+        out.print(table)
+    finally:
+        rt.close()
+
+
+@app.command()
+def transform(
+    tenant: Annotated[str, typer.Option(help="Tenant id.")],
+    service: Annotated[str, typer.Option(help="Service name, e.g. crm.")],
+    table: Annotated[str, typer.Option(help="Table name, e.g. contacts.")],
+    source_file: Annotated[list[str] | None, typer.Option(
+        help="Raw file key to read (repeatable): file_specific mode. "
+        "Without it: time_based mode.")] = None,
+    lookback_hours: Annotated[float, typer.Option(help="time_based window.")] = 72.0,
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one canonical transform now (a manual trigger)."""
+    log.configure(logging.INFO if verbose else logging.WARNING)
+    from canonflow.transform import run_transform
+
+    rt = Runtime(_settings(pipeline, data_dir))
+    try:
+        request = TransformRequest(
+            tenant_id=tenant, service_name=service, table_name=table,
+            source_files=list(source_file) if source_file else None,
+            lookback_hours=lookback_hours,
+        )
+        result = run_transform(request, rt)
+    finally:
+        rt.close()
+    if as_json:
+        _emit_json(result.model_dump(mode="json"))
+    else:
+        out.print(f"{result.processing_mode.value}: {result.files_read} files, "
+                  f"{result.records_read} records read, {result.records_written} canonical, "
+                  f"{result.records_quarantined} quarantined, {result.records_merged} merged "
+                  f"in {result.seconds:.2f} s")
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help='SQL, e.g. "SELECT count(*) FROM contact".')],
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    as_json: JsonOpt = False,
+) -> None:
+    """Query canonical tables (one per entity) and `quarantine` with DuckDB SQL."""
+    settings = _settings(pipeline, data_dir)
+    store = open_object_store(settings.canonical_store or settings.object_store)
+    columns, rows = run_query(store, sql, settings.mapping_dirs)
+    if as_json:
+        _emit_json([dict(zip(columns, r, strict=True)) for r in rows])
+        return
+    table = Table()
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    out.print(table)
+
+
+@app.command(name="recover")
+def recover_cmd(
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    older_than: Annotated[float, typer.Option(
+        help="Only touch work idle for this many seconds.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sweep: aggregate jobs stuck after their last chunk, re-send pending transforms."""
+    settings = _settings(pipeline, data_dir)
+    rt = Runtime(settings)
+    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    try:
+        swept = recover(rt, dispatcher, older_than)
+    finally:
+        dispatcher.close()
+        rt.close()
+    if as_json:
+        _emit_json(swept)
+    else:
+        out.print(", ".join(f"{k}: {v}" for k, v in swept.items()))
+
+
+def main() -> None:
+    try:
+        app()
+    except CanonflowError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(3 if exc.retryable else 2)

@@ -1,0 +1,222 @@
+"""A built-in demo SaaS API: deterministic data for any tenant, served on 127.0.0.1.
+
+Two services shaped like real ones: ``crm`` (contacts, companies, deals; ``results`` +
+``total``) and ``helpdesk`` (tickets, users; ``data`` + ``meta.total``). Page-number
+pagination, bearer-token auth: the token ``demo-<tenant>`` selects the tenant's account.
+A few records are deliberately bad (a deal amount of ``"n/a"``, a ticket without an id) so
+quarantine is visible in every demo run.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from canonflow import jsonio
+
+_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances"]
+LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson"]
+INDUSTRY = ["software", "retail", "finance", "health", "energy", "logistics"]
+STAGES = ["lead", "qualified", "proposal", "won", "lost"]
+TICKET_STATUS = ["new", "open", "pending", "solved", "closed"]
+PRIORITY = ["low", "normal", "high", "urgent"]
+BAD_EVERY = 499  # every 499th deal / ticket is deliberately malformed
+
+
+def tenant_token(tenant_id: str) -> str:
+    return f"demo-{tenant_id}"
+
+
+def _ts(seed: int, i: int) -> str:
+    return (_EPOCH + timedelta(minutes=(seed + i * 37) % 500_000)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _seed(tenant: str, table: str) -> int:
+    return zlib.crc32(f"{tenant}:{table}".encode())
+
+
+def contact(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "contacts")
+    first, last = FIRST[(s + i) % len(FIRST)], LAST[(s + 3 * i) % len(LAST)]
+    return {
+        "id": str(100000 + i),
+        "properties": {
+            "email": f"{first.lower()}.{last.lower()}.{i}@{tenant}.example",
+            "firstname": first, "lastname": last,
+            "phone": f"+1-555-{(s + i) % 10000:04d}",
+            "company_id": str(500000 + (i % 97)),
+        },
+        "lifecycle_stage": STAGES[(s + i) % len(STAGES)],
+        "created_at": _ts(s, i), "updated_at": _ts(s, i + 11),
+    }
+
+
+def company(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "companies")
+    return {
+        "id": str(500000 + i),
+        "properties": {
+            "name": f"{LAST[(s + i) % len(LAST)]} {INDUSTRY[i % len(INDUSTRY)].title()} {i}",
+            "domain": f"c{i}.{tenant}.example", "industry": INDUSTRY[(s + i) % len(INDUSTRY)],
+            "employees": (s + i * 13) % 5000,
+        },
+        "updated_at": _ts(s, i),
+    }
+
+
+def deal(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "deals")
+    amount = "n/a" if i % BAD_EVERY == BAD_EVERY - 1 else f"{(s + i * 7919) % 1_000_000 / 100:.2f}"
+    return {
+        "id": str(900000 + i),
+        "properties": {"dealname": f"Deal {i}", "amount": amount,
+                       "dealstage": STAGES[(s + i) % len(STAGES)],
+                       "closedate": _ts(s, i + 1000)},
+        "associations": {"companies": [str(500000 + (i % 97))]},
+        "updated_at": _ts(s, i),
+    }
+
+
+def ticket(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "tickets")
+    rec: dict[str, Any] = {
+        "id": 7000 + i,
+        "subject": f"Ticket {i}: cannot sync",
+        "status": TICKET_STATUS[(s + i) % len(TICKET_STATUS)],
+        "priority": PRIORITY[(s + i) % len(PRIORITY)],
+        "requester_id": 3000 + (i % 211),
+        "tags": ["sync", PRIORITY[i % len(PRIORITY)]],
+        "created_at": _ts(s, i), "updated_at": _ts(s, i + 5),
+    }
+    if i % BAD_EVERY == BAD_EVERY - 1:
+        del rec["id"]
+    return rec
+
+
+def user(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "users")
+    first, last = FIRST[(s + 2 * i) % len(FIRST)], LAST[(s + i) % len(LAST)]
+    return {
+        "id": 3000 + i, "name": f"{first} {last}", "email": f"agent{i}@{tenant}.example",
+        "role": "agent" if i % 5 else "admin", "active": i % 17 != 0, "updated_at": _ts(s, i),
+    }
+
+
+Generator = Callable[[str, int], dict[str, Any]]
+TABLES: dict[tuple[str, str], tuple[Generator, str]] = {
+    ("crm", "contacts"): (contact, "crm"),
+    ("crm", "companies"): (company, "crm"),
+    ("crm", "deals"): (deal, "crm"),
+    ("helpdesk", "tickets"): (ticket, "helpdesk"),
+    ("helpdesk", "users"): (user, "helpdesk"),
+}
+
+
+def expected_bad(table: tuple[str, str], records: int) -> int:
+    """How many deliberately bad records the demo serves for a table of this size."""
+    if table not in {("crm", "deals"), ("helpdesk", "tickets")}:
+        return 0
+    return records // BAD_EVERY
+
+
+class DemoApi:
+    """Holds the data sizes; :meth:`page` renders one response body."""
+
+    def __init__(self, records_per_table: int = 2000,
+                 sizes: dict[str, int] | None = None) -> None:
+        self.records_per_table = records_per_table
+        self.sizes = dict(sizes or {})
+        self._render = lru_cache(maxsize=2048)(self._render_uncached)
+
+    def size(self, table: str) -> int:
+        return self.sizes.get(table, self.records_per_table)
+
+    def page(self, service: str, table: str, tenant: str, page: int, per_page: int) -> bytes:
+        return self._render(service, table, tenant, page, per_page)
+
+    def _render_uncached(
+        self, service: str, table: str, tenant: str, page: int, per_page: int
+    ) -> bytes:
+        gen, shape = TABLES[(service, table)]
+        total = self.size(table)
+        start = (page - 1) * per_page
+        rows = [gen(tenant, i) for i in range(start, min(start + per_page, total))]
+        if shape == "crm":
+            body = {"results": rows, "total": total, "page": page, "per_page": per_page}
+        else:
+            body = {"data": rows, "meta": {"total": total, "page": page, "limit": per_page}}
+        return jsonio.dumps(body)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    api: DemoApi
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        segments = [s for s in parts.path.split("/") if s]
+        if len(segments) != 3 or segments[1] != "v1" or (segments[0], segments[2]) not in TABLES:
+            self._send(404, b'{"error":"not found"}')
+            return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer demo-") or len(auth) <= len("Bearer demo-"):
+            self._send(401, b'{"error":"missing or invalid bearer token"}')
+            return
+        tenant = auth[len("Bearer demo-"):]
+        query = parse_qs(parts.query)
+        size_param = "per_page" if segments[0] == "crm" else "limit"
+        try:
+            page = int(query.get("page", ["1"])[0])
+            per_page = int(query.get(size_param, ["100"])[0])
+        except ValueError:
+            self._send(400, b'{"error":"page and page size must be integers"}')
+            return
+        if page < 1 or not 1 <= per_page <= 10_000:
+            self._send(400, b'{"error":"page must be >= 1 and page size 1..10000"}')
+            return
+        self._send(200, self.server.api.page(  # type: ignore[attr-defined]
+            segments[0], segments[2], tenant, page, per_page))
+
+
+class DemoServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, api: DemoApi, port: int = 0) -> None:
+        self.api = api
+        super().__init__(("127.0.0.1", port), _Handler)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@contextmanager
+def serve(api: DemoApi | None = None, port: int = 0) -> Iterator[DemoServer]:
+    """Run the demo API on a background thread for the duration of the block."""
+    server = DemoServer(api or DemoApi(), port)
+    thread = threading.Thread(target=server.serve_forever, name="demo-api", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

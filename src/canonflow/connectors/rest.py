@@ -1,0 +1,145 @@
+"""The declarative REST engine: fetch one page of one table, with retries and typed errors.
+
+httpx errors never leave this module: 429/5xx/timeouts become :class:`HttpRetryable` (retried
+here with exponential backoff and jitter, honouring ``Retry-After``), other 4xx become
+:class:`HttpTerminal`, and a body that is not the JSON the spec describes is
+:class:`MalformedPage`. Messages carry the URL without query secrets, never credentials.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from canonflow import jsonio
+from canonflow.connectors.spec import ConnectorSpec, TableSpec
+from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: list[dict[str, Any]]
+    total: int | None  # total record count when the API reports one
+
+
+def dig(document: Any, path: str) -> Any:
+    """Follow a dotted path into parsed JSON; None when any step is missing."""
+    node = document
+    for part in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class RestClient:
+    """One connection (keep-alive) to one service for one tenant."""
+
+    def __init__(
+        self,
+        spec: ConnectorSpec,
+        credentials: Mapping[str, str],
+        *,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        backoff_base: float = 0.2,
+    ) -> None:
+        self.spec = spec
+        token = credentials.get(spec.auth.credential)
+        if not token:
+            raise ConfigError(
+                f"no credential {spec.auth.credential!r} for service {spec.service!r}"
+            )
+        headers = {"Accept": "application/json", **spec.headers,
+                   "Authorization": f"Bearer {token}"}
+        self._client = httpx.Client(
+            base_url=(base_url or spec.base_url).rstrip("/"),
+            headers=headers,
+            timeout=spec.timeout_seconds,
+            transport=transport,
+        )
+        self._backoff_base = backoff_base
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RestClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def fetch_page(self, table: str, page: int, page_size: int | None = None) -> Page:
+        tspec = self.spec.table(table)
+        pag = tspec.pagination
+        params = {pag.page_param: page, pag.size_param: page_size or pag.page_size}
+        body, url = self._get(tspec.path, params)
+        return self._parse(tspec, body, url)
+
+    def _get(self, path: str, params: dict[str, Any]) -> tuple[bytes, str]:
+        attempt = 0
+        while True:
+            try:
+                resp = self._client.get(path, params=params)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                error: HttpRetryable = HttpRetryable(
+                    f"GET {self._client.base_url}{path}: {type(exc).__name__}"
+                )
+            else:
+                url = str(resp.url.copy_with(query=None))
+                if resp.status_code < 300:
+                    return resp.content, f"{url}?{resp.url.query.decode()}"
+                if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
+                    error = HttpRetryable(
+                        f"GET {url}: HTTP {resp.status_code}",
+                        _retry_after(resp.headers.get("Retry-After")),
+                    )
+                else:
+                    raise HttpTerminal(f"GET {url}: HTTP {resp.status_code}")
+            if attempt >= self.spec.max_retries:
+                raise error
+            delay = error.retry_after
+            if delay is None:
+                delay = self._backoff_base * (2**attempt) * (0.5 + random.random())
+            time.sleep(min(delay, 60.0))
+            attempt += 1
+
+    @staticmethod
+    def _parse(tspec: TableSpec, body: bytes, url: str) -> Page:
+        try:
+            doc = jsonio.loads(body)
+        except jsonio.JSONDecodeError as exc:
+            raise MalformedPage(f"GET {url}: invalid JSON at byte {exc.pos}: {exc.msg}") from None
+        records = dig(doc, tspec.records_path)
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise MalformedPage(
+                f"GET {url}: expected a list of objects at {tspec.records_path!r}"
+            )
+        total = None
+        if tspec.pagination.total_path:
+            raw_total = dig(doc, tspec.pagination.total_path)
+            if not isinstance(raw_total, int) or raw_total < 0:
+                raise MalformedPage(
+                    f"GET {url}: expected a record count at {tspec.pagination.total_path!r}"
+                )
+            total = raw_total
+        return Page(records, total)

@@ -1,0 +1,107 @@
+"""Connector spec: one YAML file per service, validated with a clear error on bad input."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from canonflow.errors import ConfigError
+from canonflow.model import ServiceName
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BearerAuth(_Spec):
+    type: Literal["bearer"] = "bearer"
+    credential: str = Field(default="token", description="key in the tenant's credentials")
+
+
+class PageNumberPagination(_Spec):
+    type: Literal["page_number"] = "page_number"
+    page_param: str = "page"
+    size_param: str = "per_page"
+    page_size: int = Field(default=100, gt=0, le=100_000)
+    total_path: str | None = Field(
+        default=None, description="dotted path of the total record count in the response"
+    )
+
+
+class PageRangeChunking(_Spec):
+    type: Literal["page_ranges"] = "page_ranges"
+    pages_per_chunk: int = Field(default=10, gt=0)
+
+
+class TableSpec(_Spec):
+    path: str
+    records_path: str = Field(description="dotted path of the record list in the response")
+    primary_key: str
+    pagination: PageNumberPagination = PageNumberPagination()
+    chunking: PageRangeChunking = PageRangeChunking()
+
+
+class ConnectorSpec(_Spec):
+    service: ServiceName
+    description: str = ""
+    base_url: str
+    auth: BearerAuth = BearerAuth()
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    tables: dict[str, TableSpec]
+
+    def table(self, name: str) -> TableSpec:
+        try:
+            return self.tables[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tables))
+            raise ConfigError(
+                f"service {self.service!r} has no table {name!r} (known: {known})"
+            ) from None
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: at {where}: {first['msg']}{more}"
+
+
+def parse_spec(text: str, source: str) -> ConnectorSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return ConnectorSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(source, exc)) from None
+
+
+def load_spec(path: str | Path) -> ConnectorSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read connector spec {p}: {exc.strerror}") from None
+    return parse_spec(text, str(p))
+
+
+@cache
+def builtin_specs() -> dict[str, ConnectorSpec]:
+    """The specs shipped in ``canonflow/connectors/specs``, by service name."""
+    folder = resources.files("canonflow.connectors") / "specs"
+    specs = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".yaml", ".yml")):
+            spec = parse_spec(entry.read_text(), f"builtin:{entry.name}")
+            specs[spec.service] = spec
+    return specs

@@ -1,0 +1,46 @@
+"""Dispatcher port. Every transport here is at-least-once; exactly-once effects come from the
+state store (see canonflow.aggregate and canonflow.transform.run)."""
+
+from __future__ import annotations
+
+import importlib
+from concurrent.futures import Future
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from canonflow.config import Settings
+from canonflow.errors import ConfigError
+from canonflow.model import ChunkSpec, TransformRequest
+
+TaskOutcome = dict[str, Any]
+
+
+class Dispatcher(Protocol):
+    url: str
+
+    def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]: ...
+
+    def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMES = {
+    "inline": "canonflow.dispatch.inline:InlineDispatcher",
+    "local": "canonflow.dispatch.local:LocalDispatcher",
+}
+
+
+def url_options(url: str) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def open_dispatcher(url: str, settings: Settings) -> Dispatcher:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    target = _SCHEMES.get(scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
+        raise ConfigError(f"unsupported dispatcher URL {url!r}: use one of {known}")
+    module_name, cls = target.split(":")
+    dispatcher: Dispatcher = getattr(importlib.import_module(module_name), cls)(url, settings)
+    return dispatcher

@@ -1,0 +1,43 @@
+"""``local://?workers=N``: a pool of worker processes on this machine (default: one per core).
+
+Processes are spawned, not forked, so a worker never inherits the parent's threads, open
+SQLite handles or HTTP connections.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from canonflow.config import Settings
+from canonflow.dispatch.base import TaskOutcome, url_options
+from canonflow.dispatch.tasks import init_worker, run_chunk, run_transform_task
+from canonflow.errors import ConfigError
+from canonflow.model import ChunkSpec, TransformRequest
+
+
+class LocalDispatcher:
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        opts = url_options(url)
+        try:
+            workers = int(opts.get("workers", os.cpu_count() or 2))
+        except ValueError:
+            raise ConfigError(f"dispatcher URL {url!r}: workers must be a whole number") from None
+        if workers < 1:
+            raise ConfigError(f"dispatcher URL {url!r}: workers must be at least 1")
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker, initargs=(settings.to_worker_json(),),
+        )
+
+    def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
+        return self._pool.submit(run_chunk, spec.model_dump_json())
+
+    def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
+        return self._pool.submit(run_transform_task, request.model_dump_json())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

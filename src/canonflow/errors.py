@@ -1,0 +1,84 @@
+"""The error tree. Whether an error is worth retrying is a property of its type.
+
+    CanonflowError
+    ├── TerminalError            retrying the same input gives the same failure
+    │   ├── ConfigError          bad pipeline file, URL, spec or mapping
+    │   ├── InvalidIdentifier    a tenant/service/table/job/chunk id that is unsafe
+    │   ├── RequestRejected      a transform request that breaks tenant isolation
+    │   ├── MalformedPage        an API page that is not the JSON the spec expects
+    │   └── HttpTerminal         4xx other than 408/429
+    └── RetryableError           the same call may succeed later
+        ├── HttpRetryable        429, 5xx, timeouts, connection errors
+        ├── StoreUnavailable     object or state store not reachable right now
+        └── CommitConflict       a concurrent writer won a table commit
+
+Adapters convert library exceptions into these at their edge (``raise ... from exc``), so the
+CLI can print one line and the dispatchers can decide whether to retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CanonflowError(Exception):
+    """Base of every error canonflow raises on purpose."""
+
+    retryable: bool = False
+
+    def to_payload(self) -> dict[str, Any]:
+        """The ``error`` field of a chunk result."""
+        return {"type": type(self).__name__, "message": str(self), "retryable": self.retryable}
+
+
+class TerminalError(CanonflowError):
+    retryable = False
+
+
+class RetryableError(CanonflowError):
+    retryable = True
+
+
+class ConfigError(TerminalError):
+    pass
+
+
+class InvalidIdentifier(TerminalError):
+    pass
+
+
+class RequestRejected(TerminalError):
+    pass
+
+
+class MalformedPage(TerminalError):
+    pass
+
+
+class HttpTerminal(TerminalError):
+    pass
+
+
+class HttpRetryable(RetryableError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(RetryableError):
+    pass
+
+
+class CommitConflict(RetryableError):
+    pass
+
+
+class UnknownJob(TerminalError):
+    pass
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """Describe any exception as a chunk-result error; unknown ones count as retryable."""
+    if isinstance(exc, CanonflowError):
+        return exc.to_payload()
+    return {"type": type(exc).__name__, "message": str(exc) or repr(exc), "retryable": True}

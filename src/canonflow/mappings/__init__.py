@@ -1,0 +1,12 @@
+"""Canonical entities and the per-service mappings into them (YAML beside this module)."""
+
+from canonflow.mappings.catalog import (
+    Catalog,
+    Entity,
+    FieldDef,
+    FieldRule,
+    MappingSpec,
+    load_catalog,
+)
+
+__all__ = ["Catalog", "Entity", "FieldDef", "FieldRule", "MappingSpec", "load_catalog"]

@@ -1,0 +1,193 @@
+"""Contracts: the JSON-compatible payloads that travel through every dispatcher.
+
+Field names of :class:`ChunkResult` and :class:`TransformRequest` are the pipeline's public
+contract (see docs/architecture.md); keep them stable.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from canonflow.errors import InvalidIdentifier
+
+_IDENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+MAX_IDENT = 128
+RAW_EXT = "jsonl.zst"
+
+
+def validate_identifier(value: str, what: str = "identifier") -> str:
+    """Reject ids that could escape a key prefix or confuse a log line."""
+    if not isinstance(value, str) or not value:
+        raise InvalidIdentifier(f"invalid {what} {value!r}: must be a non-empty string")
+    if len(value) > MAX_IDENT:
+        raise InvalidIdentifier(f"invalid {what} {value[:40]!r}...: longer than {MAX_IDENT}")
+    if ".." in value or not _IDENT.fullmatch(value):
+        raise InvalidIdentifier(
+            f"invalid {what} {value!r}: use letters, digits, '_', '-' and '.', "
+            "no '/', '..', spaces or control characters"
+        )
+    return value
+
+
+def _ident(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        try:
+            return validate_identifier(value, what)
+        except InvalidIdentifier as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
+
+
+TenantId = Annotated[str, _ident("tenant_id")]
+ServiceName = Annotated[str, _ident("service_name")]
+TableName = Annotated[str, _ident("table_name")]
+JobId = Annotated[str, _ident("job_id")]
+ChunkId = Annotated[str, _ident("chunk_id")]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableRef(Contract):
+    tenant_id: TenantId
+    service_name: ServiceName
+    table_name: TableName
+
+    @property
+    def raw_prefix(self) -> str:
+        return f"raw/{self.tenant_id}/{self.service_name}/{self.table_name}/"
+
+    @property
+    def label(self) -> str:
+        return f"{self.tenant_id}/{self.service_name}.{self.table_name}"
+
+
+def raw_key(table: TableRef, job_id: str, chunk_id: str, part: int, ext: str = RAW_EXT) -> str:
+    """Deterministic batch-file key: a retried chunk rewrites exactly the same keys."""
+    return f"{table.raw_prefix}{job_id}/{chunk_id}/part-{part:05d}.{ext}"
+
+
+class TriggerMode(StrEnum):
+    AGGREGATED = "aggregated"
+    PER_BATCH = "per_batch"  # rollback flag: the legacy per-batch time-based trigger
+
+
+class ChunkSpec(Contract):
+    """One unit of extraction work: a table and a page range (``end_page`` inclusive)."""
+
+    job_id: JobId
+    chunk_id: ChunkId
+    table: TableRef
+    start_page: int = Field(ge=1)
+    end_page: int | None = Field(default=None, ge=1)
+    page_size: int = Field(gt=0)
+    batch_records: int = Field(gt=0)
+    trigger_mode: TriggerMode = TriggerMode.AGGREGATED
+
+
+class ChunkError(Contract):
+    type: str
+    message: str
+    retryable: bool
+
+
+class ChunkResult(Contract):
+    job_id: JobId
+    chunk_id: ChunkId
+    completed: bool
+    records_processed: int = Field(ge=0)
+    processing_time: float = Field(ge=0)
+    final_page: int | None = None
+    final_offset: int | None = None
+    s3_files_written: list[str] = Field(default_factory=list)
+    s3_files_count: int = Field(ge=0)
+    table_metadata: TableRef
+    error: ChunkError | None = None
+
+    @model_validator(mode="after")
+    def _count_matches(self) -> ChunkResult:
+        if self.s3_files_count != len(self.s3_files_written):
+            raise ValueError("s3_files_count must equal len(s3_files_written)")
+        if self.completed and self.error is not None:
+            raise ValueError("a completed chunk carries no error")
+        return self
+
+
+class ProcessingMode(StrEnum):
+    FILE_SPECIFIC = "file_specific"
+    TIME_BASED = "time_based"
+
+
+class TransformRequest(Contract):
+    """Starts one canonical transform for one table.
+
+    ``source_files`` present → file_specific; absent (and no manifest) → time_based.
+    """
+
+    tenant_id: TenantId
+    service_name: ServiceName
+    table_name: TableName
+    job_id: JobId | None = None
+    source_files: list[str] | None = None
+    source_files_manifest: str | None = None
+    lookback_hours: float = Field(default=72.0, gt=0)
+    request_id: str = Field(default_factory=lambda: f"manual-{uuid.uuid4().hex}")
+    trigger: Literal["aggregated", "per_batch", "manual"] = "manual"
+
+    @property
+    def table(self) -> TableRef:
+        return TableRef(
+            tenant_id=self.tenant_id, service_name=self.service_name, table_name=self.table_name
+        )
+
+    @property
+    def processing_mode(self) -> ProcessingMode:
+        if self.source_files is not None or self.source_files_manifest is not None:
+            return ProcessingMode.FILE_SPECIFIC
+        return ProcessingMode.TIME_BASED
+
+    def payload(self) -> dict[str, Any]:
+        """The event as it travels: absent fields stay absent (absence selects the mode)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def aggregated_request_id(job_id: str, table: TableRef) -> str:
+    """The outbox's unique key: exactly one transform request per (job, table)."""
+    return f"{job_id}:{table.service_name}:{table.table_name}"
+
+
+class TransformResult(Contract):
+    request_id: str
+    tenant_id: str
+    service_name: str
+    table_name: str
+    entity: str
+    processing_mode: ProcessingMode
+    files_read: int = 0
+    records_read: int = 0
+    records_written: int = 0
+    records_quarantined: int = 0
+    records_merged: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+class JobStatus(StrEnum):
+    RUNNING = "running"
+    AGGREGATING = "aggregating"
+    TRANSFORMS_ENQUEUED = "transforms_enqueued"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobOutcome(StrEnum):
+    COMPLETED = "completed"
+    PARTIAL_SUCCESS = "partial_success"
+    FAILED = "failed"

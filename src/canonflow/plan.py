@@ -1,0 +1,64 @@
+"""Job planning: which (service, table) pairs to pull and how each splits into chunks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from canonflow.config import Settings
+from canonflow.model import ChunkSpec, TableRef, validate_identifier
+
+if TYPE_CHECKING:
+    from canonflow.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    job_id: str
+    tenant_id: str
+    chunks: list[ChunkSpec]
+
+    @property
+    def tables(self) -> list[TableRef]:
+        return list(dict.fromkeys(c.table for c in self.chunks))
+
+
+def new_job_id() -> str:
+    return f"job-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def page_ranges(
+    total_records: int | None, page_size: int, pages_per_chunk: int
+) -> list[tuple[int, int | None]]:
+    """Inclusive page ranges covering ``total_records``; one open range when it is unknown."""
+    if total_records is None:
+        return [(1, None)]
+    pages = max(1, math.ceil(total_records / page_size))
+    return [(start, min(start + pages_per_chunk - 1, pages))
+            for start in range(1, pages + 1, pages_per_chunk)]
+
+
+def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None = None) -> JobPlan:
+    """Read each table's total (first page) and split it into page-range chunks."""
+    validate_identifier(tenant_id, "tenant_id")
+    job_id = validate_identifier(job_id or new_job_id(), "job_id")
+    chunks: list[ChunkSpec] = []
+    for src in settings.sources:
+        spec = settings.spec_for(src.service)
+        for table in src.tables or list(spec.tables):
+            tspec = spec.table(table)
+            page_size = src.page_size or tspec.pagination.page_size
+            per_chunk = src.pages_per_chunk or tspec.chunking.pages_per_chunk
+            total = rt.client(tenant_id, src.service).fetch_page(table, 1, page_size).total
+            ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
+            for n, (start, end) in enumerate(page_ranges(total, page_size, per_chunk)):
+                chunks.append(ChunkSpec(
+                    job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
+                    start_page=start, end_page=end, page_size=page_size,
+                    batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
+                ))
+    return JobPlan(job_id, tenant_id, chunks)

@@ -1,0 +1,67 @@
+"""Job reports: one JSON-compatible document per job, built from the state store."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from canonflow.stores.state import StateStore
+
+
+def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
+    job = state.job(job_id)
+    if job is None:
+        return {"job_id": job_id, "status": "unknown"}
+    tables: dict[str, dict[str, Any]] = {}
+    for label, t in job.report.get("tables", {}).items():
+        tables[label] = {
+            "chunks": t["chunks"], "chunks_failed": t["chunks_failed"],
+            "records_extracted": t["records_extracted"], "files_written": t["files_written"],
+            "transforms_triggered": 0, "files_read": 0, "records_read": 0,
+            "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
+            "errors": t.get("errors", []),
+        }
+    transforms = []
+    per_table: dict[str, list[Any]] = defaultdict(list)
+    for rec in state.requests(job_id):
+        req = rec.request
+        label = req.table.label
+        per_table[label].append(rec)
+        transforms.append({
+            "request_id": req.request_id, "table": label, "trigger": req.trigger,
+            "processing_mode": req.processing_mode.value, "status": rec.status,
+            "attempts": rec.attempts, "error": rec.error,
+            **({k: v for k, v in rec.result.model_dump(mode="json").items()
+                if k.startswith(("records_", "files_"))} if rec.result else {}),
+        })
+    for label, recs in per_table.items():
+        row = tables.setdefault(label, {
+            "chunks": 0, "chunks_failed": 0, "records_extracted": 0, "files_written": 0,
+            "transforms_triggered": 0, "files_read": 0, "records_read": 0,
+            "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
+            "errors": [],
+        })
+        row["transforms_triggered"] = len(recs)
+        for rec in recs:
+            if rec.result is None:
+                continue
+            row["files_read"] += rec.result.files_read
+            row["records_read"] += rec.result.records_read
+            row["records_canonical"] += rec.result.records_written
+            row["records_quarantined"] += rec.result.records_quarantined
+            row["records_merged"] += rec.result.records_merged
+    return {
+        "job_id": job.job_id, "tenant_id": job.tenant_id, "pipeline": job.pipeline,
+        "status": job.status, "outcome": job.outcome, "trigger_mode": job.trigger_mode,
+        "chunks": {"total": job.total_chunks, "completed": job.completed_chunks,
+                   "failed": job.failed_chunks},
+        "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
+        "seconds": round((job.updated_at - job.created_at).total_seconds(), 3),
+        "tables": tables, "transforms": transforms,
+    }
+
+
+def totals(report: dict[str, Any]) -> dict[str, int]:
+    keys = ("chunks", "records_extracted", "files_written", "transforms_triggered",
+            "records_read", "records_canonical", "records_quarantined", "records_merged")
+    return {k: sum(t.get(k, 0) for t in report.get("tables", {}).values()) for k in keys}

@@ -1,0 +1,55 @@
+"""A worker's open handles (stores, catalog, HTTP clients), built once per process from
+:class:`Settings` so tasks carry only small JSON payloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from canonflow.config import Settings
+from canonflow.connectors.rest import RestClient
+from canonflow.mappings import Catalog, load_catalog
+from canonflow.stores import ObjectStore, StateStore, open_object_store, open_state_store
+from canonflow.transform.writer import CanonicalWriter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    _clients: dict[tuple[str, str], RestClient] = field(default_factory=dict)
+
+    @cached_property
+    def objects(self) -> ObjectStore:
+        return open_object_store(self.settings.object_store)
+
+    @cached_property
+    def state(self) -> StateStore:
+        return open_state_store(self.settings.state_store)
+
+    @cached_property
+    def canonical(self) -> CanonicalWriter:
+        url = self.settings.canonical_store
+        return CanonicalWriter(open_object_store(url) if url else self.objects)
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return load_catalog(self.settings.mapping_dirs)
+
+    def client(self, tenant_id: str, service: str) -> RestClient:
+        """One keep-alive client per (tenant, service) per process."""
+        key = (tenant_id, service)
+        if key not in self._clients:
+            src = self.settings.source(service)
+            self._clients[key] = RestClient(
+                self.settings.spec_for(service),
+                self.settings.credentials(tenant_id, service),
+                base_url=src.base_url,
+            )
+        return self._clients[key]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        if "state" in self.__dict__:
+            self.state.close()

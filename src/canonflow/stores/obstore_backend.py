@@ -1,0 +1,92 @@
+"""Object store backend on obstore (Rust object_store): local files and memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import obstore
+from obstore.exceptions import AlreadyExistsError, BaseError
+from obstore.store import LocalStore, MemoryStore
+
+from canonflow.errors import ConfigError, StoreUnavailable
+from canonflow.stores.object_store import ObjectInfo, ObjectStoreCapabilities
+
+
+def local_root(url: str) -> Path:
+    """``file://./data`` (relative) and ``file:///abs/data`` both name a directory."""
+    parsed = urlparse(url)
+    raw = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+    if not raw:
+        raise ConfigError(f"object store URL {url!r} names no directory")
+    return Path(raw).expanduser().resolve()
+
+
+class ObstoreObjectStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._root: Path | None
+        if url.startswith("memory://"):
+            self._store: LocalStore | MemoryStore = MemoryStore()
+            self._root = None
+            self.capabilities = ObjectStoreCapabilities(
+                create_only_writes=True, shared_between_processes=False
+            )
+        else:
+            self._root = local_root(url)
+            self._root.mkdir(parents=True, exist_ok=True)
+            self._store = LocalStore(str(self._root))
+            self.capabilities = ObjectStoreCapabilities(
+                create_only_writes=True, shared_between_processes=True
+            )
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        try:
+            obstore.put(self._store, key, data, mode="create" if create_only else "overwrite")
+        except AlreadyExistsError as exc:
+            raise FileExistsError(key) from exc
+        except BaseError as exc:
+            raise StoreUnavailable(f"cannot write {key}: {type(exc).__name__}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(obstore.get(self._store, key).bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(key) from None
+        except BaseError as exc:
+            raise StoreUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            obstore.head(self._store, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if self._root is not None and not (self._root / prefix).parent.exists():
+            return
+        try:
+            for batch in obstore.list(self._store, prefix=prefix.rstrip("/")):
+                for meta in batch:
+                    key = str(meta["path"])
+                    if key.startswith(prefix):
+                        yield ObjectInfo(key, int(meta["size"]), meta["last_modified"])
+        except FileNotFoundError:
+            return
+        except BaseError as exc:
+            raise StoreUnavailable(f"cannot list {prefix}: {type(exc).__name__}") from exc
+
+    def delta_uri(self, name: str) -> tuple[str, dict[str, str]]:
+        if self._root is None:
+            raise ConfigError(
+                "canonical tables need a shared store: memory:// cannot hold Delta tables, "
+                "set canonical_store to a file:// or s3:// URL"
+            )
+        return os.fspath(self._root / name), {}
+
+
+def open_obstore(url: str) -> ObstoreObjectStore:
+    return ObstoreObjectStore(url)

@@ -1,0 +1,43 @@
+"""SQLite state store: WAL, and ``BEGIN IMMEDIATE`` so concurrent writers queue on the write
+lock up front instead of failing with "database is locked" halfway through a step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.pool import NullPool
+
+from canonflow.errors import ConfigError
+from canonflow.stores.sql import SqlStateStore
+
+
+def open_sqlite(url: str) -> SqlStateStore:
+    try:
+        sa_url = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"invalid state store URL {url!r}") from exc
+    if sa_url.drivername not in ("sqlite", "sqlite+pysqlite"):
+        raise ConfigError(f"invalid SQLite URL {url!r}")
+    database = sa_url.database or ""
+    if database and database != ":memory:":
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        sa_url, poolclass=NullPool, connect_args={"timeout": 30, "isolation_level": None}
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return SqlStateStore(url, engine, sqlite_insert)

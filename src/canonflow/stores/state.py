@@ -1,0 +1,125 @@
+"""State store port: jobs, chunks, chunk results, the transform outbox and the file ledger.
+
+Exactly-once *effects* come from here, never from a transport (see docs/architecture.md):
+chunk completion is one atomic step, the aggregation claim is a conditional state change, and
+the outbox has one row per (job, table).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from canonflow.errors import ConfigError
+from canonflow.model import ChunkResult, ChunkSpec, TransformRequest, TransformResult
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What recording one chunk result did."""
+
+    new: bool  # False: a duplicate delivery, nothing changed
+    completed: int
+    total: int
+    claimed: bool  # True for exactly one completer per job: it must aggregate
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    job_id: str
+    tenant_id: str
+    pipeline: str
+    trigger_mode: str
+    status: str
+    outcome: str | None
+    total_chunks: int
+    completed_chunks: int
+    failed_chunks: int
+    created_at: datetime
+    updated_at: datetime
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    request: TransformRequest
+    status: str  # pending | dispatched | running | done | failed
+    attempts: int
+    result: TransformResult | None
+    error: str | None
+
+
+class StateStore(Protocol):
+    url: str
+
+    def create_job(
+        self, job_id: str, tenant_id: str, pipeline: str, trigger_mode: str,
+        chunks: Sequence[ChunkSpec],
+    ) -> None: ...
+
+    def complete_chunk(self, result: ChunkResult) -> Completion: ...
+
+    def chunk_specs(self, job_id: str) -> list[ChunkSpec]: ...
+
+    def chunk_results(self, job_id: str) -> list[ChunkResult]: ...
+
+    def finish_aggregation(
+        self, job_id: str, outcome: str, requests: Sequence[TransformRequest],
+        report: dict[str, Any],
+    ) -> bool:
+        """In one commit: one outbox row per request (unique key) and the job moved on."""
+
+    def enqueue_request(self, request: TransformRequest) -> bool:
+        """Add one outbox row; False if its request id exists already."""
+
+    def claim_for_dispatch(
+        self, limit: int = 100, redispatch_after: float | None = None,
+        lease_seconds: float | None = None,
+    ) -> list[TransformRequest]:
+        """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones."""
+
+    def claim_request(self, request_id: str, lease_seconds: float) -> int | None:
+        """Take a request for running; the attempt number, or None if it is not claimable."""
+
+    def finish_request(
+        self, request_id: str, result: TransformResult | None, error: str | None = None
+    ) -> None: ...
+
+    def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
+        """Ledger: these raw files were canonicalized by this request."""
+
+    def processed_files(self, request: TransformRequest) -> set[str]: ...
+
+    def request(self, request_id: str) -> RequestRecord | None: ...
+
+    def requests(self, job_id: str) -> list[RequestRecord]: ...
+
+    def job(self, job_id: str) -> JobRecord | None: ...
+
+    def jobs(self, limit: int = 20) -> list[JobRecord]: ...
+
+    def stuck_jobs(self, older_than: float) -> list[str]:
+        """Jobs whose last chunk is in but whose aggregation never committed."""
+
+    def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMES: dict[str, str] = {
+    "sqlite": "canonflow.stores.sqlite:open_sqlite",
+}
+
+
+def open_state_store(url: str) -> StateStore:
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    target = _SCHEMES.get(scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
+        raise ConfigError(f"unsupported state store URL {url!r}: use one of {known}")
+    module_name, func = target.split(":")
+    store: StateStore = getattr(importlib.import_module(module_name), func)(url)
+    return store
