@@ -1,0 +1,61 @@
+"""One contract for every object store backend (parametrized over the URLs)."""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from canonflow.errors import ConfigError
+from canonflow.stores import ObjectStore, open_object_store
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    url = {"file": f"file://{tmp_path / 'objects'}", "memory": "memory://"}[request.param]
+    yield open_object_store(url)
+
+
+def test_put_get_roundtrip(store: ObjectStore) -> None:
+    store.put("raw/a/b/c/part-0", b"hello")
+    assert store.get("raw/a/b/c/part-0") == b"hello"
+    assert store.exists("raw/a/b/c/part-0")
+    assert not store.exists("raw/a/b/c/part-1")
+
+
+def test_overwrite_replaces_and_create_only_refuses(store: ObjectStore) -> None:
+    store.put("k/1", b"one")
+    store.put("k/1", b"two")
+    assert store.get("k/1") == b"two"
+    with pytest.raises(FileExistsError):
+        store.put("k/1", b"three", create_only=True)
+    assert store.get("k/1") == b"two"
+    store.put("k/2", b"new", create_only=True)
+    assert store.get("k/2") == b"new"
+
+
+def test_missing_key_is_file_not_found(store: ObjectStore) -> None:
+    with pytest.raises(FileNotFoundError):
+        store.get("nope/x")
+
+
+def test_list_by_prefix_with_sizes_and_times(store: ObjectStore) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    store.put("raw/t/s/contacts/j/c/part-00000", b"12345")
+    store.put("raw/t/s/contacts/j/c/part-00001", b"1")
+    store.put("raw/t/s/contactsX/j/c/part-00000", b"1")
+    store.put("raw/u/s/contacts/j/c/part-00000", b"1")
+    listed = sorted(store.list("raw/t/s/contacts/"), key=lambda o: o.key)
+    assert [o.key for o in listed] == ["raw/t/s/contacts/j/c/part-00000",
+                                       "raw/t/s/contacts/j/c/part-00001"]
+    assert listed[0].size == 5
+    assert all(o.last_modified.tzinfo is not None and o.last_modified >= before for o in listed)
+
+
+def test_list_of_an_absent_prefix_is_empty(store: ObjectStore) -> None:
+    assert list(store.list("raw/none/")) == []
+
+
+def test_unknown_scheme_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="file://, memory://"):
+        open_object_store("ftp://x")
