@@ -130,11 +130,12 @@ def expected_bad(table: tuple[str, str], records: int) -> int:
 class DemoApi:
     """Holds the data sizes; :meth:`page` renders one response body."""
 
-    def __init__(self, records_per_table: int = 2000,
-                 sizes: dict[str, int] | None = None) -> None:
+    def __init__(self, records_per_table: int = 2000, sizes: dict[str, int] | None = None,
+                 cache_pages: int = 2048) -> None:
         self.records_per_table = records_per_table
         self.sizes = dict(sizes or {})
-        self._render = lru_cache(maxsize=2048)(self._render_uncached)
+        self._render = (lru_cache(maxsize=cache_pages)(self._render_uncached)
+                        if cache_pages else self._render_uncached)
 
     def size(self, table: str) -> int:
         return self.sizes.get(table, self.records_per_table)

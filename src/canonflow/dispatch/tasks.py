@@ -47,5 +47,7 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
     try:
         result = run_transform(request, rt)
     except CanonflowError as exc:
+        log.error("transform failed", extra={"request_id": request.request_id,
+                                             "error": str(exc), "retryable": exc.retryable})
         return {"request_id": request.request_id, "error": str(exc), "retryable": exc.retryable}
     return {"request_id": request.request_id, "result": result.model_dump(mode="json")}

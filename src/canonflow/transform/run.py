@@ -142,7 +142,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
     except (RequestRejected, TerminalError) as exc:
         if state.request(request.request_id) is not None:
             state.finish_request(request.request_id, None, error=str(exc))
-        log.error("transform request rejected", extra={
+        log.info("transform request rejected", extra={
             "request_id": request.request_id, "table": request.table.label, "error": str(exc)})
         raise
 

@@ -1,0 +1,82 @@
+"""Crashes between the protocol's steps: the sweeper finishes the work exactly once."""
+
+from __future__ import annotations
+
+from canonflow.aggregate import complete_chunk
+from canonflow.chunk import process_chunk
+from canonflow.dispatch import open_dispatcher
+from canonflow.plan import plan_job
+from canonflow.query import run_query
+from canonflow.report import job_report
+from canonflow.runner import JobRunner, recover
+from canonflow.runtime import Runtime
+
+TABLES = {"crm": ["companies", "deals"], "helpdesk": ["users"]}
+
+
+def count(rt: Runtime, entity: str) -> int:
+    _, rows = run_query(rt.canonical._store, f"SELECT count(*) FROM {entity}")
+    return int(rows[0][0])
+
+
+def test_crash_between_outbox_commit_and_dispatch(make_settings) -> None:
+    rt = Runtime(make_settings(tables=TABLES))
+    plan = plan_job(rt.settings, rt, "acme")
+    rt.state.create_job(plan.job_id, "acme", "t", "aggregated", plan.chunks)
+    for spec in plan.chunks:
+        complete_chunk(rt, process_chunk(spec, rt))
+    # the aggregator committed its outbox rows, then the process died before dispatching
+    assert rt.state.job(plan.job_id).status == "transforms_enqueued"  # type: ignore[union-attr]
+    dispatcher = open_dispatcher("inline://", rt.settings)
+    swept = recover(rt, dispatcher, older_than=0)
+    assert swept["transforms_redispatched"] == 3
+    assert recover(rt, dispatcher, older_than=0)["transforms_redispatched"] == 0
+    report = job_report(rt.state, plan.job_id)
+    assert report["status"] == "done"
+    assert all(t["transforms_triggered"] == 1 for t in report["tables"].values())
+    assert count(rt, "company") == 1200 and count(rt, "user") == 1200
+
+
+def test_crash_between_claim_and_aggregation(make_settings) -> None:
+    rt = Runtime(make_settings(tables=TABLES))
+    plan = plan_job(rt.settings, rt, "acme")
+    rt.state.create_job(plan.job_id, "acme", "t", "aggregated", plan.chunks)
+    claims = [rt.state.complete_chunk(process_chunk(s, rt)).claimed for s in plan.chunks]
+    assert claims.count(True) == 1  # claimed, then died before writing any outbox row
+    assert rt.state.requests(plan.job_id) == []
+    dispatcher = open_dispatcher("inline://", rt.settings)
+    assert recover(rt, dispatcher, older_than=0)["jobs_reaggregated"] == 1
+    assert recover(rt, dispatcher, older_than=0)["jobs_reaggregated"] == 0
+    assert len(rt.state.requests(plan.job_id)) == 3
+    assert job_report(rt.state, plan.job_id)["status"] == "done"
+
+
+class DuplicatingDispatcher:
+    """At-least-once delivery made visible: every task is delivered twice."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def submit_chunk(self, spec):
+        self.inner.submit_chunk(spec)
+        return self.inner.submit_chunk(spec)
+
+    def submit_transform(self, request):
+        self.inner.submit_transform(request)
+        return self.inner.submit_transform(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_every_task_delivered_twice_changes_nothing(make_settings) -> None:
+    settings = make_settings(tables=TABLES)
+    rt = Runtime(settings)
+    dispatcher = DuplicatingDispatcher(open_dispatcher("inline://", settings))
+    (job_id,) = JobRunner(settings, rt, dispatcher).run()
+    report = job_report(rt.state, job_id)
+    assert report["status"] == "done" and report["outcome"] == "completed"
+    assert len(report["transforms"]) == 3
+    assert all(t["attempts"] == 1 for t in report["transforms"])
+    assert count(rt, "company") == 1200 and count(rt, "deal") == 1198
