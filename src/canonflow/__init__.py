@@ -14,7 +14,6 @@ __all__ = [
     "TerminalError",
     "TransformRequest",
     "TransformResult",
-    "TerminalError",
     "load_settings",
 ]
 __version__ = "0.1.0"

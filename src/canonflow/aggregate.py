@@ -3,12 +3,10 @@ exactly one canonical transform per table, with that table's explicit file list.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from canonflow import jsonio
 from canonflow.model import (

@@ -7,16 +7,22 @@ request after every batch write.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from canonflow import jsonio
 from canonflow.errors import error_payload
-from canonflow.model import ChunkError, ChunkResult, ChunkSpec, TransformRequest, TriggerMode, raw_key
+from canonflow.model import (
+    ChunkError,
+    ChunkResult,
+    ChunkSpec,
+    TransformRequest,
+    TriggerMode,
+    raw_key,
+)
 
 if TYPE_CHECKING:
     from canonflow.runtime import Runtime

@@ -16,7 +16,7 @@ from canonflow import jsonio, log
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
-from canonflow.errors import CanonflowError
+from canonflow.errors import CanonflowError, UnknownJob
 from canonflow.model import TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
 from canonflow.query import run_query
@@ -163,7 +163,7 @@ def status(
         if job_id is not None:
             rep = job_report(rt.state, job_id)
             if rep["status"] == "unknown":
-                raise CanonflowError(f"no job {job_id!r} in {rt.settings.state_store}")
+                raise UnknownJob(f"no job {job_id!r} in {rt.settings.state_store}")
             if as_json:
                 _emit_json(rep)
             else:

@@ -73,7 +73,7 @@ def test_foreign_keys_in_source_files_are_rejected_before_any_read(
     good = "raw/acme/crm/contacts/job-x/c/part-00000.jsonl.zst"
     request = TransformRequest(tenant_id="acme", service_name="crm", table_name="contacts",
                                source_files=[good, bad_key.format(job=plan.job_id)])
-    with pytest.raises(RequestRejected, match="source file .* (lies outside|not a normalized)"):
+    with pytest.raises(RequestRejected, match=r"source file .* (lies outside|is not a normalized)"):
         run_transform(request, rt)
     assert recording.reads == []  # nothing read, not even the good key
     assert rt.state.request(request.request_id) is None  # never claimed

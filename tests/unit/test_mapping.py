@@ -45,7 +45,7 @@ def test_timestamps_with_offsets_formats_and_zones() -> None:
 
 def test_string_from_numbers_and_structs_fail() -> None:
     assert cast([1, 2], "string") == (["1", "2"], [False, False])
-    out, failed = cast_column(pa.array([{"a": 1}]), "string", FieldRule(path="x"))
+    _, failed = cast_column(pa.array([{"a": 1}]), "string", FieldRule(path="x"))
     assert failed.to_pylist() == [True]
 
 

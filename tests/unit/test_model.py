@@ -12,8 +12,8 @@ from canonflow.model import (
 )
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "..", "a..b", "a b", "tab\tx", "nul\x00", "é", "x" * 129,
-                                 "-leading-dash"])
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "a..b", "a b", "tab\tx", "nul\x00", "é",
+                                 "x" * 129, "-leading-dash"])
 def test_unsafe_identifiers_are_rejected(bad: str) -> None:
     with pytest.raises(InvalidIdentifier, match="invalid tenant_id"):
         validate_identifier(bad, "tenant_id")
@@ -25,7 +25,7 @@ def test_safe_identifiers_pass(good: str) -> None:
 
 
 def test_models_validate_identifiers_with_a_clear_message() -> None:
-    with pytest.raises(ValidationError, match="invalid tenant_id '../other'"):
+    with pytest.raises(ValidationError, match=r"invalid tenant_id '\.\./other'"):
         TableRef(tenant_id="../other", service_name="crm", table_name="contacts")
 
 

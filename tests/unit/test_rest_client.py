@@ -1,8 +1,8 @@
 import httpx
 import pytest
 
-from canonflow.connectors.spec import builtin_specs
 from canonflow.connectors.rest import RestClient
+from canonflow.connectors.spec import builtin_specs
 from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
 
 SPEC = builtin_specs()["crm"]
@@ -32,7 +32,8 @@ def test_retries_429_honouring_retry_after_then_5xx() -> None:
 
     def handler(req: httpx.Request) -> httpx.Response:
         code = next(statuses)
-        return httpx.Response(code, headers={"Retry-After": "0"}, content=OK if code == 200 else b"")
+        body = OK if code == 200 else b""
+        return httpx.Response(code, headers={"Retry-After": "0"}, content=body)
 
     assert client(handler).fetch_page("contacts", 1).total == 1
 

@@ -119,21 +119,21 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
                 continue
             origin = f"{entry}" if isinstance(entry, Path) else f"builtin:{entry.name}"
             body = _read_yaml(entry, origin)
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}: expected a mapping document")
             try:
-                spec = MappingSpec.model_validate({**(body or {}), "origin": origin})  # type: ignore[dict-item]
+                spec = MappingSpec.model_validate({**body, "origin": origin})
             except ValidationError as exc:
                 raise ConfigError(_validation_message(origin, exc)) from None
-            except TypeError:
-                raise ConfigError(f"{origin}: expected a mapping document") from None
-            entity = entities.get(spec.entity)
-            if entity is None:
+            target = entities.get(spec.entity)
+            if target is None:
                 raise ConfigError(f"{origin}: unknown entity {spec.entity!r}")
             for fname in spec.fields:
-                if fname not in entity.fields:
+                if fname not in target.fields:
                     raise ConfigError(
                         f"{origin}: field {fname!r} is not a field of entity {spec.entity!r}"
                     )
-            missing = [f for f, d in entity.fields.items() if d.required and f not in spec.fields]
+            missing = [f for f, d in target.fields.items() if d.required and f not in spec.fields]
             if missing:
                 raise ConfigError(f"{origin}: required entity fields not mapped: {missing}")
             mappings[(spec.source.service, spec.source.table)] = spec

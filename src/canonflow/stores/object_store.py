@@ -33,7 +33,7 @@ class ObjectStore(Protocol):
     capabilities: ObjectStoreCapabilities
 
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
-        """Write ``data`` at ``key``; with ``create_only`` an existing key raises FileExistsError."""
+        """Write ``data`` at ``key``; ``create_only``: an existing key raises FileExistsError."""
 
     def get(self, key: str) -> bytes:
         """Read a whole object; a missing key raises FileNotFoundError."""

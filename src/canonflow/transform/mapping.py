@@ -43,7 +43,8 @@ def entity_schema(entity: Entity) -> pa.Schema:
 
 
 class SourceColumns(Protocol):
-    num_rows: int
+    @property
+    def num_rows(self) -> int: ...
 
     def get(self, path: str) -> pa.Array | None: ...
 

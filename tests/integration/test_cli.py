@@ -1,0 +1,96 @@
+"""The command line as a user meets it: demo, run, status, query, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from canonflow.connectors.demo_api import DemoServer
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_runs_end_to_end_and_leaves_queryable_tables(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    proc = cli("demo", "--records", "600", "--data-dir", data, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(doc["jobs"]) == 2
+    for job in doc["jobs"]:
+        assert job["status"] == "done" and job["outcome"] == "completed"
+        assert len(job["tables"]) == 5
+        for t in job["tables"].values():
+            assert t["transforms_triggered"] == 1
+            assert t["records_extracted"] == 600
+            assert t["records_canonical"] + t["records_quarantined"] == 600
+    q = cli("query", "--data-dir", data, "--json",
+            "SELECT _tenant_id AS tenant, count(*) AS n FROM contact GROUP BY 1 ORDER BY 1")
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout) == [{"tenant": "acme", "n": 600}, {"tenant": "globex", "n": 600}]
+    status = cli("status", "--data-dir", data, "--json", doc["jobs"][0]["job_id"])
+    assert json.loads(status.stdout)["status"] == "done"
+    human = cli("status", "--data-dir", data)
+    assert "acme" in human.stdout and "globex" in human.stdout
+
+
+def test_run_reads_a_pipeline_file(tmp_path: Path, demo_server: DemoServer,
+                                   monkeypatch) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"""
+name: docs-example
+object_store: file://./data
+state_store: sqlite:///./data/state.db
+dispatcher: inline://
+sources:
+  - service: helpdesk
+    base_url: {demo_server.base_url}/helpdesk/v1
+    tables: [users]
+tenants:
+  - tenant_id: acme
+    credentials:
+      helpdesk: {{token: "${{ACME_HELPDESK_TOKEN}}"}}
+""")
+    monkeypatch.setenv("ACME_HELPDESK_TOKEN", "demo-acme")
+    proc = cli("run", str(pipeline), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (job,) = json.loads(proc.stdout)["jobs"]
+    assert job["tables"]["acme/helpdesk.users"]["records_canonical"] == 1200
+    assert (tmp_path / "data" / "canonical" / "user").is_dir()  # relative to the file
+    assert "demo-acme" not in proc.stdout + proc.stderr
+
+
+def test_manual_transform_in_both_modes(tmp_path: Path, demo_server: DemoServer) -> None:
+    data = str(tmp_path / "data")
+    assert cli("demo", "--records", "300", "--tenants", "1", "--data-dir", data,
+               "--json").returncode == 0
+    timed = cli("transform", "--data-dir", data, "--tenant", "acme", "--service", "crm",
+                "--table", "contacts", "--json")
+    assert timed.returncode == 0, timed.stderr
+    result = json.loads(timed.stdout)
+    assert result["processing_mode"] == "time_based" and result["files_read"] == 1
+    key = next((tmp_path / "data" / "raw" / "acme" / "crm" / "contacts").rglob("part-*"))
+    rel = key.relative_to(tmp_path / "data").as_posix()
+    specific = cli("transform", "--data-dir", data, "--tenant", "acme", "--service", "crm",
+                   "--table", "contacts", "--source-file", rel, "--json")
+    assert json.loads(specific.stdout)["processing_mode"] == "file_specific"
+
+
+def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
+    missing = cli("run", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: cannot read pipeline file")
+    assert len(missing.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [{service: crm}]\ntenants: [{tenant_id: 'a/b'}]\n")
+    proc = cli("run", str(bad))
+    assert proc.returncode == 2
+    assert "tenants.0.tenant_id" in proc.stderr and "invalid tenant_id 'a/b'" in proc.stderr
+    query = cli("query", "--data-dir", str(tmp_path / "empty"), "SELECT 1")
+    assert query.returncode == 2 and "no canonical tables" in query.stderr
+    unknown = cli("status", "--data-dir", str(tmp_path / "empty"), "job-x")
+    assert unknown.returncode == 2 and "no job 'job-x'" in unknown.stderr
