@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from canonflow import jsonio
 from canonflow.errors import error_payload
 from canonflow.model import (
     ChunkError,
@@ -45,8 +44,8 @@ class _BatchWriter:
         self.lines: list[bytes] = []
         self.files: list[str] = []
 
-    def add(self, records: list[dict[str, object]]) -> None:
-        self.lines.extend(jsonio.dumps(r) for r in records)
+    def add(self, records: list[bytes]) -> None:
+        self.lines.extend(records)
         size = self.spec.batch_records
         while len(self.lines) >= size:
             self._write(self.lines[:size])

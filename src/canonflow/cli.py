@@ -14,7 +14,7 @@ from rich.table import Table
 
 from canonflow import jsonio, log
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
-from canonflow.connectors.demo_api import DemoApi, serve, tenant_token
+from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
 from canonflow.errors import CanonflowError, UnknownJob
 from canonflow.model import TransformRequest, TriggerMode
@@ -242,6 +242,27 @@ def query(
     for r in rows:
         table.add_row(*("" if v is None else str(v) for v in r))
     out.print(table)
+
+
+@app.command(name="demo-api")
+def demo_api(
+    records: Annotated[int, typer.Option(help="Records per table per tenant.", min=0)] = 2000,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8765,
+    prerender: Annotated[list[str] | None, typer.Option(
+        help="Render every page for this tenant before serving (repeatable).")] = None,
+    page_size: Annotated[int, typer.Option(help="Page size to prerender.", min=1)] = 250,
+) -> None:
+    """Serve the demo SaaS API on 127.0.0.1 until interrupted (prints its base URL)."""
+    api = DemoApi(records, cache_pages=1 << 20 if prerender else 2048)
+    if prerender:
+        api.prerender(list(prerender), {t: page_size for _, t in TABLES})
+    with serve(api, port) as server:
+        print(server.base_url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command(name="recover")

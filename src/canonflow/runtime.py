@@ -35,6 +35,10 @@ class Runtime:
     def catalog(self) -> Catalog:
         return load_catalog(self.settings.mapping_dirs)
 
+    def warm_up(self) -> None:
+        """Open stores and load the catalog up front (worker start, not first task)."""
+        _ = self.objects, self.state, self.catalog
+
     def client(self, tenant_id: str, service: str) -> RestClient:
         """One keep-alive client per (tenant, service) per process."""
         key = (tenant_id, service)

@@ -22,7 +22,7 @@ def test_sends_bearer_token_and_page_params() -> None:
         return httpx.Response(200, content=OK)
 
     page = client(handler).fetch_page("contacts", 3, 50)
-    assert page.records == [{"id": "1"}] and page.total == 1
+    assert page.records == [b'{"id": "1"}'] and page.total == 1
     assert seen[0].headers["Authorization"] == "Bearer s3cret-token"
     assert seen[0].url.params["page"] == "3" and seen[0].url.params["per_page"] == "50"
 
@@ -50,7 +50,7 @@ def test_other_4xx_is_terminal_and_never_shows_the_token() -> None:
 
 
 def test_malformed_json_names_url_and_byte_offset() -> None:
-    with pytest.raises(MalformedPage, match=r"contacts\?page=1.*invalid JSON at byte 13"):
+    with pytest.raises(MalformedPage, match=r"contacts\?page=1.*invalid JSON.*\(byte 13\)"):
         client(lambda r: httpx.Response(200, content=b'{"results": [}')).fetch_page(
             "contacts", 1)
 
@@ -69,3 +69,15 @@ def test_missing_credential_is_a_config_error() -> None:
 def test_unknown_table_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="known: companies, contacts, deals"):
         client(lambda r: httpx.Response(200, content=OK)).fetch_page("nope", 1)
+
+
+def test_pretty_printed_records_become_one_line_each() -> None:
+    body = b'{"results": [\n  {"id": "1",\n   "n": 2}\n], "total": 1}'
+    page = client(lambda r: httpx.Response(200, content=body)).fetch_page("contacts", 1)
+    assert page.records == [b'{"id":"1","n":2}']
+
+
+def test_a_total_of_the_wrong_type_is_malformed() -> None:
+    body = b'{"results": [], "total": "many"}'
+    with pytest.raises(MalformedPage, match="expected a record count at 'total'"):
+        client(lambda r: httpx.Response(200, content=body)).fetch_page("contacts", 1)

@@ -137,6 +137,18 @@ class DemoApi:
         self._render = (lru_cache(maxsize=cache_pages)(self._render_uncached)
                         if cache_pages else self._render_uncached)
 
+    def prerender(self, tenants: list[str], page_sizes: dict[str, int]) -> int:
+        """Render every page of every table for these tenants now (benchmarks measure the
+        client, not the generator); returns the bytes held."""
+        held = 0
+        for (service, table), _ in TABLES.items():
+            per_page = page_sizes.get(table, 100)
+            pages = max(1, -(-self.size(table) // per_page))
+            for tenant in tenants:
+                for page in range(1, pages + 1):
+                    held += len(self.page(service, table, tenant, page, per_page))
+        return held
+
     def size(self, table: str) -> int:
         return self.sizes.get(table, self.records_per_table)
 

@@ -24,18 +24,15 @@ from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, Malformed
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    records: list[dict[str, Any]]
+    records: list[bytes]  # each record's own JSON text, compact, one object per item
     total: int | None  # total record count when the API reports one
 
 
-def dig(document: Any, path: str) -> Any:
-    """Follow a dotted path into parsed JSON; None when any step is missing."""
-    node = document
-    for part in path.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part)
-    return node
+def _compact(record: bytes) -> bytes:
+    """One record per line: pretty-printed records are re-serialized without newlines."""
+    if b"\n" in record or b"\r" in record:
+        return jsonio.dumps(jsonio.loads(record))
+    return record
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -126,20 +123,26 @@ class RestClient:
     @staticmethod
     def _parse(tspec: TableSpec, body: bytes, url: str) -> Page:
         try:
-            doc = jsonio.loads(body)
-        except jsonio.JSONDecodeError as exc:
-            raise MalformedPage(f"GET {url}: invalid JSON at byte {exc.pos}: {exc.msg}") from None
-        records = dig(doc, tspec.records_path)
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            # skipping a value still validates it: a broken record anywhere in the page
+            # fails here, with its byte offset
+            raw = jsonio.raw_at(body, tspec.records_path)
+        except jsonio.MalformedJSON as exc:
+            raise MalformedPage(f"GET {url}: invalid JSON: {exc}") from None
+        items = jsonio.raw_items(raw) if raw is not None else None
+        records = items or []
+        if items is None or not all(rec[:1] == b"{" for rec in records):
             raise MalformedPage(
                 f"GET {url}: expected a list of objects at {tspec.records_path!r}"
             )
+        if b"\n" in body or b"\r" in body:
+            records = [_compact(rec) for rec in records]
         total = None
         if tspec.pagination.total_path:
-            raw_total = dig(doc, tspec.pagination.total_path)
-            if not isinstance(raw_total, int) or raw_total < 0:
+            raw_total = jsonio.raw_at(body, tspec.pagination.total_path)
+            value = jsonio.decode(raw_total) if raw_total is not None else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MalformedPage(
                     f"GET {url}: expected a record count at {tspec.pagination.total_path!r}"
                 )
-            total = raw_total
+            total = value
         return Page(records, total)

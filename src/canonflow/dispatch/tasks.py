@@ -22,8 +22,14 @@ _runtime: Runtime | None = None
 
 
 def init_worker(settings_json: str) -> None:
+    """Build the worker's runtime and open its stores now, while the parent plans."""
     global _runtime
     _runtime = Runtime(Settings.model_validate_json(settings_json))
+    _runtime.warm_up()
+
+
+def ping() -> bool:
+    return True
 
 
 def current_runtime() -> Runtime:

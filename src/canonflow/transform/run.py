@@ -35,6 +35,8 @@ def dedupe_newest(rows: pa.Table, key: str, order: str) -> pa.Table:
     """One row per key: the greatest ``order``, ties broken by the later ``_seq``."""
     if rows.num_rows <= 1:
         return rows
+    if pc.count_distinct(rows.column(key)).as_py() == rows.num_rows:
+        return rows  # the common case: no duplicates, no sort
     rows = rows.sort_by([(key, "ascending", "at_start"), (order, "ascending", "at_start"),
                          (_SEQ, "ascending", "at_start")])
     ids = rows.column(key).combine_chunks()
