@@ -16,6 +16,7 @@ from canonflow.connectors.demo_api import tenant_token
 from canonflow.dispatch import open_dispatcher
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.plan import JobPlan
+from canonflow.query import available_tables, run_query
 from canonflow.report import job_report, totals
 from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
@@ -101,6 +102,10 @@ def settings_for(cfg: dict[str, Any]) -> Settings:
     )
 
 
+def run_query_tables(store: object) -> list[str]:
+    return [name for name in available_tables(store) if name != "quarantine"]  # type: ignore[arg-type]
+
+
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = settings_for(cfg)
     rt = Runtime(settings)
@@ -114,6 +119,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         dispatcher.close()
     wall = time.perf_counter() - started
     reports = [job_report(rt.state, j) for j in job_ids]
+    store = rt.canonical._store
+    canonical_rows = 0
+    for entity in run_query_tables(store):
+        _, rows = run_query(store, f"SELECT count(*) FROM {entity}")
+        canonical_rows += int(rows[0][0])
     sums = [totals(r) for r in reports]
     agg = {k: sum(s[k] for s in sums) for k in sums[0]}
     statuses = sorted({f"{r['status']}/{r['outcome']}" for r in reports})
@@ -125,6 +135,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak,
         "statuses": statuses,
         "transforms": sum(len(r["transforms"]) for r in reports),
+        "canonical_rows": canonical_rows,
         **agg,
     }
 

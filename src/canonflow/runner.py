@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Protocol
 
@@ -150,12 +149,3 @@ class JobRunner:
         )
         complete_chunk(self.rt, result)
         self.progress.chunk_done(spec, result.model_dump(mode="json"))
-
-
-def wait_for_jobs(rt: Runtime, job_ids: list[str], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all((j := rt.state.job(i)) and j.status in TERMINAL for i in job_ids):
-            return True
-        time.sleep(0.1)
-    return False

@@ -8,7 +8,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.pool import NullPool
 
 from canonflow.errors import ConfigError
 from canonflow.stores.sql import SqlStateStore
@@ -25,7 +24,7 @@ def open_sqlite(url: str) -> SqlStateStore:
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
-        sa_url, poolclass=NullPool, connect_args={"timeout": 30, "isolation_level": None}
+        sa_url, connect_args={"timeout": 30, "isolation_level": None}
     )
 
     @sa.event.listens_for(engine, "connect")

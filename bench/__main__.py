@@ -1,0 +1,184 @@
+"""``python -m bench [--quick] [--write docs/BENCHMARKS.md]``: every scenario, one table each.
+
+Scenarios (each run in its own process tree, the demo API in a separate process):
+  1. trigger modes — the same job with ``per_batch`` (legacy) and ``aggregated`` triggering
+  2. throughput — end-to-end records/s at three sizes, extraction and transform apart
+  3. scaling — coordination cost per chunk at 10, 100, 1000 chunks for the same data
+  4. floor — the same pages fetched and written by plain concurrent code (beside 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from bench.coordination import run as coordination_run
+from bench.server import demo_api
+
+ALL_TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets", "users"]}
+MODE_TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets"]}
+console = Console()
+
+
+def child(module: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", module, orjson.dumps(cfg).decode()],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def trigger_modes(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    batch, chunks = (50, 5) if quick else (500, 10)
+    per_table = chunks * 5 * batch  # chunks x 5 batches per table
+    rows = []
+    with demo_api(per_table, ["acme"], batch) as url:
+        for mode in ("per_batch", "aggregated"):
+            root = work / f"modes-{mode}"
+            r = child("bench.e2e", {
+                "base_url": url, "root": str(root), "tenants": ["acme"],
+                "tables": MODE_TABLES, "trigger_mode": mode, "batch_records": batch,
+                "page_size": batch, "pages_per_chunk": 5})
+            r["mode"] = mode
+            rows.append(r)
+            shutil.rmtree(root, ignore_errors=True)
+    table = Table(
+        title=f"1. trigger modes: 4 tables x {chunks} chunks x 5 batches of {batch} records")
+    for col in ("mode", "transforms", "records extracted", "records read by transforms",
+                "read / extracted", "wall s", "canonical rows"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for r in rows:
+        table.add_row(r["mode"], str(r["transforms"]), f"{r['records_extracted']:,}",
+                      f"{r['records_read']:,}",
+                      f"{r['records_read'] / r['records_extracted']:.2f}",
+                      f"{r['wall_s']:.1f}", f"{r['canonical_rows']:,}")
+    return table, rows
+
+
+def throughput(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    sizes = [10_000, 50_000] if quick else [50_000, 200_000, 1_000_000]
+    rows = []
+    for size in sizes:
+        per_table = size // 5
+        with demo_api(per_table, ["acme"], 1000) as url:
+            base = {"base_url": url, "tenants": ["acme"], "tables": ALL_TABLES,
+                    "records_per_table": per_table, "page_size": 1000, "pages_per_chunk": 10}
+            floor = child("bench.floor", {**base, "root": str(work / "floor")})
+            e2e = child("bench.e2e", {**base, "root": str(work / "e2e")})
+            shutil.rmtree(work / "floor", ignore_errors=True)
+            shutil.rmtree(work / "e2e", ignore_errors=True)
+        rows.append({"records": size, "floor": floor, "e2e": e2e})
+    table = Table(title="2+4. throughput: canonflow end to end vs the floor client "
+                  "(records per tenant, 5 tables)")
+    for col in ("records", "floor rec/s", "canonflow rec/s", "x floor", "extract rec/s",
+                "transform rec/s", "wall s", "peak RSS MB", "floor RSS MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        e, f, n = r["e2e"], r["floor"], r["records"]
+        table.add_row(
+            f"{n:,}", f"{n / f['wall_s']:,.0f}", f"{n / e['wall_s']:,.0f}",
+            f"{f['wall_s'] / e['wall_s']:.2f}", f"{n / e['extract_s']:,.0f}",
+            f"{n / e['transform_s']:,.0f}", f"{e['wall_s']:.1f}", f"{e['peak_rss_mb']:.0f}",
+            f"{f['peak_rss_mb']:.0f}")
+    return table, rows
+
+
+def scaling(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    counts = [10, 100, 300] if quick else [10, 100, 1000]
+    rows = [coordination_run(n) for n in counts]
+    table = Table(title="3. scaling: coordination cost per chunk, same data (1,000 files)")
+    for col in ("chunks", "claims", "transform requests", "completion ms/chunk",
+                "statements/chunk", "aggregation ms", "aggregation ms/chunk"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["chunks"]), str(r["claims"]), str(r["transform_requests"]),
+                      f"{r['completion_ms_per_chunk']:.2f}", f"{r['statements_per_chunk']:.1f}",
+                      f"{r['aggregation_ms']:.1f}", f"{r['aggregation_ms_per_chunk']:.3f}")
+    return table, rows
+
+
+def markdown(table: Table) -> str:
+    headers = [str(c.header) for c in table.columns]
+    cells = [[str(x) for x in c._cells] for c in table.columns]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(headers) + " |",
+             "|" + "---|" * len(headers)]
+    for i in range(len(cells[0]) if cells else 0):
+        lines.append("| " + " | ".join(col[i] for col in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--write", type=Path, help="write the tables as Markdown to this file")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    console.print(f"machine: {machine()}")
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="canonflow-bench-") as tmp:
+        work = Path(tmp)
+        for name, build in (("trigger modes", lambda: trigger_modes(work, args.quick)),
+                            ("throughput", lambda: throughput(work, args.quick)),
+                            ("scaling", lambda: scaling(args.quick))):
+            with console.status(f"running {name} ..."):
+                table, _ = build()
+            console.print(table)
+            tables.append(table)
+    seconds = time.perf_counter() - started
+    console.print(f"all scenarios in {seconds:.0f} s")
+    if args.write:
+        write_results(args.write, tables, seconds, args.quick)
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_results(path: Path, tables: list[Table], seconds: float, quick: bool) -> None:
+    """Replace the generated block of ``path`` (between the bench markers), keeping the
+    hand-written analysis around it."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    block = "\n".join([
+        BEGIN,
+        f"Generated by `python -m bench{' --quick' if quick else ''}` on {stamp}.",
+        f"Machine: {machine()}. All scenarios took {seconds:.0f} s.",
+        "", "\n\n".join(markdown(t) for t in tables), END])
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
