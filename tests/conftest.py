@@ -3,11 +3,14 @@ here, in one place."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+import sqlalchemy as sa
 
 from canonflow.config import Settings, SourceConfig, TenantConfig
 from canonflow.connectors.demo_api import DemoApi, DemoServer, serve, tenant_token
@@ -21,6 +24,89 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rel = Path(str(item.fspath)).relative_to(HERE)
         if rel.parts[0] in ("integration", "reliability"):
             item.add_marker(getattr(pytest.mark, rel.parts[0]))
+
+
+def service_missing(what: str, error: object) -> NoReturn:
+    """A real service a test needs is not reachable: a failure in CI, a skip elsewhere."""
+    message = f"{what} not reachable: {error}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+POSTGRES = os.environ.get("CANONFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A state-store URL on the real PostgreSQL, in a schema of its own, dropped afterwards."""
+    engine = sa.create_engine(POSTGRES.replace("postgresql://", "postgresql+psycopg://", 1))
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        service_missing("PostgreSQL", exc.orig)
+    sep = "&" if "?" in POSTGRES else "?"
+    yield f"{POSTGRES}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+S3_BUCKET = "canonflow-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible server: CANONFLOW_TEST_S3_ENDPOINT (CI starts moto_server), or a
+    moto_server this session starts on a free port and stops by PID."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    endpoint = os.environ.get("CANONFLOW_TEST_S3_ENDPOINT")
+    proc = None
+    if endpoint is None:
+        binary = shutil.which("moto_server")
+        if binary is None:
+            service_missing("S3 server", "moto_server is not installed")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.head_bucket(Bucket=S3_BUCKET)
+            break
+        except client.exceptions.ClientError:
+            client.create_bucket(Bucket=S3_BUCKET)
+            break
+        except Exception as exc:  # not up yet
+            if time.monotonic() > deadline:
+                service_missing("S3 server", exc)
+            time.sleep(0.2)
+    yield endpoint
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """An object-store URL on the S3 server under a prefix of its own."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}?endpoint={s3_endpoint}"
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from canonflow import jsonio, log
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
-from canonflow.errors import CanonflowError, UnknownJob
+from canonflow.errors import CanonflowError, ConfigError, UnknownJob
 from canonflow.model import TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
 from canonflow.query import run_query
@@ -242,6 +242,42 @@ def query(
     for r in rows:
         table.add_row(*("" if v is None else str(v) for v in r))
     out.print(table)
+
+
+@app.command()
+def worker(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (dispatcher: celery+...).")],
+    concurrency: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
+    name: Annotated[str | None, typer.Option(help="Worker node name, e.g. w1@host.")] = None,
+) -> None:
+    """Run a Celery worker for PIPELINE's chunk and transform tasks (one per machine)."""
+    log.configure(logging.WARNING)
+    settings = load_settings(pipeline)
+    if not settings.dispatcher.startswith("celery+"):
+        raise ConfigError(f"{pipeline}: dispatcher is {settings.dispatcher!r}; "
+                          "workers serve celery+redis:// or celery+amqp:// pipelines")
+    try:
+        from canonflow.dispatch.celery import run_worker
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"canonflow worker needs {exc.name!r}: "
+                          "pip install 'canonflow[celery]'") from None
+    run_worker(settings, concurrency, name)
+
+
+db_app = typer.Typer(help="State store schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(pipeline: PipelineOpt = None, data_dir: DataDirOpt = Path(DEFAULT_DATA)) -> None:
+    """Create or migrate the state store's tables (also done on first use)."""
+    settings = _settings(pipeline, data_dir)
+    rt = Runtime(settings)
+    try:
+        rt.state.upgrade()
+    finally:
+        rt.close()
+    out.print(f"state store schema is current: {rt.state.url.split('@')[-1]}")
 
 
 @app.command(name="demo-api")

@@ -75,6 +75,10 @@ class Settings(_Cfg):
     )
     transform_group_records: int = Field(default=200_000, gt=0)
     transform_lease_seconds: float = Field(default=900.0, gt=0)
+    celery_queue: str = Field(default="canonflow", description="Celery queue of this pipeline")
+    celery_visibility_timeout: float = Field(
+        default=3600.0, gt=0,
+        description="Redis broker: seconds before an unacknowledged task is redelivered")
     mapping_dirs: list[str] = Field(default_factory=list)
     sources: list[SourceConfig] = Field(default_factory=list)
     tenants: list[TenantConfig] = Field(default_factory=list)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Protocol
 
@@ -62,10 +63,11 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
         limit=10_000, redispatch_after=older_than,
         lease_seconds=max(older_than, rt.settings.transform_lease_seconds),
     )
-    futures = [dispatcher.submit_transform(r) for r in requests]
-    wait(futures)
-    for request, future in zip(requests, futures, strict=True):
-        _settle_transform(rt, request, future)
+    futures = [(r, dispatcher.submit_transform(r)) for r in requests]
+    wait([f for _, f in futures if f is not None])
+    for request, future in futures:
+        if future is not None:
+            _settle_transform(rt, request, future)
     return {"jobs_reaggregated": reaggregated, "transforms_redispatched": len(requests)}
 
 
@@ -103,13 +105,21 @@ class JobRunner:
     def run(self, tenant_ids: list[str] | None = None) -> list[str]:
         plans = self.plan(tenant_ids)
         self.progress.planned(plans)
+        remote = False
         # interleave tenants so one large tenant does not starve the others
         for spec in itertools.chain.from_iterable(
                 itertools.zip_longest(*(p.chunks for p in plans))):
             if spec is not None:
-                self._pending[self.dispatcher.submit_chunk(spec)] = ("chunk", spec)
-        self._drain()
+                future = self.dispatcher.submit_chunk(spec)
+                if future is None:
+                    remote = True
+                else:
+                    self._pending[future] = ("chunk", spec)
         job_ids = {p.job_id for p in plans}
+        if remote:
+            self._watch(plans)
+            return [p.job_id for p in plans]
+        self._drain()
         for _ in range(3):  # a crashed worker may leave a job short of its end
             if all((j := self.rt.state.job(i)) and j.status in TERMINAL for i in job_ids):
                 break
@@ -132,8 +142,50 @@ class JobRunner:
 
     def _relay(self) -> None:
         for request in self.rt.state.claim_for_dispatch():
-            self._pending[self.dispatcher.submit_transform(request)] = ("transform", request)
-            self.progress.transform_submitted(request)
+            future = self.dispatcher.submit_transform(request)
+            if future is not None:
+                self._pending[future] = ("transform", request)
+                self.progress.transform_submitted(request)
+
+    def _watch(self, plans: list[JobPlan], poll: float = 0.25) -> None:
+        """Remote workers: follow the jobs in the state store, relay committed outbox rows,
+        and sweep when nothing has moved for a lease period."""
+        state = self.rt.state
+        specs = {(p.job_id, c.chunk_id): c for p in plans for c in p.chunks}
+        seen_chunks: set[tuple[str, str]] = set()
+        seen_requests: set[str] = set()
+        last_change = time.monotonic()
+        stall = max(30.0, self.settings.celery_visibility_timeout)
+        while True:
+            self._relay()
+            moved = False
+            for plan in plans:
+                for result in state.chunk_results(plan.job_id):
+                    key = (plan.job_id, result.chunk_id)
+                    if key not in seen_chunks and key in specs:
+                        seen_chunks.add(key)
+                        moved = True
+                        self.progress.chunk_done(specs[key], result.model_dump(mode="json"))
+                for rec in state.requests(plan.job_id):
+                    if rec.request.request_id not in seen_requests:
+                        seen_requests.add(rec.request.request_id)
+                        self.progress.transform_submitted(rec.request)
+                    if rec.status in ("done", "failed") and \
+                            f"done:{rec.request.request_id}" not in seen_requests:
+                        seen_requests.add(f"done:{rec.request.request_id}")
+                        moved = True
+                        self.progress.transform_done(rec.request)
+            if all((j := state.job(p.job_id)) and j.status in TERMINAL for p in plans):
+                return
+            now = time.monotonic()
+            if moved:
+                last_change = now
+            elif now - last_change > stall:
+                log.warning("no progress; sweeping", extra={"idle_seconds": now - last_change})
+                recover(self.rt, self.dispatcher, older_than=stall,
+                        job_ids={p.job_id for p in plans})
+                last_change = now
+            time.sleep(poll)
 
     def _chunk_finished(self, spec: ChunkSpec, future: Future[TaskOutcome]) -> None:
         exc = future.exception()

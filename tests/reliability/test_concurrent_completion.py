@@ -6,6 +6,8 @@ import multiprocessing
 import random
 from pathlib import Path
 
+import pytest
+
 from canonflow.config import Settings
 from canonflow.model import ChunkResult, ChunkSpec, TableRef
 from canonflow.runtime import Runtime
@@ -39,9 +41,12 @@ def _complete_all(settings_json: str, job_id: str, seed: int, barrier, out) -> N
     out.put(claims)
 
 
-def test_duplicate_concurrent_completions_aggregate_once(tmp_path: Path) -> None:
-    settings = Settings(object_store=f"file://{tmp_path}/data",
-                        state_store=f"sqlite:///{tmp_path}/data/state.db")
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_duplicate_concurrent_completions_aggregate_once(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    state_url = (request.getfixturevalue("postgres_url") if backend == "postgres"
+                 else f"sqlite:///{tmp_path}/data/state.db")
+    settings = Settings(object_store=f"file://{tmp_path}/data", state_store=state_url)
     rt = Runtime(settings)
     job_id = "job-race"
     rt.state.create_job(job_id, "acme", "race", "aggregated", _specs(job_id))

@@ -12,13 +12,13 @@ from canonflow.stores import StateStore, open_state_store
 T = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
 
 
-def state_urls(tmp_path: Path) -> dict[str, str]:
-    return {"sqlite": f"sqlite:///{tmp_path / 'state.db'}"}
-
-
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
-    store = open_state_store(state_urls(tmp_path)[request.param])
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = open_state_store(url)
     yield store
     store.close()
 
@@ -121,5 +121,13 @@ def test_ledger_records_processed_files(state: StateStore) -> None:
 
 
 def test_unknown_scheme_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="sqlite://"):
+    with pytest.raises(ConfigError, match="postgresql://, sqlite://"):
         open_state_store("mysql://x")
+
+
+def test_unreachable_database_is_one_retryable_line_without_the_password() -> None:
+    from canonflow.errors import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable) as info:
+        open_state_store("postgresql://u:hunter2@127.0.0.1:1/db?connect_timeout=2")
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)

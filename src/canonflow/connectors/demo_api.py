@@ -10,6 +10,7 @@ quarantine is visible in every demo run.
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,8 +132,9 @@ class DemoApi:
     """Holds the data sizes; :meth:`page` renders one response body."""
 
     def __init__(self, records_per_table: int = 2000, sizes: dict[str, int] | None = None,
-                 cache_pages: int = 2048) -> None:
+                 cache_pages: int = 2048, page_delay: float = 0.0) -> None:
         self.records_per_table = records_per_table
+        self.page_delay = page_delay  # seconds each response waits: slow APIs, for tests
         self.sizes = dict(sizes or {})
         self._render = (lru_cache(maxsize=cache_pages)(self._render_uncached)
                         if cache_pages else self._render_uncached)
@@ -205,8 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
         if page < 1 or not 1 <= per_page <= 10_000:
             self._send(400, b'{"error":"page must be >= 1 and page size 1..10000"}')
             return
-        self._send(200, self.server.api.page(  # type: ignore[attr-defined]
-            segments[0], segments[2], tenant, page, per_page))
+        api: DemoApi = self.server.api  # type: ignore[attr-defined]
+        if api.page_delay:
+            time.sleep(api.page_delay)
+        self._send(200, api.page(segments[0], segments[2], tenant, page, per_page))
 
 
 class DemoServer(ThreadingHTTPServer):

@@ -16,11 +16,15 @@ TaskOutcome = dict[str, Any]
 
 
 class Dispatcher(Protocol):
+    """``submit_*`` return a Future when the transport hands results back to the caller
+    (inline, local); remote transports (Celery) return None and the caller follows the
+    state store instead."""
+
     url: str
 
-    def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]: ...
+    def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome] | None: ...
 
-    def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]: ...
+    def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome] | None: ...
 
     def close(self) -> None: ...
 
@@ -28,6 +32,9 @@ class Dispatcher(Protocol):
 _SCHEMES = {
     "inline": "canonflow.dispatch.inline:InlineDispatcher",
     "local": "canonflow.dispatch.local:LocalDispatcher",
+    "celery+redis": "canonflow.dispatch.celery:CeleryDispatcher",
+    "celery+rediss": "canonflow.dispatch.celery:CeleryDispatcher",
+    "celery+amqp": "canonflow.dispatch.celery:CeleryDispatcher",
 }
 
 
@@ -42,5 +49,10 @@ def open_dispatcher(url: str, settings: Settings) -> Dispatcher:
         known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
         raise ConfigError(f"unsupported dispatcher URL {url!r}: use one of {known}")
     module_name, cls = target.split(":")
-    dispatcher: Dispatcher = getattr(importlib.import_module(module_name), cls)(url, settings)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"dispatcher {scheme}:// needs {exc.name!r}: "
+                          "pip install 'canonflow[celery]'") from None
+    dispatcher: Dispatcher = getattr(module, cls)(url, settings)
     return dispatcher

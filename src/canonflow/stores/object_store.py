@@ -50,6 +50,7 @@ class ObjectStore(Protocol):
 _SCHEMES: dict[str, str] = {
     "file": "canonflow.stores.obstore_backend:open_obstore",
     "memory": "canonflow.stores.obstore_backend:open_obstore",
+    "s3": "canonflow.stores.obstore_backend:open_obstore",
 }
 
 

@@ -1,15 +1,20 @@
-"""Object store backend on obstore (Rust object_store): local files and memory."""
+"""Object store backend on obstore (Rust object_store): local files, memory and S3.
+
+``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`` names any
+S3-compatible server; credentials come from the standard AWS environment variables (or the
+instance/web-identity chain), never from the URL. Create-only writes use ``If-None-Match``.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
-from obstore.store import LocalStore, MemoryStore
+from obstore.store import LocalStore, MemoryStore, S3Store
 
 from canonflow.errors import ConfigError, StoreUnavailable
 from canonflow.stores.object_store import ObjectInfo, ObjectStoreCapabilities
@@ -27,12 +32,17 @@ def local_root(url: str) -> Path:
 class ObstoreObjectStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        self._root: Path | None
+        self._root: Path | None = None
+        self._s3: tuple[str, dict[str, str]] | None = None
         if url.startswith("memory://"):
-            self._store: LocalStore | MemoryStore = MemoryStore()
-            self._root = None
+            self._store: LocalStore | MemoryStore | S3Store = MemoryStore()
             self.capabilities = ObjectStoreCapabilities(
                 create_only_writes=True, shared_between_processes=False
+            )
+        elif url.startswith("s3://"):
+            self._store, self._s3 = _open_s3(url)
+            self.capabilities = ObjectStoreCapabilities(
+                create_only_writes=True, shared_between_processes=True
             )
         else:
             self._root = local_root(url)
@@ -80,12 +90,41 @@ class ObstoreObjectStore:
             raise StoreUnavailable(f"cannot list {prefix}: {type(exc).__name__}") from exc
 
     def delta_uri(self, name: str) -> tuple[str, dict[str, str]]:
+        if self._s3 is not None:
+            base, options = self._s3
+            return f"{base}/{name}", dict(options)
         if self._root is None:
             raise ConfigError(
                 "canonical tables need a shared store: memory:// cannot hold Delta tables, "
                 "set canonical_store to a file:// or s3:// URL"
             )
         return os.fspath(self._root / name), {}
+
+
+def _open_s3(url: str) -> tuple[S3Store, tuple[str, dict[str, str]]]:
+    parsed = urlparse(url)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    if not bucket:
+        raise ConfigError(f"object store URL {url.split('?')[0]!r} names no bucket")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = set(query) - {"endpoint", "region"}
+    if unknown:
+        raise ConfigError(f"object store URL: unknown option(s) {sorted(unknown)}; "
+                          "use endpoint= and region=")
+    endpoint = query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
+    region = query.get("region") or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict[str, object] = {"region": region, "conditional_put": "etag"}
+    delta: dict[str, str] = {"AWS_REGION": region, "conditional_put": "etag"}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+        delta["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["allow_http"] = True
+            delta["AWS_ALLOW_HTTP"] = "true"
+    store = S3Store(bucket, prefix=prefix or None, **kwargs)  # type: ignore[arg-type]
+    base = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return store, (base, delta)
 
 
 def open_obstore(url: str) -> ObstoreObjectStore:

@@ -92,7 +92,11 @@ class SqlStateStore:
         self.url = url
         self._engine = engine
         self._insert = insert
-        self._run(lambda c: metadata.create_all(c))
+        self._run(self._create_schema)
+
+    def _create_schema(self, conn: Connection) -> None:
+        """Tables are created on first use (``canonflow db upgrade`` does it explicitly)."""
+        metadata.create_all(conn)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _run(self, step: Callable[[Connection], Any], attempts: int = 8) -> Any:
@@ -114,6 +118,9 @@ class SqlStateStore:
                     f"state store {self._safe_url()} failed: {type(exc).__name__}"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def upgrade(self) -> None:
+        self._run(self._create_schema)
 
     def _safe_url(self) -> str:
         return self._engine.url.render_as_string(hide_password=True)
@@ -147,13 +154,14 @@ class SqlStateStore:
         now = _now()
 
         def step(conn: Connection) -> Completion:
+            # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT
             inserted = conn.execute(
                 self._insert(chunk_results).values(
                     job_id=result.job_id, chunk_id=result.chunk_id, completed=result.completed,
                     result=result.model_dump_json(), recorded_at=now,
-                ).on_conflict_do_nothing()
-            ).rowcount
-            if inserted != 1:
+                ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
+            ).first()
+            if inserted is None:
                 row = conn.execute(
                     sa.select(jobs.c.completed_chunks, jobs.c.total_chunks)
                     .where(jobs.c.job_id == result.job_id)
@@ -287,11 +295,11 @@ class SqlStateStore:
     # -- transform outbox -------------------------------------------------------------------
     def enqueue_request(self, request: TransformRequest) -> bool:
         now = _now()
-        inserted: int = self._run(lambda c: c.execute(
+        inserted = self._run(lambda c: c.execute(
             self._insert(outbox).values(**self._rows_for([request], now)[0])
-            .on_conflict_do_nothing()
-        ).rowcount)
-        return inserted == 1
+            .on_conflict_do_nothing().returning(outbox.c.request_id)
+        ).first())
+        return inserted is not None
 
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,

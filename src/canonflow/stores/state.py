@@ -106,12 +106,20 @@ class StateStore(Protocol):
 
     def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
 
+    def upgrade(self) -> None:
+        """Create or migrate the schema (also done on first use)."""
+
     def close(self) -> None: ...
 
 
 _SCHEMES: dict[str, str] = {
     "sqlite": "canonflow.stores.sqlite:open_sqlite",
+    "postgresql": "canonflow.stores.postgres:open_postgres",
+    "postgres": "canonflow.stores.postgres:open_postgres",
 }
+
+
+_EXTRAS = {"postgresql": "postgres", "postgres": "postgres"}
 
 
 def open_state_store(url: str) -> StateStore:
@@ -121,5 +129,10 @@ def open_state_store(url: str) -> StateStore:
         known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
         raise ConfigError(f"unsupported state store URL {url!r}: use one of {known}")
     module_name, func = target.split(":")
-    store: StateStore = getattr(importlib.import_module(module_name), func)(url)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"state store {scheme}:// needs {exc.name!r}: "
+                          f"pip install 'canonflow[{_EXTRAS.get(scheme, scheme)}]'") from None
+    store: StateStore = getattr(module, func)(url)
     return store

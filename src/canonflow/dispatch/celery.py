@@ -1,0 +1,107 @@
+"""``celery+redis://HOST:PORT/DB`` or ``celery+amqp://USER:PASS@HOST:PORT/VHOST``: chunk and
+transform tasks on Celery workers, on as many machines as share the broker, the state store
+and the object store.
+
+Delivery is at least once (``acks_late`` with ``reject_on_worker_lost``: a task whose worker
+dies is redelivered). Fan-in is the state store's atomic completion, never a chord (chord
+counters double-count repeated tasks). Whoever sees committed outbox rows relays them (the
+worker that aggregated, the runner, ``canonflow recover``): the relay claims rows
+conditionally (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so running it in several places
+sends each row once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from canonflow.config import Settings
+from canonflow.dispatch import tasks
+from canonflow.errors import RetryableError
+from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.runtime import Runtime
+
+log = logging.getLogger("canonflow.celery")
+app = Celery("canonflow")
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+_settings_json: str | None = None
+
+
+def broker_url(url: str) -> str:
+    return url.split("+", 1)[1]
+
+
+def configure(settings: Settings) -> None:
+    """Point the app at the pipeline's broker and queue (client and worker alike)."""
+    global _settings_json
+    _settings_json = settings.to_worker_json()
+    app.conf.update(
+        broker_url=broker_url(settings.dispatcher),
+        task_default_queue=settings.celery_queue,
+        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout},
+    )
+
+
+@worker_process_init.connect
+def _init_pool_process(**_: Any) -> None:
+    """Each pool process builds its own runtime after the fork (no inherited connections)."""
+    if _settings_json is not None:
+        tasks.init_worker(_settings_json)
+
+
+def relay(rt: Runtime) -> int:
+    """Send every committed, unsent outbox row as a transform task."""
+    requests = rt.state.claim_for_dispatch()
+    for request in requests:
+        transform_task.apply_async(args=[request.model_dump_json()])
+    return len(requests)
+
+
+@app.task(name="canonflow.chunk", autoretry_for=(RetryableError,), retry_backoff=True,
+          max_retries=5)
+def chunk_task(spec_json: str) -> None:
+    outcome = tasks.run_chunk(spec_json)
+    if outcome["aggregated"]:
+        relay(tasks.current_runtime())
+
+
+@app.task(name="canonflow.transform")
+def transform_task(request_json: str) -> None:
+    tasks.run_transform_task(request_json)
+
+
+def run_worker(settings: Settings, concurrency: int, name: str | None) -> None:
+    configure(settings)
+    argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork",
+            f"--queues={settings.celery_queue}", "--loglevel=WARNING", "--without-gossip",
+            "--without-mingle"]
+    if name:
+        argv.append(f"--hostname={name}")
+    app.worker_main(argv)
+
+
+class CeleryDispatcher:
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        configure(settings)
+
+    def submit_chunk(self, spec: ChunkSpec) -> None:
+        chunk_task.apply_async(args=[spec.model_dump_json()])
+
+    def submit_transform(self, request: TransformRequest) -> None:
+        transform_task.apply_async(args=[request.model_dump_json()])
+
+    def close(self) -> None:
+        app.pool.force_close_all()
