@@ -65,7 +65,7 @@ class _BatchWriter:
             t = spec.table
             self.rt.state.enqueue_request(TransformRequest(
                 tenant_id=t.tenant_id, service_name=t.service_name, table_name=t.table_name,
-                job_id=spec.job_id, trigger="per_batch",
+                job_id=spec.job_id, trigger="per_batch", reprocess=True,  # legacy: re-read all
                 request_id=f"{spec.job_id}:{spec.chunk_id}:{len(self.files) - 1:05d}",
             ))
 

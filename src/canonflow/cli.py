@@ -38,14 +38,18 @@ PipelineOpt = Annotated[Path | None, typer.Option(
 DataDirOpt = Annotated[Path, typer.Option(
     "--data-dir", help="Data directory of the embedded default (used without --pipeline).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for machines.")]
+MappingDirOpt = Annotated[list[Path] | None, typer.Option(
+    "--mapping-dir", help="Extra mapping YAML folder (repeatable); wins over built-ins.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs at INFO on stderr.")]
 
 
-def _settings(pipeline: Path | None, data_dir: Path) -> Settings:
+def _settings(pipeline: Path | None, data_dir: Path, mapping_dir: list[Path] | None = None,
+              ) -> Settings:
     if pipeline is not None:
         return load_settings(pipeline)
     root = data_dir.resolve()
-    return Settings(object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db")
+    return Settings(object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db",
+                    mapping_dirs=[str(d) for d in mapping_dir or []])
 
 
 def _emit_json(doc: Any) -> None:
@@ -194,8 +198,11 @@ def transform(
         help="Raw file key to read (repeatable): file_specific mode. "
         "Without it: time_based mode.")] = None,
     lookback_hours: Annotated[float, typer.Option(help="time_based window.")] = 72.0,
+    reprocess: Annotated[bool, typer.Option(
+        help="time_based: also read files already canonicalized (per the ledger).")] = False,
     pipeline: PipelineOpt = None,
     data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    mapping_dir: MappingDirOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -203,12 +210,12 @@ def transform(
     log.configure(logging.INFO if verbose else logging.WARNING)
     from canonflow.transform import run_transform
 
-    rt = Runtime(_settings(pipeline, data_dir))
+    rt = Runtime(_settings(pipeline, data_dir, mapping_dir))
     try:
         request = TransformRequest(
             tenant_id=tenant, service_name=service, table_name=table,
             source_files=list(source_file) if source_file else None,
-            lookback_hours=lookback_hours,
+            lookback_hours=lookback_hours, reprocess=reprocess,
         )
         result = run_transform(request, rt)
     finally:
@@ -278,6 +285,97 @@ def db_upgrade(pipeline: PipelineOpt = None, data_dir: DataDirOpt = Path(DEFAULT
     finally:
         rt.close()
     out.print(f"state store schema is current: {rt.state.url.split('@')[-1]}")
+
+
+@app.command()
+def entities(
+    markdown: Annotated[bool, typer.Option(help="Print the Markdown reference.")] = False,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """List the canonical entities (with --markdown: the reference in docs/entities.md)."""
+    from canonflow.mappings import load_catalog
+    from canonflow.mappings.docs import entities_markdown
+
+    dirs = load_settings(pipeline).mapping_dirs if pipeline else []
+    catalog = load_catalog(dirs)
+    if markdown:
+        sys.stdout.write(entities_markdown(catalog))
+        return
+    table = Table(title="canonical entities")
+    for col in ("entity", "primary key", "fields", "mapped from"):
+        table.add_column(col)
+    for name, entity in sorted(catalog.entities.items()):
+        sources = [f"{s}.{t}" for (s, t), m in sorted(catalog.mappings.items())
+                   if m.entity == name or any(c.entity == name for c in m.children)]
+        table.add_row(name, ", ".join(entity.keys), str(len(entity.fields)),
+                      ", ".join(sources))
+    out.print(table)
+
+
+quarantine_app = typer.Typer(help="Rejected records: list them, replay them.",
+                             no_args_is_help=True)
+app.add_typer(quarantine_app, name="quarantine")
+TenantOpt = Annotated[str | None, typer.Option(help="Only this tenant.")]
+ServiceOpt = Annotated[str | None, typer.Option(help="Only this service.")]
+TableOpt = Annotated[str | None, typer.Option(help="Only this source table.")]
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    tenant: TenantOpt = None, service: ServiceOpt = None, table: TableOpt = None,
+    records: Annotated[bool, typer.Option(help="Show each record, not counts.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many records.", min=1)] = 50,
+    pipeline: PipelineOpt = None, data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    as_json: JsonOpt = False,
+) -> None:
+    """Unresolved quarantined records, counted by table, field and reason."""
+    from canonflow.transform.quarantine import quarantined, summary
+
+    rt = Runtime(_settings(pipeline, data_dir))
+    rows = quarantined(rt, tenant, service, table)
+    if records:
+        cols = ["_tenant_id", "_service_name", "_source_table", "_source_file", "line",
+                "field", "reason", "raw"]
+        docs = rows.select(cols).slice(0, limit).to_pylist() if rows.num_rows else []
+    else:
+        docs = summary(rows)
+    if as_json:
+        _emit_json(docs)
+        return
+    if not docs:
+        out.print("no quarantined records")
+        return
+    view = Table(title=f"quarantine: {rows.num_rows} unresolved record(s)")
+    for col in docs[0]:
+        view.add_column(col.lstrip("_"), overflow="fold")
+    for doc in docs:
+        view.add_row(*("" if v is None else str(v) for v in doc.values()))
+    out.print(view)
+
+
+@quarantine_app.command("replay")
+def quarantine_replay(
+    tenant: TenantOpt = None, service: ServiceOpt = None, table: TableOpt = None,
+    pipeline: PipelineOpt = None, data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    mapping_dir: MappingDirOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Re-map unresolved quarantined records with the current mappings (after a fix):
+    those that pass land in the canonical tables and are marked resolved."""
+    from dataclasses import asdict
+
+    from canonflow.transform.quarantine import replay
+
+    settings = _settings(pipeline, data_dir, mapping_dir)
+    rt = Runtime(settings)
+    try:
+        result = replay(rt, tenant, service, table)
+    finally:
+        rt.close()
+    if as_json:
+        _emit_json(asdict(result))
+    else:
+        out.print(f"{result.replay_id}: {result.records} record(s) replayed, "
+                  f"{result.landed} landed, {result.still_quarantined} still quarantined")
 
 
 @app.command(name="demo-api")

@@ -140,6 +140,8 @@ class TransformRequest(Contract):
     lookback_hours: float = Field(default=72.0, gt=0)
     request_id: str = Field(default_factory=lambda: f"manual-{uuid.uuid4().hex}")
     trigger: Literal["aggregated", "per_batch", "manual"] = "manual"
+    reprocess: bool = Field(
+        default=False, description="time_based: also read files the ledger marks as done")
 
     @property
     def table(self) -> TableRef:
@@ -175,6 +177,8 @@ class TransformResult(Contract):
     records_written: int = 0
     records_quarantined: int = 0
     records_merged: int = 0
+    child_rows_written: int = 0
+    files_skipped: int = 0  # time_based: already canonicalized, per the ledger
     skipped: bool = False
     seconds: float = 0.0
 

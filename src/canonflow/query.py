@@ -34,6 +34,9 @@ def run_query(store: ObjectStore, sql: str,
     if not tables:
         raise ConfigError(f"no canonical tables in {store.url}: run a sync first")
     con = duckdb.connect()
+    # Delta files written by delta-rs carry string_view columns that pyarrow's dataset
+    # filters cannot compare with plain strings; filters run in DuckDB instead.
+    con.execute("SET disabled_optimizers = 'filter_pushdown'")
     try:
         for name, dataset in tables.items():
             con.register(name, dataset)

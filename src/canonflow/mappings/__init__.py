@@ -2,6 +2,7 @@
 
 from canonflow.mappings.catalog import (
     Catalog,
+    ChildMapping,
     Entity,
     FieldDef,
     FieldRule,
@@ -9,4 +10,12 @@ from canonflow.mappings.catalog import (
     load_catalog,
 )
 
-__all__ = ["Catalog", "Entity", "FieldDef", "FieldRule", "MappingSpec", "load_catalog"]
+__all__ = [
+    "Catalog",
+    "ChildMapping",
+    "Entity",
+    "FieldDef",
+    "FieldRule",
+    "MappingSpec",
+    "load_catalog",
+]

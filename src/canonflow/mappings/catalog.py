@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName, TableName
 
-FieldType = Literal["string", "int", "float", "decimal", "bool", "timestamp"]
+FieldType = Literal["string", "int", "float", "decimal", "bool", "timestamp", "enum"]
+Scalar = str | int | float | bool
+ITEM = "$item"  # in a child mapping: the exploded array element
 
 
 class _Model(BaseModel):
@@ -26,21 +28,73 @@ class FieldDef(_Model):
     type: FieldType
     required: bool = False
     description: str = ""
+    values: list[str] | None = Field(default=None, description="allowed values of an enum")
+
+    @model_validator(mode="after")
+    def _enum_has_values(self) -> FieldDef:
+        if (self.type == "enum") != bool(self.values):
+            raise ValueError("an enum field lists its values; only an enum field does")
+        return self
 
 
 class Entity(_Model):
     name: str
     description: str = ""
-    primary_key: str
+    primary_key: str | list[str]
     ordering: str
     fields: dict[str, FieldDef]
 
+    @property
+    def keys(self) -> list[str]:
+        return [self.primary_key] if isinstance(self.primary_key, str) else list(self.primary_key)
+
 
 class FieldRule(_Model):
-    path: str = Field(description="dotted path into the raw record")
+    """How one canonical field is computed from a raw record. Exactly one source:
+    ``path``, ``coalesce`` (first non-null of several paths), ``template`` (text with
+    ``{path}`` placeholders) or ``value`` (a literal)."""
+
+    path: str | None = Field(default=None, description="dotted path into the raw record")
+    coalesce: list[str] | None = Field(default=None, description="first non-null of these paths")
+    template: str | None = Field(default=None, description="text with {path} placeholders")
+    value: Scalar | None = Field(default=None, description="a literal value")
     format: str | None = Field(default=None, description="strptime format for timestamps")
     timezone: str | None = Field(default=None, description="zone of timestamps without offset")
-    default: str | int | float | bool | None = None
+    unit: Literal["s", "ms"] = Field(default="s", description="epoch numbers: seconds or ms")
+    values: dict[str, str] | None = Field(default=None, description="value map (enums)")
+    nulls: list[str] | None = Field(default=None, description="raw values that mean null")
+    array: Literal["first", "join"] | None = Field(
+        default=None, description="arrays: take the first element, or join the elements")
+    separator: str = ","
+    default: Scalar | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FieldRule:
+        given = [k for k in ("path", "coalesce", "template", "value")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, coalesce, template, value "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.coalesce is not None and not self.coalesce:
+            raise ValueError("coalesce lists at least one path")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """Every raw path this rule reads."""
+        if self.path is not None:
+            return [self.path]
+        if self.coalesce is not None:
+            return list(self.coalesce)
+        if self.template is not None:
+            return template_paths(self.template)
+        return []
+
+
+def template_paths(template: str) -> list[str]:
+    import re
+
+    return re.findall(r"\{([^{}]+)\}", template)
 
 
 class SourceRef(_Model):
@@ -48,10 +102,19 @@ class SourceRef(_Model):
     table: TableName
 
 
+class ChildMapping(_Model):
+    """Explode an array of each record into rows of a child entity."""
+
+    entity: str
+    explode: str = Field(description="dotted path of the array to explode")
+    fields: dict[str, FieldRule]
+
+
 class MappingSpec(_Model):
     source: SourceRef
     entity: str
     fields: dict[str, FieldRule]
+    children: list[ChildMapping] = Field(default_factory=list)
     origin: str = ""
 
 
@@ -93,6 +156,26 @@ def _walk(folder: Path | Traversable) -> Iterable[Path | Traversable]:
             yield entry
 
 
+def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
+                  entities: dict[str, Entity]) -> None:
+    target = entities.get(entity_name)
+    if target is None:
+        raise ConfigError(f"{origin}: unknown entity {entity_name!r}")
+    for fname, rule in fields.items():
+        fdef = target.fields.get(fname)
+        if fdef is None:
+            raise ConfigError(
+                f"{origin}: field {fname!r} is not a field of entity {entity_name!r}")
+        if rule.values is not None and fdef.values is not None:
+            wrong = sorted(set(rule.values.values()) - set(fdef.values))
+            if wrong:
+                raise ConfigError(f"{origin}: field {fname!r}: value map targets {wrong} "
+                                  f"are not values of the enum ({', '.join(fdef.values)})")
+    missing = [f for f, d in target.fields.items() if d.required and f not in fields]
+    if missing:
+        raise ConfigError(f"{origin}: required fields of {entity_name!r} not mapped: {missing}")
+
+
 def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
     """Built-in entities and mappings, plus mappings from ``extra_dirs`` (which win)."""
     root = resources.files("canonflow.mappings")
@@ -105,9 +188,11 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
             entity = Entity.model_validate({"name": name, **body})
         except ValidationError as exc:
             raise ConfigError(_validation_message(f"entities.yaml:{name}", exc)) from None
-        for key in (entity.primary_key, entity.ordering):
+        for key in [*entity.keys, entity.ordering]:
             if key not in entity.fields:
                 raise ConfigError(f"entities.yaml:{name}: {key!r} is not one of its fields")
+            if key in entity.keys and not entity.fields[key].required:
+                raise ConfigError(f"entities.yaml:{name}: key field {key!r} must be required")
         entities[name] = entity
 
     mappings: dict[tuple[str, str], MappingSpec] = {}
@@ -125,16 +210,8 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
                 spec = MappingSpec.model_validate({**body, "origin": origin})
             except ValidationError as exc:
                 raise ConfigError(_validation_message(origin, exc)) from None
-            target = entities.get(spec.entity)
-            if target is None:
-                raise ConfigError(f"{origin}: unknown entity {spec.entity!r}")
-            for fname in spec.fields:
-                if fname not in target.fields:
-                    raise ConfigError(
-                        f"{origin}: field {fname!r} is not a field of entity {spec.entity!r}"
-                    )
-            missing = [f for f, d in target.fields.items() if d.required and f not in spec.fields]
-            if missing:
-                raise ConfigError(f"{origin}: required entity fields not mapped: {missing}")
+            _check_fields(origin, spec.entity, spec.fields, entities)
+            for i, child in enumerate(spec.children):
+                _check_fields(f"{origin}: children[{i}]", child.entity, child.fields, entities)
             mappings[(spec.source.service, spec.source.table)] = spec
     return Catalog(entities, mappings)

@@ -38,6 +38,9 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes:
         """Read a whole object; a missing key raises FileNotFoundError."""
 
+    def get_object(self, key: str) -> tuple[bytes, datetime]:
+        """Read a whole object and its last-modified time (UTC)."""
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix``, with sizes and modification times."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -61,8 +62,12 @@ class ObstoreObjectStore:
             raise StoreUnavailable(f"cannot write {key}: {type(exc).__name__}") from exc
 
     def get(self, key: str) -> bytes:
+        return self.get_object(key)[0]
+
+    def get_object(self, key: str) -> tuple[bytes, datetime]:
         try:
-            return bytes(obstore.get(self._store, key).bytes())
+            result = obstore.get(self._store, key)
+            return bytes(result.bytes()), result.meta["last_modified"]
         except FileNotFoundError:
             raise FileNotFoundError(key) from None
         except BaseError as exc:

@@ -6,13 +6,15 @@ one array; a row that fails any field is routed to quarantine with the first rea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from canonflow.mappings import Entity, FieldRule, MappingSpec
+from canonflow.mappings import ChildMapping, Entity, FieldDef, FieldRule, MappingSpec
+from canonflow.mappings.catalog import ITEM
 
 DECIMAL = pa.decimal128(38, 6)
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -22,6 +24,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "decimal": DECIMAL,
     "bool": pa.bool_(),
     "timestamp": pa.timestamp("us", tz="UTC"),
+    "enum": pa.string(),
 }
 LINEAGE: list[tuple[str, pa.DataType]] = [
     ("_tenant_id", pa.string()),
@@ -30,6 +33,7 @@ LINEAGE: list[tuple[str, pa.DataType]] = [
     ("_source_file", pa.string()),
     ("_job_id", pa.string()),
     ("_request_id", pa.string()),
+    ("_extracted_at", pa.timestamp("us", tz="UTC")),
 ]
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
@@ -83,50 +87,127 @@ class PathColumns:
 
 
 @dataclass
+class ChildColumns:
+    """The rows of a child entity: one per element of an array of each parent record.
+    ``$item`` (and ``$item.x``) name the element; other paths read the parent record."""
+
+    parent: SourceColumns
+    elements: pa.Array
+    parents: pa.Array  # index of each element's parent row
+
+    @classmethod
+    def explode(cls, parent: SourceColumns, path: str) -> ChildColumns:
+        arr = parent.get(path)
+        if arr is None or not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            return cls(parent, pa.array([], pa.null()), pa.array([], pa.int64()))
+        return cls(parent, pc.list_flatten(arr), pc.list_parent_indices(arr))
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.elements)
+
+    def get(self, path: str) -> pa.Array | None:
+        if path == ITEM:
+            return self.elements
+        if path.startswith(ITEM + "."):
+            arr = self.elements
+            for part in path[len(ITEM) + 1:].split("."):
+                if not pa.types.is_struct(arr.type) or arr.type.get_field_index(part) < 0:
+                    return None
+                arr = pc.struct_field(arr, part)
+            return arr
+        parent = self.parent.get(path)
+        return None if parent is None else pc.take(parent, self.parents)
+
+
+@dataclass
 class Mapped:
     canonical: pa.Table  # good rows, entity schema without lineage
     rejected: pa.Array  # indices of rows that failed
     reasons: pa.Array  # reason per rejected row
     fields: pa.Array  # field per rejected row
+    kept: pa.Array  # indices of the good rows in the source
 
 
 def _fail(src: pa.Array, out: pa.Array) -> pa.Array:
     return pc.and_(pc.is_valid(src), pc.is_null(out))
 
 
-def cast_column(src: pa.Array, ftype: str, rule: FieldRule) -> tuple[pa.Array, pa.Array]:
+def _is_list(t: pa.DataType) -> bool:
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t))
+
+
+def _first(src: pa.Array) -> pa.Array:
+    """The first element of each list (null for null or empty lists)."""
+    lengths = pc.fill_null(pc.list_value_length(src), 0)
+    has = pc.greater(lengths, 0)
+    flat = pc.list_flatten(pc.list_slice(src, 0, 1))
+    position = pc.subtract(pc.cumulative_sum(pc.cast(has, pa.int64())), 1)
+    return pc.take(flat, pc.if_else(has, position, None))
+
+
+def _as_text(src: pa.Array) -> pa.Array:
+    if pa.types.is_string(src.type) or pa.types.is_large_string(src.type):
+        return src
+    if pa.types.is_timestamp(src.type):
+        return pc.strftime(src, format="%Y-%m-%dT%H:%M:%SZ")
+    return pc.cast(src, pa.string())
+
+
+def shape(src: pa.Array, rule: FieldRule) -> pa.Array:
+    """Null markers, array handling and value maps, before the type cast."""
+    if rule.nulls and not pa.types.is_null(src.type) and not _is_list(src.type) \
+            and not pa.types.is_struct(src.type):
+        src = pc.if_else(pc.is_in(_as_text(src), value_set=pa.array(rule.nulls)), None, src)
+    if rule.array is not None and _is_list(src.type):
+        if rule.array == "first":
+            src = _first(src)
+        else:
+            value_type = src.type.value_type
+            if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+                src = pc.cast(src, pa.list_(pa.string()))
+            src = pc.binary_join(src, rule.separator)
+    if rule.values is not None and not pa.types.is_null(src.type) and not _is_list(src.type):
+        text = _as_text(src)
+        keys = pa.array(list(rule.values), pa.string())
+        mapped = pc.take(pa.array(list(rule.values.values()), pa.string()),
+                         pc.index_in(text, value_set=keys))
+        src = pc.coalesce(mapped, text)
+    return src
+
+
+def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
+                fdef: FieldDef | None = None) -> tuple[pa.Array, pa.Array]:
     """(values, failed) where failed marks non-null inputs that could not be cast."""
+    src = shape(src, rule)
     target = ARROW_TYPES[ftype]
     t = src.type
     if pa.types.is_null(t):
         out = pa.nulls(len(src), target)
         return out, pa.array([False] * len(src))
-    if pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+    if pa.types.is_struct(t) or _is_list(t):
         out = pa.nulls(len(src), target)
         return out, _fail(src, out)
     is_str = pa.types.is_string(t) or pa.types.is_large_string(t)
-    if ftype == "string":
-        if pa.types.is_timestamp(t):
-            out = pc.strftime(src, format="%Y-%m-%dT%H:%M:%SZ")
-        else:
-            out = pc.cast(src, pa.string())
+    if ftype in ("string", "enum"):
+        out = _as_text(src)
+        if ftype == "enum" and fdef is not None and fdef.values:
+            out = pc.if_else(pc.is_in(out, value_set=pa.array(fdef.values)), out, None)
         return out, _fail(src, out)
     if ftype in ("int", "float", "decimal"):
         if is_str:
             ok = pc.match_substring_regex(src, _INT_RE if ftype == "int" else _FLOAT_RE)
             clean = pc.if_else(ok, pc.utf8_trim_whitespace(src), None)
             out = pc.cast(clean, pa.float64() if ftype == "decimal" else target)
-            if ftype == "decimal":
-                out = pc.cast(pc.round(out, 6), target)
         elif pa.types.is_floating(t) and ftype == "int":
             integral = pc.equal(pc.floor(src), src)
             out = pc.cast(pc.if_else(integral, src, None), target)
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
             out = pc.cast(src, pa.float64()) if ftype == "decimal" else pc.cast(src, target)
-            if ftype == "decimal":
-                out = pc.cast(pc.round(out, 6), target)
         else:
             out = pa.nulls(len(src), target)
+        if ftype == "decimal" and not pa.types.is_decimal(out.type):
+            out = pc.cast(pc.round(out, 6), target)
         return out, _fail(src, out)
     if ftype == "bool":
         if pa.types.is_boolean(t):
@@ -151,31 +232,95 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule) -> tuple[pa.Array, p
         if parsed.type.tz is None:
             parsed = pc.assume_timezone(parsed, rule.timezone or "UTC")
         out = pc.cast(parsed, target)
-    elif pa.types.is_integer(t):
-        out = pc.cast(pc.multiply(pc.cast(src, pa.int64()), 1_000_000),
-                      pa.timestamp("us", tz="UTC"))
+        numeric = pc.match_substring_regex(src, _FLOAT_RE)
+        if pc.any(numeric).as_py():  # epoch numbers that arrived as text
+            epoch = _epoch(pc.cast(pc.if_else(numeric, src, None), pa.float64()), rule)
+            out = pc.if_else(numeric, epoch, out)
+    elif pa.types.is_integer(t) or pa.types.is_floating(t):
+        out = _epoch(src, rule)
     else:
         out = pa.nulls(len(src), target)
     return out, _fail(src, out)
 
 
-def _default(rule: FieldRule, ftype: str, n: int) -> pa.Array:
-    value: Any = rule.default
-    scalar = pa.scalar(value) if value is not None else None
-    if scalar is None:
-        return pa.nulls(n, ARROW_TYPES[ftype])
-    arr = pa.array([value] * n)
-    out, _ = cast_column(arr, ftype, rule)
-    return out
+def _epoch(src: pa.Array, rule: FieldRule) -> pa.Array:
+    scale = 1_000 if rule.unit == "ms" else 1_000_000
+    micros = pc.cast(pc.round(pc.multiply(pc.cast(src, pa.float64()), scale)), pa.int64())
+    return pc.cast(micros, pa.timestamp("us", tz="UTC"))
+
+
+def _literal(value: object, n: int) -> pa.Array:
+    return pa.array([value] * n)
+
+
+def _template(source: SourceColumns, template: str, n: int) -> pa.Array:
+    """``{path}`` placeholders filled from the record; null parts are empty, and a row whose
+    parts are all null stays null."""
+    pieces = re.split(r"\{([^{}]+)\}", template)
+    parts: list[pa.Array | str] = []
+    any_value = pa.array([False] * n)
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            if piece:
+                parts.append(piece)
+            continue
+        arr = source.get(piece)
+        if arr is None or pa.types.is_null(arr.type):
+            continue
+        text = _as_text(arr)
+        any_value = pc.or_(any_value, pc.is_valid(text))
+        parts.append(pc.fill_null(text, ""))
+    if not parts:
+        return pa.nulls(n, pa.string())
+    joined = pc.binary_join_element_wise(*parts, "") if len(parts) > 1 else (
+        parts[0] if isinstance(parts[0], pa.Array) else _literal(parts[0], n))
+    return pc.if_else(any_value, joined, None)
 
 
 class CompiledMapping:
-    def __init__(self, spec: MappingSpec, entity: Entity) -> None:
+    def __init__(self, spec: MappingSpec | ChildMapping, entity: Entity,
+                 entities: dict[str, Entity] | None = None) -> None:
         self.spec = spec
         self.entity = entity
         self.schema = pa.schema([pa.field(n, ARROW_TYPES[d.type])
                                  for n, d in entity.fields.items()])
-        self.paths = sorted({r.path for r in spec.fields.values()})
+        self.children: list[tuple[str, CompiledMapping]] = []
+        self.paths: list[str] = []
+        if isinstance(spec, MappingSpec):
+            for child in spec.children:
+                if entities is None or child.entity not in entities:
+                    raise ValueError(f"unknown child entity {child.entity!r}")
+                self.children.append(
+                    (child.explode, CompiledMapping(child, entities[child.entity])))
+        paths = {p for r in spec.fields.values() for p in r.paths}
+        for explode, compiled in self.children:
+            paths.add(explode)
+            paths |= {p for p in compiled.paths if not p.startswith(ITEM)}
+        self.paths = sorted(paths)
+
+    def _column(self, source: SourceColumns, name: str, fdef: FieldDef,
+                rule: FieldRule, n: int) -> tuple[pa.Array, pa.Array, str]:
+        """(values, failed, what) for one canonical field."""
+        if rule.value is not None:
+            out, failed = cast_column(_literal(rule.value, n), fdef.type, rule, fdef)
+            return out, failed, "value"
+        if rule.template is not None:
+            out, failed = cast_column(_template(source, rule.template, n), fdef.type, rule, fdef)
+            return out, failed, f"template {rule.template!r}"
+        paths = rule.paths
+        out = pa.nulls(n, ARROW_TYPES[fdef.type])
+        failed = pa.array([False] * n)
+        decided = pa.array([False] * n)
+        for path in paths:  # one path, or the first non-null of several
+            src = source.get(path)
+            if src is None:
+                continue
+            value, bad = cast_column(src, fdef.type, rule, fdef)
+            take = pc.and_(pc.invert(decided), pc.is_valid(src))
+            out = pc.if_else(take, value, out)
+            failed = pc.if_else(take, bad, failed)
+            decided = pc.or_(decided, pc.is_valid(src))
+        return out, failed, repr(paths[0]) if len(paths) == 1 else f"first of {paths}"
 
     def apply(self, source: SourceColumns) -> Mapped:
         n = source.num_rows
@@ -187,26 +332,41 @@ class CompiledMapping:
             if rule is None:
                 columns.append(pa.nulls(n, ARROW_TYPES[fdef.type]))
                 continue
-            src = source.get(rule.path)
-            if src is None:
-                out, failed = _default(rule, fdef.type, n), pa.array([False] * n)
-            else:
-                out, failed = cast_column(src, fdef.type, rule)
-                if rule.default is not None:
-                    out = pc.coalesce(out, _default(rule, fdef.type, n))
-            why = f"cannot cast {rule.path!r} to {fdef.type}"
-            reason, field = self._note(reason, field, failed, why, name)
+            out, failed, what = self._column(source, name, fdef, rule, n)
+            if rule.default is not None:
+                default, _ = cast_column(_literal(rule.default, n), fdef.type, rule, fdef)
+                out = pc.coalesce(out, default)
+            allowed = f" (one of {', '.join(fdef.values)})" if fdef.values else ""
+            reason, field = self._note(
+                reason, field, failed, f"cannot cast {what} to {fdef.type}{allowed}", name)
             if fdef.required:
-                missing = pc.is_null(out)
-                reason, field = self._note(
-                    reason, field, missing, f"required field {rule.path!r} is missing", name
-                )
+                reason, field = self._note(reason, field, pc.is_null(out),
+                                           f"required field {what} is missing", name)
             columns.append(out)
         bad = pc.is_valid(reason)
         table = pa.Table.from_arrays(columns, schema=self.schema)
         good = table.filter(pc.invert(bad))
         idx = pc.indices_nonzero(bad)
-        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx))
+        kept = pc.indices_nonzero(pc.invert(bad))
+        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept)
+
+    def apply_children(self, source: SourceColumns,
+                       kept: pa.Array) -> list[tuple[Entity, pa.Table, pa.Array]]:
+        """Child rows of the kept parent rows: (entity, rows, parent index per row).
+        A child row that fails its own mapping is dropped with its parent kept; the
+        counts report it (``child_rows_rejected``)."""
+        out = []
+        keep = set(kept.to_pylist()) if len(kept) != source.num_rows else None
+        for explode, child in self.children:
+            cols = ChildColumns.explode(source, explode)
+            mapped = child.apply(cols)
+            parents = pc.take(cols.parents, mapped.kept)
+            rows = mapped.canonical
+            if keep is not None:
+                mask = pc.is_in(parents, value_set=pa.array(sorted(keep), pa.int64()))
+                rows, parents = rows.filter(mask), parents.filter(mask)
+            out.append((child.entity, rows, parents))
+        return out
 
     @staticmethod
     def _note(reason: pa.Array, field: pa.Array, mask: pa.Array, why: str,

@@ -69,8 +69,9 @@ def _leaf(record: object, path: str) -> object:
 
 
 def _column(values: list[object]) -> pa.Array:
+    """Typed when the values agree (lists and objects included), else their text."""
     kinds = {type(v) for v in values if v is not None}
-    if kinds <= {int, float} or kinds == {str} or kinds == {bool}:
+    if len(kinds) <= 1 or kinds <= {int, float}:
         try:
             return pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):

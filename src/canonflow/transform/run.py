@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from canonflow.errors import RequestRejected, TerminalError
 from canonflow.mappings import Entity
-from canonflow.model import TransformRequest, TransformResult
+from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.transform.discovery import resolve_files
 from canonflow.transform.mapping import CompiledMapping
 from canonflow.transform.reader import RawFile, read_raw
@@ -31,23 +31,32 @@ log = logging.getLogger("canonflow.transform")
 _SEQ = "_seq"
 
 
-def dedupe_newest(rows: pa.Table, key: str, order: str) -> pa.Table:
+def _key_column(rows: pa.Table, keys: list[str]) -> pa.Array:
+    if len(keys) == 1:
+        return rows.column(keys[0]).combine_chunks()
+    parts = [pc.cast(rows.column(k), pa.string()).combine_chunks() for k in keys]
+    return pc.binary_join_element_wise(*parts, "\x1f")
+
+
+def dedupe_newest(rows: pa.Table, keys: str | list[str], order: str) -> pa.Table:
     """One row per key: the greatest ``order``, ties broken by the later ``_seq``."""
     if rows.num_rows <= 1:
         return rows
-    if pc.count_distinct(rows.column(key)).as_py() == rows.num_rows:
+    key = _key_column(rows, [keys] if isinstance(keys, str) else keys)
+    if pc.count_distinct(key).as_py() == rows.num_rows:
         return rows  # the common case: no duplicates, no sort
-    rows = rows.sort_by([(key, "ascending", "at_start"), (order, "ascending", "at_start"),
-                         (_SEQ, "ascending", "at_start")])
-    ids = rows.column(key).combine_chunks()
+    rows = rows.append_column("_key", key).sort_by([
+        ("_key", "ascending", "at_start"), (order, "ascending", "at_start"),
+        (_SEQ, "ascending", "at_start")])
+    ids = rows.column("_key").combine_chunks()
     nxt = pa.concat_arrays([ids.slice(1), pa.nulls(1, ids.type)])
     keep = pc.fill_null(pc.not_equal(ids, nxt), True)
-    return rows.filter(keep)
+    return rows.filter(keep).drop_columns(["_key"])
 
 
 @dataclass
 class _Group:
-    canonical: list[pa.Table] = field(default_factory=list)
+    canonical: dict[str, list[pa.Table]] = field(default_factory=dict)
     quarantine: list[pa.Table] = field(default_factory=list)
     rows: int = 0
 
@@ -69,25 +78,40 @@ class _Run:
         self.group_index = 0
         self.seq = 0
         self.read = self.written = self.quarantined = self.merged = 0
+        self.child_rows = 0
+        self.entities = {entity.name: entity}
+        self.entities.update({child.entity.name: child.entity for _, child in mapping.children})
 
-    def add_file(self, raw: RawFile) -> None:
-        r = self.request
+    def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime,
+                 source_file: pa.Array | None = None) -> pa.Table:
+        r, n = self.request, rows.num_rows
+        consts = {
+            "_tenant_id": r.tenant_id, "_service_name": r.service_name,
+            "_source_table": r.table_name, "_source_file": key,
+            "_job_id": r.job_id or _job_of(key), "_request_id": r.request_id,
+        }
+        for name, value in consts.items():
+            if name == "_source_file" and source_file is not None:
+                rows = rows.append_column(name, source_file)
+            else:
+                rows = rows.append_column(name, pa.array([value] * n, pa.string()))
+        rows = rows.append_column("_extracted_at", pa.array(
+            [extracted_at] * n, pa.timestamp("us", tz="UTC")))
+        rows = rows.append_column(_SEQ, pa.array(range(self.seq, self.seq + n), pa.int64()))
+        self.seq += n
+        return rows
+
+    def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
         mapped = self.mapping.apply(raw.columns)
-        n_good = mapped.canonical.num_rows
         self.read += raw.columns.num_rows + len(raw.broken)
-        if n_good:
-            good = mapped.canonical
-            consts = {
-                "_tenant_id": r.tenant_id, "_service_name": r.service_name,
-                "_source_table": r.table_name, "_source_file": raw.key,
-                "_job_id": r.job_id or _job_of(raw.key), "_request_id": r.request_id,
-            }
-            for name, value in consts.items():
-                good = good.append_column(name, pa.array([value] * n_good, pa.string()))
-            good = good.append_column(_SEQ, pa.array(range(self.seq, self.seq + n_good),
-                                                     pa.int64()))
-            self.seq += n_good
-            self.group.canonical.append(good)
+        if mapped.canonical.num_rows:
+            self.group.canonical.setdefault(self.entity.name, []).append(
+                self._lineage(mapped.canonical, raw.key, extracted_at))
+        for child, rows, _parents in self.mapping.apply_children(raw.columns, mapped.kept):
+            if rows.num_rows:
+                self.child_rows += rows.num_rows
+                self.group.canonical.setdefault(child.name, []).append(
+                    self._lineage(rows, raw.key, extracted_at))
         rejected = [
             (raw.line_number(row), raw.raw_line(row), why, fld)
             for row, why, fld in zip(mapped.rejected.to_pylist(), mapped.reasons.to_pylist(),
@@ -110,7 +134,7 @@ class _Run:
             "_job_id": [r.job_id or _job_of(key)] * n, "_request_id": [r.request_id] * n,
             "field": [f for *_, f in rows], "reason": [why for _, _, why, _ in rows],
             "raw": [text.decode("utf-8", "replace") for _, text, _, _ in rows],
-            "quarantined_at": [now] * n,
+            "quarantined_at": [now] * n, "resolved_at": [None] * n, "resolved_by": [None] * n,
         }, schema=QUARANTINE_SCHEMA)
 
     def flush(self) -> None:
@@ -122,13 +146,15 @@ class _Run:
             self.quarantined += q.num_rows
             if (QUARANTINE_TABLE, index) not in self.skip:
                 writer.quarantine(q, self.request.request_id, index)
-        if group.canonical:
-            rows = pa.concat_tables(group.canonical)
-            unique = dedupe_newest(rows, self.entity.primary_key, self.entity.ordering)
-            self.merged += rows.num_rows - unique.num_rows
-            self.written += unique.num_rows
-            if (canonical_path(self.entity.name), index) not in self.skip:
-                writer.upsert(self.entity, self.request.tenant_id, self.request.service_name,
+        for name, tables in group.canonical.items():
+            entity = self.entities[name]
+            rows = pa.concat_tables(tables)
+            unique = dedupe_newest(rows, entity.keys, entity.ordering)
+            if entity is self.entity:
+                self.merged += rows.num_rows - unique.num_rows
+                self.written += unique.num_rows
+            if (canonical_path(name), index) not in self.skip:
+                writer.upsert(entity, self.request.tenant_id, self.request.service_name,
                               unique.drop_columns([_SEQ]), self.request.request_id, index)
 
 
@@ -146,6 +172,12 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         log.info("transform request rejected", extra={
             "request_id": request.request_id, "table": request.table.label, "error": str(exc)})
         raise
+
+    files_skipped = 0
+    if mode is ProcessingMode.TIME_BASED and not request.reprocess:
+        done = state.processed_files(request)  # the ledger: canonicalized already
+        fresh = [f for f in files if f not in done]
+        files_skipped, files = len(files) - len(fresh), fresh
 
     state.enqueue_request(request)
     attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds)
@@ -167,22 +199,23 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
 
     log.info("canonical transform starting", extra={
         "request_id": request.request_id, "table": request.table.label,
-        "processing_mode": mode.value, "file_count": len(files), "attempt": attempt})
+        "processing_mode": mode.value, "file_count": len(files), "files_skipped": files_skipped,
+        "attempt": attempt})
+    mapping = CompiledMapping(spec, entity, rt.catalog.entities)
     skip: set[tuple[str, int]] = set()
     if attempt > 1:
-        skip = {
-            (name, g)
-            for name in (canonical_path(entity.name), QUARANTINE_TABLE)
-            for g in rt.canonical.committed_groups(name, request.request_id)
-        }
-    run = _Run(request, rt, entity, CompiledMapping(spec, entity), skip)
+        tables = [canonical_path(entity.name), QUARANTINE_TABLE]
+        tables += [canonical_path(child.entity.name) for _, child in mapping.children]
+        skip = {(name, g) for name in tables
+                for g in rt.canonical.committed_groups(name, request.request_id)}
+    run = _Run(request, rt, entity, mapping, skip)
     try:
         for key in files:
             try:
-                data = rt.objects.get(key)
+                data, modified = rt.objects.get_object(key)
             except FileNotFoundError:
                 raise TerminalError(f"source file {key!r} does not exist") from None
-            run.add_file(read_raw(key, data, run.mapping.paths))
+            run.add_file(read_raw(key, data, mapping.paths), modified)
         run.flush()
     except TerminalError as exc:
         state.finish_request(request.request_id, None, error=str(exc))
@@ -192,7 +225,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         service_name=request.service_name, table_name=request.table_name, entity=entity.name,
         processing_mode=mode, files_read=len(files), records_read=run.read,
         records_written=run.written, records_quarantined=run.quarantined,
-        records_merged=run.merged, seconds=round(time.perf_counter() - started, 4),
+        records_merged=run.merged, child_rows_written=run.child_rows,
+        files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -28,6 +29,8 @@ QUARANTINE_SCHEMA = pa.schema([
     ("_job_id", pa.string()), ("_request_id", pa.string()), ("field", pa.string()),
     ("reason", pa.string()), ("raw", pa.string()),
     ("quarantined_at", pa.timestamp("us", tz="UTC")),
+    ("resolved_at", pa.timestamp("us", tz="UTC")),
+    ("resolved_by", pa.string()),
 ])
 _REQ = "canonflow.request_id"
 _GROUP = "canonflow.group"
@@ -86,21 +89,23 @@ class CanonicalWriter:
         name = canonical_path(entity.name)
         schema = entity_schema(entity)
         rows = rows.select(schema.names).cast(schema)
-        pk, order = entity.primary_key, entity.ordering
+        order = entity.ordering
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: str(group)})
         tenant_lit = tenant_id.replace("'", "''")
         service_lit = service.replace("'", "''")
+        keys = " AND ".join(f"t.{k} = s.{k}" for k in entity.keys)
         predicate = (
             f"t._tenant_id = '{tenant_lit}' AND t._service_name = '{service_lit}' "
-            f"AND t.{pk} = s.{pk} AND t._tenant_id = s._tenant_id "
+            f"AND {keys} AND t._tenant_id = s._tenant_id "
             f"AND t._service_name = s._service_name"
         )
 
         def op() -> dict[str, Any]:
             table = self._table(name, schema)
             metrics: dict[str, Any] = (
+                # merge_schema: a field new to the entity adds a column, history untouched
                 table.merge(rows, predicate=predicate, source_alias="s", target_alias="t",
-                            commit_properties=props)
+                            merge_schema=True, commit_properties=props)
                 .when_matched_update_all(predicate=f"s.{order} >= t.{order} OR t.{order} IS NULL")
                 .when_not_matched_insert_all()
                 .execute()
@@ -108,6 +113,28 @@ class CanonicalWriter:
             return metrics
 
         return self._retry(f"upsert into {name}", op)
+
+    def resolve_quarantined(self, rows: pa.Table, replay_id: str) -> int:
+        """Mark quarantine rows (by request, file and line) resolved by a replay."""
+        if rows.num_rows == 0:
+            return 0
+        now = datetime.now(UTC).isoformat()
+        keys = rows.select(["_request_id", "_source_file", "line"])
+        replay_lit = replay_id.replace("'", "''")
+
+        def op() -> int:
+            table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
+            metrics = table.merge(
+                keys, predicate="t._request_id = s._request_id AND "
+                "t._source_file = s._source_file AND t.line = s.line",
+                source_alias="s", target_alias="t",
+            ).when_matched_update({
+                "resolved_at": f"CAST('{now}' AS TIMESTAMP)",
+                "resolved_by": f"'{replay_lit}'",
+            }).execute()
+            return int(metrics.get("num_target_rows_updated", 0))
+
+        return self._retry("resolve quarantined rows", op)
 
     def quarantine(self, rows: pa.Table, request_id: str, group: int) -> None:
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: str(group)})

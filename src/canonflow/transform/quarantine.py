@@ -1,0 +1,122 @@
+"""The quarantine: list what was rejected, and replay it through the current mappings.
+
+A replay re-maps the raw text of unresolved quarantine rows. Rows that now pass are upserted
+(keyed, newest wins: a repeated replay cannot duplicate them) and marked resolved; rows that
+still fail stay, with their original reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from canonflow.transform.mapping import CompiledMapping
+from canonflow.transform.reader import read_raw
+from canonflow.transform.run import _SEQ, dedupe_newest
+from canonflow.transform.writer import QUARANTINE_TABLE
+
+if TYPE_CHECKING:
+    from canonflow.runtime import Runtime
+
+
+def quarantined(rt: Runtime, tenant: str | None = None, service: str | None = None,
+                table: str | None = None, include_resolved: bool = False) -> pa.Table:
+    uri, opts = rt.canonical.uri(QUARANTINE_TABLE)
+    try:
+        rows = DeltaTable(uri, storage_options=opts or None).to_pyarrow_table()
+    except TableNotFoundError:
+        return pa.table({})
+    for column, value in (("_tenant_id", tenant), ("_service_name", service),
+                          ("_source_table", table)):
+        if value is not None:
+            rows = rows.filter(pc.equal(rows.column(column), value))
+    if not include_resolved:
+        rows = rows.filter(pc.is_null(rows.column("resolved_at")))
+    return rows
+
+
+def summary(rows: pa.Table) -> list[dict[str, Any]]:
+    if rows.num_rows == 0:
+        return []
+    keys = ["_tenant_id", "_service_name", "_source_table", "field", "reason"]
+    grouped = rows.group_by(keys).aggregate([("line", "count")])
+    out = grouped.rename_columns([*keys, "records"]).to_pylist()
+    return sorted(out, key=lambda r: (-r["records"], r["_tenant_id"], r["_source_table"]))
+
+
+@dataclass
+class ReplayResult:
+    replay_id: str
+    records: int = 0
+    landed: int = 0
+    still_quarantined: int = 0
+    tables: list[str] = field(default_factory=list)
+
+
+def replay(rt: Runtime, tenant: str | None = None, service: str | None = None,
+           table: str | None = None) -> ReplayResult:
+    rows = quarantined(rt, tenant, service, table)
+    result = ReplayResult(replay_id=f"replay-{uuid.uuid4().hex[:12]}")
+    if rows.num_rows == 0:
+        return result
+    groups = rows.select(["_tenant_id", "_service_name", "_source_table"]).group_by(
+        ["_tenant_id", "_service_name", "_source_table"]).aggregate([]).to_pylist()
+    for g in groups:
+        part = rows.filter(pc.and_(pc.and_(
+            pc.equal(rows.column("_tenant_id"), g["_tenant_id"]),
+            pc.equal(rows.column("_service_name"), g["_service_name"])),
+            pc.equal(rows.column("_source_table"), g["_source_table"])))
+        landed = _replay_table(rt, part, g["_tenant_id"], g["_service_name"],
+                               g["_source_table"], result.replay_id)
+        result.records += part.num_rows
+        result.landed += landed
+        result.tables.append(f"{g['_tenant_id']}/{g['_service_name']}.{g['_source_table']}")
+    result.still_quarantined = result.records - result.landed
+    return result
+
+
+def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table: str,
+                  replay_id: str) -> int:
+    spec = rt.catalog.mapping_for(service, table)
+    entity = rt.catalog.entities[spec.entity]
+    mapping = CompiledMapping(spec, entity, rt.catalog.entities)
+    data = "\n".join(part.column("raw").to_pylist()).encode()
+    raw = read_raw("replay.jsonl", data, mapping.paths)
+    # rows of the raw file that parse: their positions in ``part``
+    parsed = raw.good_lines if raw.good_lines is not None else list(range(raw.columns.num_rows))
+    mapped = mapping.apply(raw.columns)
+    origin = pa.array(parsed, pa.int64())
+    landed_positions = pc.take(origin, mapped.kept)
+    writer = rt.canonical
+
+    def lineage(rows: pa.Table, positions: pa.Array) -> pa.Table:
+        n = rows.num_rows
+        src = part.take(positions)
+        rows = rows.append_column("_tenant_id", pa.array([tenant] * n, pa.string()))
+        rows = rows.append_column("_service_name", pa.array([service] * n, pa.string()))
+        rows = rows.append_column("_source_table", pa.array([table] * n, pa.string()))
+        rows = rows.append_column("_source_file", src.column("_source_file"))
+        rows = rows.append_column("_job_id", src.column("_job_id"))
+        rows = rows.append_column("_request_id", pa.array([replay_id] * n, pa.string()))
+        rows = rows.append_column("_extracted_at", src.column("quarantined_at"))
+        return rows.append_column(_SEQ, pa.array(range(n), pa.int64()))
+
+    if mapped.canonical.num_rows:
+        rows = dedupe_newest(lineage(mapped.canonical, landed_positions), entity.keys,
+                             entity.ordering)
+        writer.upsert(entity, tenant, service, rows.drop_columns([_SEQ]), replay_id, 0)
+    for child, rows, parents in mapping.apply_children(raw.columns, mapped.kept):
+        if rows.num_rows:
+            child_rows = dedupe_newest(lineage(rows, pc.take(origin, parents)), child.keys,
+                                       child.ordering)
+            writer.upsert(child, tenant, service, child_rows.drop_columns([_SEQ]),
+                          replay_id, 0)
+    landed = part.take(landed_positions)
+    writer.resolve_quarantined(landed, replay_id)
+    return int(landed.num_rows)

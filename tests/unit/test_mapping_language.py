@@ -1,0 +1,173 @@
+"""Every feature of the mapping language, and every way a value can fail."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from canonflow.errors import ConfigError
+from canonflow.mappings import Entity, FieldDef, FieldRule, MappingSpec, load_catalog
+from canonflow.mappings.catalog import ChildMapping, SourceRef
+from canonflow.chunk import encode_batch
+from canonflow.transform.mapping import CompiledMapping
+from canonflow.transform.reader import read_raw
+
+ENTITY = Entity(name="thing", primary_key="id", ordering="updated_at", fields={
+    "id": FieldDef(type="string", required=True),
+    "name": FieldDef(type="string"),
+    "email": FieldDef(type="string"),
+    "kind": FieldDef(type="enum", values=["small", "large"]),
+    "first_tag": FieldDef(type="string"),
+    "tags": FieldDef(type="string"),
+    "source": FieldDef(type="string"),
+    "seen_at": FieldDef(type="timestamp"),
+    "score": FieldDef(type="float"),
+    "updated_at": FieldDef(type="timestamp", required=True),
+})
+CHILD = Entity(name="thing_tag", primary_key=["thing_id", "tag"], ordering="updated_at",
+               fields={"thing_id": FieldDef(type="string", required=True),
+                       "tag": FieldDef(type="string", required=True),
+                       "weight": FieldDef(type="int"),
+                       "updated_at": FieldDef(type="timestamp", required=True)})
+SPEC = MappingSpec(
+    source=SourceRef(service="svc", table="things"), entity="thing",
+    fields={
+        "id": FieldRule(path="id"),
+        "name": FieldRule(template="{first} {last}"),
+        "email": FieldRule(coalesce=["work.email", "home.email"]),
+        "kind": FieldRule(path="size", values={"S": "small", "L": "large"}),
+        "first_tag": FieldRule(path="tags", array="first"),
+        "tags": FieldRule(path="tags", array="join", separator="|"),
+        "source": FieldRule(value="import"),
+        "seen_at": FieldRule(path="seen_ms", unit="ms"),
+        "score": FieldRule(path="score", nulls=["n/a", ""]),
+        "updated_at": FieldRule(path="updated_at"),
+    },
+    children=[ChildMapping(entity="thing_tag", explode="labels", fields={
+        "thing_id": FieldRule(path="id"), "tag": FieldRule(path="$item.name"),
+        "weight": FieldRule(path="$item.weight"), "updated_at": FieldRule(path="updated_at")})],
+)
+TS = "2026-01-01T00:00:00Z"
+
+
+def record(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": "1", "first": "Ada", "last": "Lovelace", "work": {"email": "w@x"},
+        "home": {"email": "h@x"}, "size": "S", "tags": ["a", "b"], "seen_ms": 1_500,
+        "score": "2.5", "labels": [{"name": "x", "weight": 1}], "updated_at": TS}
+    base.update(kw)
+    return base
+
+
+def apply(*records: dict[str, object]):
+    """Through the real read path: JSON Lines → reader (fast or slow path) → mapping."""
+    compiled = CompiledMapping(SPEC, ENTITY, {"thing": ENTITY, "thing_tag": CHILD})
+    data = encode_batch([orjson.dumps(r) for r in records])
+    source = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths).columns
+    return compiled, source, compiled.apply(source)
+
+
+def test_every_feature_on_a_good_record() -> None:
+    _, _, mapped = apply(record())
+    (row,) = mapped.canonical.to_pylist()
+    assert row == {
+        "id": "1", "name": "Ada Lovelace", "email": "w@x", "kind": "small", "first_tag": "a",
+        "tags": "a|b", "source": "import",
+        "seen_at": datetime(1970, 1, 1, 0, 0, 1, 500_000, tzinfo=UTC), "score": 2.5,
+        "updated_at": datetime(2026, 1, 1, tzinfo=UTC)}
+
+
+def test_coalesce_takes_the_first_non_null_path() -> None:
+    _, _, mapped = apply(record(work={"email": None}), record(id="2", work=None))
+    assert mapped.canonical.column("email").to_pylist() == ["h@x", "h@x"]
+
+
+def test_template_with_missing_parts() -> None:
+    _, _, mapped = apply(record(last=None), record(id="2", first=None, last=None))
+    assert mapped.canonical.column("name").to_pylist() == ["Ada ", None]
+
+
+def test_arrays_first_and_join_handle_empty_and_null_lists() -> None:
+    _, _, mapped = apply(record(tags=[]), record(id="2", tags=None), record(id="3", tags=["z"]))
+    assert mapped.canonical.column("first_tag").to_pylist() == [None, None, "z"]
+    assert mapped.canonical.column("tags").to_pylist() == ["", None, "z"]
+
+
+def test_null_markers_become_null_not_failures() -> None:
+    _, _, mapped = apply(record(score="n/a"), record(id="2", score=""))
+    assert mapped.canonical.column("score").to_pylist() == [None, None]
+    assert len(mapped.rejected) == 0
+
+
+def test_enum_value_not_allowed_is_quarantined_with_the_allowed_values() -> None:
+    _, _, mapped = apply(record(size="XL"), record(id="2", size="large"))
+    assert mapped.canonical.column("kind").to_pylist() == ["large"]
+    assert mapped.fields.to_pylist() == ["kind"]
+    assert mapped.reasons.to_pylist() == ["cannot cast 'size' to enum (one of small, large)"]
+
+
+@pytest.mark.parametrize(("patch", "field", "reason"), [
+    ({"id": None}, "id", "required field 'id' is missing"),
+    ({"updated_at": "yesterday"}, "updated_at", "cannot cast 'updated_at' to timestamp"),
+    ({"score": "high"}, "score", "cannot cast 'score' to float"),
+    ({"seen_ms": "soon"}, "seen_at", "cannot cast 'seen_ms' to timestamp"),
+    ({"size": {"nested": 1}}, "kind", "cannot cast 'size' to enum (one of small, large)"),
+])
+def test_each_failure_names_field_and_reason(patch, field, reason) -> None:
+    _, _, mapped = apply(record(**patch), record(id="ok"))
+    assert mapped.canonical.column("id").to_pylist() == ["ok"]
+    assert (mapped.fields.to_pylist(), mapped.reasons.to_pylist()) == ([field], [reason])
+
+
+def test_explode_into_a_child_entity_keeps_only_good_parents() -> None:
+    compiled, source, mapped = apply(
+        record(labels=[{"name": "x", "weight": 1}, {"name": "y", "weight": 2}]),
+        record(id="2", labels=[]), record(id="bad", updated_at="never",
+                                          labels=[{"name": "z", "weight": 3}]))
+    ((child, rows, parents),) = compiled.apply_children(source, mapped.kept)
+    assert child.name == "thing_tag"
+    assert rows.select(["thing_id", "tag", "weight"]).to_pylist() == [
+        {"thing_id": "1", "tag": "x", "weight": 1}, {"thing_id": "1", "tag": "y", "weight": 2}]
+    assert parents.to_pylist() == [0, 0]
+
+
+def test_a_rule_needs_exactly_one_source() -> None:
+    with pytest.raises(ValueError, match="exactly one of path, coalesce, template, value"):
+        FieldRule(path="a", value=1)
+    with pytest.raises(ValueError, match="got none"):
+        FieldRule()
+
+
+def write(folder: Path, text: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "m.yaml").write_text(text)
+    return folder
+
+
+def test_mapping_errors_name_the_file_and_field(tmp_path: Path) -> None:
+    bad_enum = write(tmp_path / "a", "source: {service: crm, table: deals}\nentity: deal\n"
+                     "fields:\n  id: {path: id}\n  updated_at: {path: u}\n"
+                     "  stage: {path: s, values: {x: maybe}}\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: field 'stage': value map targets \['maybe'\]"):
+        load_catalog([bad_enum])
+    two_sources = write(tmp_path / "b", "source: {service: crm, table: deals}\nentity: deal\n"
+                        "fields:\n  id: {path: id, value: 3}\n  updated_at: {path: u}\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: at fields.id: Value error, give exactly"):
+        load_catalog([two_sources])
+    missing = write(tmp_path / "c", "source: {service: crm, table: deals}\nentity: deal\n"
+                    "fields:\n  id: {path: id}\n")
+    with pytest.raises(ConfigError, match=r"required fields of 'deal' not mapped: \['updated_at'\]"):
+        load_catalog([missing])
+
+
+def test_generated_entity_docs_are_current() -> None:
+    from canonflow.mappings.docs import entities_markdown
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "entities.md"
+    assert docs.read_text() == entities_markdown(load_catalog()), \
+        "docs/entities.md is stale: run `canonflow entities --markdown > docs/entities.md`"
+    for entity in ("contact", "company", "deal", "ticket", "user", "invoice"):
+        assert f"## {entity}\n" in docs.read_text()
