@@ -115,7 +115,8 @@ def workers(pipeline: Path, command: str, count: int = 2) -> Iterator[list[subpr
 
 def canonical_rows(object_store: str, entity: str) -> list[tuple[Any, ...]]:
     _, rows = run_query(open_object_store(object_store),
-                        f"SELECT * EXCLUDE (_source_file, _job_id, _request_id) FROM {entity} "
+                        f"SELECT * EXCLUDE (_source_file, _job_id, _request_id, _extracted_at) "
+                        f"FROM {entity} "
                         "ORDER BY _tenant_id, _service_name, id")
     return rows
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from canonflow.chunk import encode_batch
 from canonflow.errors import ConfigError
 from canonflow.mappings import Entity, FieldDef, FieldRule, MappingSpec, load_catalog
 from canonflow.mappings.catalog import ChildMapping, SourceRef
-from canonflow.chunk import encode_batch
 from canonflow.transform.mapping import CompiledMapping
 from canonflow.transform.reader import read_raw
 
@@ -159,7 +159,8 @@ def test_mapping_errors_name_the_file_and_field(tmp_path: Path) -> None:
         load_catalog([two_sources])
     missing = write(tmp_path / "c", "source: {service: crm, table: deals}\nentity: deal\n"
                     "fields:\n  id: {path: id}\n")
-    with pytest.raises(ConfigError, match=r"required fields of 'deal' not mapped: \['updated_at'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"required fields of 'deal' not mapped: \['updated_at'\]"):
         load_catalog([missing])
 
 
