@@ -92,7 +92,7 @@ def settings_for(cfg: dict[str, Any]) -> Settings:
         dispatcher=f"local://?workers={cfg.get('workers', 2)}",
         trigger_mode=cfg.get("trigger_mode", "aggregated"),
         batch_records=cfg.get("batch_records", 5000),
-        transform_group_records=cfg.get("group_records", 200_000),
+        transform_group_records=cfg.get("group_records", 150_000),
         sources=[SourceConfig(service=svc, base_url=f"{base}/{svc}/v1", tables=tbls,
                               page_size=cfg.get("page_size", 1000),
                               pages_per_chunk=cfg.get("pages_per_chunk", 10))

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from canonflow import jsonio, log
+from canonflow import jsonio, log, memory
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
@@ -423,6 +423,7 @@ def recover_cmd(
 
 
 def main() -> None:
+    memory.tune()
     try:
         app()
     except CanonflowError as exc:

@@ -73,7 +73,9 @@ class Settings(_Cfg):
     max_inline_files: int = Field(
         default=1000, gt=0, description="larger file lists travel as a manifest object"
     )
-    transform_group_records: int = Field(default=200_000, gt=0)
+    transform_group_records: int = Field(
+        default=150_000, gt=0,
+        description="records per transform commit: bounds the transform's memory")
     transform_lease_seconds: float = Field(default=900.0, gt=0)
     celery_queue: str = Field(default="canonflow", description="Celery queue of this pipeline")
     celery_visibility_timeout: float = Field(

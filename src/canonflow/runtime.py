@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from canonflow.config import Settings
 from canonflow.connectors.rest import RestClient
+from canonflow.errors import CommitConflict
 from canonflow.mappings import Catalog, load_catalog
 from canonflow.stores import ObjectStore, StateStore, open_object_store, open_state_store
 from canonflow.transform.writer import CanonicalWriter
@@ -29,7 +36,24 @@ class Runtime:
     @cached_property
     def canonical(self) -> CanonicalWriter:
         url = self.settings.canonical_store
-        return CanonicalWriter(open_object_store(url) if url else self.objects)
+        return CanonicalWriter(open_object_store(url) if url else self.objects,
+                               lock=self.table_lock)
+
+    @contextmanager
+    def table_lock(self, name: str, ttl: float = 300.0, wait: float = 600.0) -> Iterator[None]:
+        """A lease in the state store, so writers on any machine take turns on ``name``."""
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + wait
+        delay = 0.01
+        while not self.state.acquire_lock(name, holder, ttl):
+            if time.monotonic() > deadline:
+                raise CommitConflict(f"{name} stayed locked for {wait:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            self.state.release_lock(name, holder)
 
     @cached_property
     def catalog(self) -> Catalog:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from canonflow import memory
 from canonflow.aggregate import complete_chunk
 from canonflow.chunk import process_chunk
 from canonflow.config import Settings
@@ -24,6 +25,7 @@ _runtime: Runtime | None = None
 def init_worker(settings_json: str) -> None:
     """Build the worker's runtime and open its stores now, while the parent plans."""
     global _runtime
+    memory.tune()
     _runtime = Runtime(Settings.model_validate_json(settings_json))
     _runtime.warm_up()
 

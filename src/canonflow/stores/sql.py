@@ -74,6 +74,13 @@ ledger = sa.Table(
     sa.Column("processed_at", sa.Float, nullable=False),
 )
 
+locks = sa.Table(
+    "locks", metadata,
+    sa.Column("name", sa.String(400), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
 InsertFactory = Callable[[sa.Table], Any]  # dialect insert() with on_conflict_do_nothing
 
 
@@ -410,6 +417,28 @@ class SqlStateStore:
             sa.select(outbox).where(outbox.c.job_id == job_id).order_by(outbox.c.created_at)
         ).all())
         return [self._request_record(r) for r in rows]
+
+    # -- leases -----------------------------------------------------------------------------
+    def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
+        """Take (or renew) a named lease; an expired lease can be taken over."""
+        now = _now()
+
+        def step(conn: Connection) -> bool:
+            stmt = self._insert(locks).values(name=name, holder=holder, expires_at=now + ttl)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[locks.c.name],
+                set_={"holder": holder, "expires_at": now + ttl},
+                where=sa.or_(locks.c.expires_at < now, locks.c.holder == holder),
+            ).returning(locks.c.holder)
+            row = conn.execute(stmt).first()
+            return row is not None and row.holder == holder
+
+        acquired: bool = self._run(step)
+        return acquired
+
+    def release_lock(self, name: str, holder: str) -> None:
+        self._run(lambda c: c.execute(
+            locks.delete().where(locks.c.name == name, locks.c.holder == holder)))
 
     # -- reading jobs -----------------------------------------------------------------------
     @staticmethod

@@ -106,6 +106,11 @@ class StateStore(Protocol):
 
     def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
 
+    def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew a named lease for ``ttl`` seconds; False while another holds it."""
+
+    def release_lock(self, name: str, holder: str) -> None: ...
+
     def upgrade(self) -> None:
         """Create or migrate the schema (also done on first use)."""
 

@@ -129,6 +129,19 @@ class Mapped:
     kept: pa.Array  # indices of the good rows in the source
 
 
+def constant(value: object, n: int, type_: pa.DataType | None = None) -> pa.Array:
+    """``n`` copies of one value, built in Arrow (no Python list of length n)."""
+    scalar = pa.scalar(value, type_) if type_ is not None else pa.scalar(value)
+    return pc.fill_null(pa.nulls(n, scalar.type), scalar)
+
+
+def sequence(start: int, n: int) -> pa.Array:
+    """start, start+1, ..., start+n-1 as int64."""
+    if n == 0:
+        return pa.array([], pa.int64())
+    return pc.add(pc.cumulative_sum(constant(1, n, pa.int64())), start - 1)
+
+
 def _fail(src: pa.Array, out: pa.Array) -> pa.Array:
     return pc.and_(pc.is_valid(src), pc.is_null(out))
 
@@ -184,7 +197,7 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
     t = src.type
     if pa.types.is_null(t):
         out = pa.nulls(len(src), target)
-        return out, pa.array([False] * len(src))
+        return out, constant(False, len(src))
     if pa.types.is_struct(t) or _is_list(t):
         out = pa.nulls(len(src), target)
         return out, _fail(src, out)
@@ -250,7 +263,7 @@ def _epoch(src: pa.Array, rule: FieldRule) -> pa.Array:
 
 
 def _literal(value: object, n: int) -> pa.Array:
-    return pa.array([value] * n)
+    return constant(value, n)
 
 
 def _template(source: SourceColumns, template: str, n: int) -> pa.Array:
@@ -258,7 +271,7 @@ def _template(source: SourceColumns, template: str, n: int) -> pa.Array:
     parts are all null stays null."""
     pieces = re.split(r"\{([^{}]+)\}", template)
     parts: list[pa.Array | str] = []
-    any_value = pa.array([False] * n)
+    any_value = constant(False, n)
     for i, piece in enumerate(pieces):
         if i % 2 == 0:
             if piece:
@@ -309,8 +322,8 @@ class CompiledMapping:
             return out, failed, f"template {rule.template!r}"
         paths = rule.paths
         out = pa.nulls(n, ARROW_TYPES[fdef.type])
-        failed = pa.array([False] * n)
-        decided = pa.array([False] * n)
+        failed = constant(False, n)
+        decided = failed
         for path in paths:  # one path, or the first non-null of several
             src = source.get(path)
             if src is None:

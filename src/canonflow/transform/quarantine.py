@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from canonflow.transform.mapping import CompiledMapping
+from canonflow.transform.mapping import CompiledMapping, constant, sequence
 from canonflow.transform.reader import read_raw
 from canonflow.transform.run import _SEQ, dedupe_newest
 from canonflow.transform.writer import QUARANTINE_TABLE
@@ -98,14 +98,14 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
     def lineage(rows: pa.Table, positions: pa.Array) -> pa.Table:
         n = rows.num_rows
         src = part.take(positions)
-        rows = rows.append_column("_tenant_id", pa.array([tenant] * n, pa.string()))
-        rows = rows.append_column("_service_name", pa.array([service] * n, pa.string()))
-        rows = rows.append_column("_source_table", pa.array([table] * n, pa.string()))
+        rows = rows.append_column("_tenant_id", constant(tenant, n, pa.string()))
+        rows = rows.append_column("_service_name", constant(service, n, pa.string()))
+        rows = rows.append_column("_source_table", constant(table, n, pa.string()))
         rows = rows.append_column("_source_file", src.column("_source_file"))
         rows = rows.append_column("_job_id", src.column("_job_id"))
-        rows = rows.append_column("_request_id", pa.array([replay_id] * n, pa.string()))
+        rows = rows.append_column("_request_id", constant(replay_id, n, pa.string()))
         rows = rows.append_column("_extracted_at", src.column("quarantined_at"))
-        return rows.append_column(_SEQ, pa.array(range(n), pa.int64()))
+        return rows.append_column(_SEQ, sequence(0, n))
 
     if mapped.canonical.num_rows:
         rows = dedupe_newest(lineage(mapped.canonical, landed_positions), entity.keys,

@@ -7,42 +7,46 @@ groups its commits already carry in the Delta log.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from canonflow import memory
 from canonflow.errors import RequestRejected, TerminalError
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.transform.discovery import resolve_files
-from canonflow.transform.mapping import CompiledMapping
+from canonflow.transform.mapping import CompiledMapping, constant, sequence
 from canonflow.transform.reader import RawFile, read_raw
-from canonflow.transform.writer import QUARANTINE_SCHEMA, QUARANTINE_TABLE, canonical_path
+from canonflow.transform.writer import (
+    QUARANTINE_SCHEMA,
+    QUARANTINE_TABLE,
+    canonical_path,
+    key_column,
+)
 
 if TYPE_CHECKING:
     from canonflow.runtime import Runtime
 
 log = logging.getLogger("canonflow.transform")
 _SEQ = "_seq"
-
-
-def _key_column(rows: pa.Table, keys: list[str]) -> pa.Array:
-    if len(keys) == 1:
-        return rows.column(keys[0]).combine_chunks()
-    parts = [pc.cast(rows.column(k), pa.string()).combine_chunks() for k in keys]
-    return pc.binary_join_element_wise(*parts, "\x1f")
+T = TypeVar("T")
 
 
 def dedupe_newest(rows: pa.Table, keys: str | list[str], order: str) -> pa.Table:
     """One row per key: the greatest ``order``, ties broken by the later ``_seq``."""
     if rows.num_rows <= 1:
         return rows
-    key = _key_column(rows, [keys] if isinstance(keys, str) else keys)
+    key = key_column(rows, [keys] if isinstance(keys, str) else keys)
     if pc.count_distinct(key).as_py() == rows.num_rows:
         return rows  # the common case: no duplicates, no sort
     rows = rows.append_column("_key", key).sort_by([
@@ -68,7 +72,7 @@ def _job_of(key: str) -> str:
 
 class _Run:
     def __init__(self, request: TransformRequest, rt: Runtime, entity: Entity,
-                 mapping: CompiledMapping, skip: set[tuple[str, int]]) -> None:
+                 mapping: CompiledMapping, skip: set[tuple[str, str]]) -> None:
         self.request = request
         self.rt = rt
         self.entity = entity
@@ -94,10 +98,10 @@ class _Run:
             if name == "_source_file" and source_file is not None:
                 rows = rows.append_column(name, source_file)
             else:
-                rows = rows.append_column(name, pa.array([value] * n, pa.string()))
-        rows = rows.append_column("_extracted_at", pa.array(
-            [extracted_at] * n, pa.timestamp("us", tz="UTC")))
-        rows = rows.append_column(_SEQ, pa.array(range(self.seq, self.seq + n), pa.int64()))
+                rows = rows.append_column(name, constant(value, n, pa.string()))
+        rows = rows.append_column("_extracted_at", constant(
+            extracted_at, n, pa.timestamp("us", tz="UTC")))
+        rows = rows.append_column(_SEQ, sequence(self.seq, n))
         self.seq += n
         return rows
 
@@ -144,7 +148,7 @@ class _Run:
         if group.quarantine:
             q = pa.concat_tables(group.quarantine)
             self.quarantined += q.num_rows
-            if (QUARANTINE_TABLE, index) not in self.skip:
+            if (QUARANTINE_TABLE, str(index)) not in self.skip:
                 writer.quarantine(q, self.request.request_id, index)
         for name, tables in group.canonical.items():
             entity = self.entities[name]
@@ -153,9 +157,29 @@ class _Run:
             if entity is self.entity:
                 self.merged += rows.num_rows - unique.num_rows
                 self.written += unique.num_rows
-            if (canonical_path(name), index) not in self.skip:
-                writer.upsert(entity, self.request.tenant_id, self.request.service_name,
-                              unique.drop_columns([_SEQ]), self.request.request_id, index)
+            table = canonical_path(name)
+            writer.upsert(entity, self.request.tenant_id, self.request.service_name,
+                          unique.drop_columns([_SEQ]), self.request.request_id, index,
+                          done={label for t, label in self.skip if t == table})
+        del group
+        memory.release()
+
+
+def prefetch(keys: list[str], load: Callable[[str], T], window: int = 4) -> Iterator[T]:
+    """``load`` each key on a small thread pool, ``window`` ahead of the consumer, in order:
+    reading and JSON parsing (which release the GIL) overlap the mapping of the previous
+    file, and memory stays bounded by the window."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="canonflow-read") as pool:
+        pending: deque[Future[T]] = deque()
+        upcoming = iter(keys)
+        for key in itertools.islice(upcoming, window):
+            pending.append(pool.submit(load, key))
+        while pending:
+            future = pending.popleft()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
+            yield future.result()
 
 
 def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
@@ -202,20 +226,24 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         "processing_mode": mode.value, "file_count": len(files), "files_skipped": files_skipped,
         "attempt": attempt})
     mapping = CompiledMapping(spec, entity, rt.catalog.entities)
-    skip: set[tuple[str, int]] = set()
+    skip: set[tuple[str, str]] = set()
     if attempt > 1:
         tables = [canonical_path(entity.name), QUARANTINE_TABLE]
         tables += [canonical_path(child.entity.name) for _, child in mapping.children]
         skip = {(name, g) for name in tables
                 for g in rt.canonical.committed_groups(name, request.request_id)}
     run = _Run(request, rt, entity, mapping, skip)
+
+    def load(key: str) -> tuple[RawFile, datetime]:
+        try:
+            data, modified = rt.objects.get_object(key)
+        except FileNotFoundError:
+            raise TerminalError(f"source file {key!r} does not exist") from None
+        return read_raw(key, data, mapping.paths), modified
+
     try:
-        for key in files:
-            try:
-                data, modified = rt.objects.get_object(key)
-            except FileNotFoundError:
-                raise TerminalError(f"source file {key!r} does not exist") from None
-            run.add_file(read_raw(key, data, mapping.paths), modified)
+        for raw, modified in prefetch(files, load):
+            run.add_file(raw, modified)
         run.flush()
     except TerminalError as exc:
         state.finish_request(request.request_id, None, error=str(exc))
