@@ -131,3 +131,15 @@ def test_unreachable_database_is_one_retryable_line_without_the_password() -> No
     with pytest.raises(StoreUnavailable) as info:
         open_state_store("postgresql://u:hunter2@127.0.0.1:1/db?connect_timeout=2")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
+
+
+def test_leases_exclude_other_holders_until_released_or_expired(state: StateStore) -> None:
+    assert state.acquire_lock("canonical/contact/acme", "a", ttl=60)
+    assert state.acquire_lock("canonical/contact/acme", "a", ttl=60)  # renewal
+    assert not state.acquire_lock("canonical/contact/acme", "b", ttl=60)
+    assert state.acquire_lock("canonical/contact/globex", "b", ttl=60)  # another name
+    state.release_lock("canonical/contact/acme", "b")  # not b's: no effect
+    assert not state.acquire_lock("canonical/contact/acme", "b", ttl=60)
+    state.release_lock("canonical/contact/acme", "a")
+    assert state.acquire_lock("canonical/contact/acme", "b", ttl=0.0)
+    assert state.acquire_lock("canonical/contact/acme", "c", ttl=60)  # b's lease expired
