@@ -5,6 +5,7 @@ Scenarios (each run in its own process tree, the demo API in a separate process)
   2. throughput — end-to-end records/s at three sizes, extraction and transform apart
   3. scaling — coordination cost per chunk at 10, 100, 1000 chunks for the same data
   4. floor — the same pages fetched and written by plain concurrent code (beside 2)
+  5. transform — the canonical transform alone on 1M raw records: records/s, peak RSS
 """
 
 from __future__ import annotations
@@ -125,6 +126,23 @@ def scaling(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     return table, rows
 
 
+def transform_alone(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    sizes = [100_000] if quick else [200_000, 1_000_000]
+    rows = []
+    for size in sizes:
+        rows.append(child("bench.transform", {"root": str(work / f"tx-{size}"),
+                                              "records": size}))
+        shutil.rmtree(work / f"tx-{size}", ignore_errors=True)
+    table = Table(title="5. transform alone: raw JSON Lines (zstd) -> canonical Delta, "
+                  "one table, one process")
+    for col in ("raw records", "files", "seconds", "records/s", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['records']:,}", str(r["files"]), f"{r['seconds']:.1f}",
+                      f"{r['records_per_s']:,.0f}", f"{r['peak_rss_mb']:.0f}")
+    return table, rows
+
+
 def markdown(table: Table) -> str:
     headers = [str(c.header) for c in table.columns]
     cells = [[str(x) for x in c._cells] for c in table.columns]
@@ -148,7 +166,8 @@ def main() -> None:
         work = Path(tmp)
         for name, build in (("trigger modes", lambda: trigger_modes(work, args.quick)),
                             ("throughput", lambda: throughput(work, args.quick)),
-                            ("scaling", lambda: scaling(args.quick))):
+                            ("scaling", lambda: scaling(args.quick)),
+                            ("transform", lambda: transform_alone(work, args.quick))):
             with console.status(f"running {name} ..."):
                 table, _ = build()
             console.print(table)
