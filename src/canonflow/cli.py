@@ -235,6 +235,7 @@ def query(
     pipeline: PipelineOpt = None,
     data_dir: DataDirOpt = Path(DEFAULT_DATA),
     as_json: JsonOpt = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (an export).")] = False,
 ) -> None:
     """Query canonical tables (one per entity) and `quarantine` with DuckDB SQL."""
     settings = _settings(pipeline, data_dir)
@@ -242,6 +243,13 @@ def query(
     columns, rows = run_query(store, sql, settings.mapping_dirs)
     if as_json:
         _emit_json([dict(zip(columns, r, strict=True)) for r in rows])
+        return
+    if csv:
+        import csv as csv_module
+
+        writer = csv_module.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
         return
     table = Table()
     for c in columns:

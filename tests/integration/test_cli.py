@@ -32,6 +32,9 @@ def test_demo_runs_end_to_end_and_leaves_queryable_tables(tmp_path: Path) -> Non
             "SELECT _tenant_id AS tenant, count(*) AS n FROM contact GROUP BY 1 ORDER BY 1")
     assert q.returncode == 0, q.stderr
     assert json.loads(q.stdout) == [{"tenant": "acme", "n": 600}, {"tenant": "globex", "n": 600}]
+    export = cli("query", "--data-dir", data, "--csv",
+                 "SELECT id, stage FROM deal WHERE _tenant_id = 'acme' ORDER BY id LIMIT 2")
+    assert export.stdout.splitlines()[0] == "id,stage" and len(export.stdout.splitlines()) == 3
     status = cli("status", "--data-dir", data, "--json", doc["jobs"][0]["job_id"])
     assert json.loads(status.stdout)["status"] == "done"
     human = cli("status", "--data-dir", data)
