@@ -61,7 +61,7 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
             reaggregated += 1
     requests = state.claim_for_dispatch(
         limit=10_000, redispatch_after=older_than,
-        lease_seconds=max(older_than, rt.settings.transform_lease_seconds),
+        lease_seconds=max(older_than, rt.settings.transform_lease_seconds), job_ids=job_ids,
     )
     futures = [(r, dispatcher.submit_transform(r)) for r in requests]
     wait([f for _, f in futures if f is not None])

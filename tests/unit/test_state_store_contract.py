@@ -143,3 +143,20 @@ def test_leases_exclude_other_holders_until_released_or_expired(state: StateStor
     state.release_lock("canonical/contact/acme", "a")
     assert state.acquire_lock("canonical/contact/acme", "b", ttl=0.0)
     assert state.acquire_lock("canonical/contact/acme", "c", ttl=60)  # b's lease expired
+
+
+def test_retryable_failures_go_back_to_the_outbox_until_attempts_run_out(
+        state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1))
+    state.complete_chunk(result("j", 0))
+    state.finish_aggregation("j", "completed", [request("j", "r")], {})
+    for attempt in (1, 2):
+        assert [r.request_id for r in state.claim_for_dispatch(job_ids={"j"})] == ["r"]
+        assert state.claim_request("r", lease_seconds=60) == attempt
+        assert state.retry_later("r", "store busy", max_attempts=3)
+    assert state.claim_for_dispatch(job_ids={"other"}) == []
+    assert state.claim_request("r", lease_seconds=60) == 3
+    assert not state.retry_later("r", "store busy", max_attempts=3)
+    record = state.request("r")
+    assert record is not None and (record.status, record.error) == ("failed", "store busy")
+    assert state.job("j").status == "failed"  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from canonflow.transform import run_transform
 
 log = logging.getLogger("canonflow.tasks")
 _runtime: Runtime | None = None
+MAX_TRANSFORM_ATTEMPTS = 3
 
 
 def init_worker(settings_json: str) -> None:
@@ -55,7 +56,9 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
     try:
         result = run_transform(request, rt)
     except CanonflowError as exc:
+        again = exc.retryable and rt.state.retry_later(
+            request.request_id, str(exc), MAX_TRANSFORM_ATTEMPTS)
         log.error("transform failed", extra={"request_id": request.request_id,
-                                             "error": str(exc), "retryable": exc.retryable})
+                                             "error": str(exc), "will_retry": again})
         return {"request_id": request.request_id, "error": str(exc), "retryable": exc.retryable}
     return {"request_id": request.request_id, "result": result.model_dump(mode="json")}

@@ -7,7 +7,7 @@ short transactions, each one an atomic step of the coordination protocol.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -310,7 +310,7 @@ class SqlStateStore:
 
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
-        lease_seconds: float | None = None,
+        lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
     ) -> list[TransformRequest]:
         now = _now()
         conds = [outbox.c.status == "pending"]
@@ -321,11 +321,15 @@ class SqlStateStore:
             conds.append(sa.and_(outbox.c.status == "running",
                                  outbox.c.updated_at < now - lease_seconds))
 
+        where = sa.or_(*conds)
+        if job_ids is not None:
+            where = sa.and_(where, outbox.c.job_id.in_(list(job_ids)))
+
         def step(conn: Connection) -> list[TransformRequest]:
             rows = conn.execute(
                 self._lock_rows(
                     sa.select(outbox.c.request_id, outbox.c.payload, outbox.c.status)
-                    .where(sa.or_(*conds)).order_by(outbox.c.created_at).limit(limit)
+                    .where(where).order_by(outbox.c.created_at).limit(limit)
                 )
             ).all()
             ids = [r.request_id for r in rows if r.status != "running"]
@@ -378,6 +382,32 @@ class SqlStateStore:
                 self._settle_job(conn, row.job_id, now)
 
         self._run(step)
+
+    def retry_later(self, request_id: str, error: str, max_attempts: int) -> bool:
+        """Give a claimed request back to the outbox after a retryable failure, or fail it
+        for good once it has had ``max_attempts``; True if it will be retried."""
+        now = _now()
+
+        def step(conn: Connection) -> bool:
+            again = conn.execute(
+                outbox.update().where(outbox.c.request_id == request_id,
+                                      outbox.c.status == "running",
+                                      outbox.c.attempts < max_attempts)
+                .values(status="pending", error=error, updated_at=now)
+            ).rowcount == 1
+            if not again:
+                row = conn.execute(
+                    outbox.update().where(outbox.c.request_id == request_id,
+                                          outbox.c.status == "running")
+                    .values(status="failed", error=error, updated_at=now)
+                    .returning(outbox.c.job_id)
+                ).one_or_none()
+                if row is not None and row.job_id is not None:
+                    self._settle_job(conn, row.job_id, now)
+            return again
+
+        retried: bool = self._run(step)
+        return retried
 
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
         if not keys:

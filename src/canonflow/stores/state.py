@@ -8,7 +8,7 @@ the outbox has one row per (job, table).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -77,9 +77,10 @@ class StateStore(Protocol):
 
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
-        lease_seconds: float | None = None,
+        lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
     ) -> list[TransformRequest]:
-        """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones."""
+        """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones;
+        ``job_ids`` limits the sweep to those jobs."""
 
     def claim_request(self, request_id: str, lease_seconds: float) -> int | None:
         """Take a request for running; the attempt number, or None if it is not claimable."""
@@ -87,6 +88,9 @@ class StateStore(Protocol):
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None
     ) -> None: ...
+
+    def retry_later(self, request_id: str, error: str, max_attempts: int) -> bool:
+        """After a retryable failure: back to pending, or failed after ``max_attempts``."""
 
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
         """Ledger: these raw files were canonicalized by this request."""
