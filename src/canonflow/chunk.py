@@ -80,13 +80,11 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
     error = None
     try:
         client = rt.client(t.tenant_id, t.service_name)
-        while spec.end_page is None or page <= spec.end_page:
-            fetched = client.fetch_page(t.table_name, page, spec.page_size)
+        for fetched in client.pages(t.table_name, spec.start_page, spec.end_page,
+                                    spec.page_size):
             writer.add(fetched.records)
             records += len(fetched.records)
             final_page = page
-            if len(fetched.records) < spec.page_size:
-                break
             page += 1
         writer.close()
     except Exception as exc:  # every failure becomes part of the chunk result

@@ -33,6 +33,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 120)
 
+DEMO_SERVICES = ("crm", "helpdesk", "billing")
 PipelineOpt = Annotated[Path | None, typer.Option(
     "--pipeline", "-p", help="Pipeline YAML (stores, sources, tenants).")]
 DataDirOpt = Annotated[Path, typer.Option(
@@ -127,11 +128,11 @@ def demo(
             name="demo", object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db",
             dispatcher=f"local://?workers={workers}", trigger_mode=trigger_mode,
             batch_records=1000,
-            sources=[SourceConfig(service="crm", base_url=f"{server.base_url}/crm/v1"),
-                     SourceConfig(service="helpdesk", base_url=f"{server.base_url}/helpdesk/v1")],
+            sources=[SourceConfig(service=svc, base_url=f"{server.base_url}/{svc}/v1")
+                     for svc in DEMO_SERVICES],
             tenants=[TenantConfig.model_validate({
-                "tenant_id": t, "credentials": {"crm": {"token": tenant_token(t)},
-                                                "helpdesk": {"token": tenant_token(t)}}})
+                "tenant_id": t,
+                "credentials": {svc: {"token": tenant_token(t)} for svc in DEMO_SERVICES}})
                 for t in tenant_ids],
         )
         code = _run_jobs(settings, None, as_json)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from canonflow.config import Settings
+from canonflow.connectors.spec import PageRangeChunking
 from canonflow.model import ChunkSpec, TableRef, validate_identifier
 
 if TYPE_CHECKING:
@@ -51,8 +52,12 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
         for table in src.tables or list(spec.tables):
             tspec = spec.table(table)
             page_size = src.page_size or tspec.pagination.page_size
-            per_chunk = src.pages_per_chunk or tspec.chunking.pages_per_chunk
-            total = rt.client(tenant_id, src.service).fetch_page(table, 1, page_size).total
+            per_chunk = src.pages_per_chunk or (
+                tspec.chunking.pages_per_chunk
+                if isinstance(tspec.chunking, PageRangeChunking) else 1)
+            total = None
+            if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
+                total = rt.client(tenant_id, src.service).fetch_page(table, 1, page_size).total
             ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
             for n, (start, end) in enumerate(page_ranges(total, page_size, per_chunk)):
                 chunks.append(ChunkSpec(

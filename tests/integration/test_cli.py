@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_leaves_queryable_tables(tmp_path: Path) -> Non
     assert len(doc["jobs"]) == 2
     for job in doc["jobs"]:
         assert job["status"] == "done" and job["outcome"] == "completed"
-        assert len(job["tables"]) == 5
+        assert len(job["tables"]) == 7  # crm (3), helpdesk (2), billing (2)
         for t in job["tables"].values():
             assert t["transforms_triggered"] == 1
             assert t["records_extracted"] == 600

@@ -1,19 +1,28 @@
 """A built-in demo SaaS API: deterministic data for any tenant, served on 127.0.0.1.
 
-Two services shaped like real ones: ``crm`` (contacts, companies, deals; ``results`` +
-``total``) and ``helpdesk`` (tickets, users; ``data`` + ``meta.total``). Page-number
-pagination, bearer-token auth: the token ``demo-<tenant>`` selects the tenant's account.
+Three services shaped like real ones, bearer-token auth (``demo-<tenant>`` selects the
+tenant's account):
+
+- ``crm`` (contacts, companies, deals): ``?page=&per_page=``, ``results`` + ``total``;
+- ``helpdesk`` (tickets, users): ``?page=&limit=`` with ``data`` + ``meta.total``, or, without
+  ``page``, cursor pagination: ``?limit=&cursor=`` with ``meta.next_cursor``;
+- ``billing`` (customers, invoices): ``?offset=&limit=`` with ``data``, an RFC 8288 ``Link``
+  header and ``links.next`` in the body.
+
 A few records are deliberately bad (a deal amount of ``"n/a"``, a ticket without an id) so
-quarantine is visible in every demo run.
+quarantine is visible in every demo run. :class:`DemoFaults` injects 429s (with
+``Retry-After``), 500s and malformed pages, for tests.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -111,6 +120,30 @@ def user(tenant: str, i: int) -> dict[str, Any]:
     }
 
 
+def customer(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "customers")
+    return {
+        "id": f"cus_{i:06d}", "object": "customer",
+        "name": f"{LAST[(s + i) % len(LAST)]} Holdings {i}",
+        "email": f"billing{i}@{tenant}.example",
+        "created": 1_767_225_600 + (s + i * 61) % 10_000_000, "updated_at": _ts(s, i),
+    }
+
+
+INVOICE_STATUS = ["draft", "open", "paid", "void", "uncollectible"]
+
+
+def invoice(tenant: str, i: int) -> dict[str, Any]:
+    s = _seed(tenant, "invoices")
+    due = (s + i * 7919) % 500_000
+    return {
+        "id": f"in_{i:06d}", "object": "invoice", "number": f"INV-{i:06d}",
+        "customer": f"cus_{i % 211:06d}", "status": INVOICE_STATUS[(s + i) % 5],
+        "currency": "eur", "amount_due": due, "amount_paid": due if (s + i) % 5 == 2 else 0,
+        "created": 1_767_225_600 + (s + i * 97) % 10_000_000, "updated_at": _ts(s, i),
+    }
+
+
 Generator = Callable[[str, int], dict[str, Any]]
 TABLES: dict[tuple[str, str], tuple[Generator, str]] = {
     ("crm", "contacts"): (contact, "crm"),
@@ -118,7 +151,36 @@ TABLES: dict[tuple[str, str], tuple[Generator, str]] = {
     ("crm", "deals"): (deal, "crm"),
     ("helpdesk", "tickets"): (ticket, "helpdesk"),
     ("helpdesk", "users"): (user, "helpdesk"),
+    ("billing", "customers"): (customer, "billing"),
+    ("billing", "invoices"): (invoice, "billing"),
 }
+
+
+@dataclass
+class DemoFaults:
+    """Misbehaviour on demand: every ``rate_limit_every``-th request is a 429 with
+    ``Retry-After: retry_after``, every ``error_every``-th a 500, and the pages listed in
+    ``malformed`` (``(table, page)``, 1-based) are truncated JSON."""
+
+    rate_limit_every: int = 0
+    error_every: int = 0
+    retry_after: str = "0"
+    malformed: set[tuple[str, int]] = field(default_factory=set)
+    requests: int = 0
+    injected: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_status(self) -> int:
+        with self._lock:
+            self.requests += 1
+            n = self.requests
+            status = 200
+            if self.rate_limit_every and n % self.rate_limit_every == 0:
+                status = 429
+            elif self.error_every and n % self.error_every == 0:
+                status = 500
+            self.injected += status != 200
+        return status
 
 
 def expected_bad(table: tuple[str, str], records: int) -> int:
@@ -132,7 +194,9 @@ class DemoApi:
     """Holds the data sizes; :meth:`page` renders one response body."""
 
     def __init__(self, records_per_table: int = 2000, sizes: dict[str, int] | None = None,
-                 cache_pages: int = 2048, page_delay: float = 0.0) -> None:
+                 cache_pages: int = 2048, page_delay: float = 0.0,
+                 faults: DemoFaults | None = None) -> None:
+        self.faults = faults or DemoFaults()
         self.records_per_table = records_per_table
         self.page_delay = page_delay  # seconds each response waits: slow APIs, for tests
         self.sizes = dict(sizes or {})
@@ -144,6 +208,8 @@ class DemoApi:
         client, not the generator); returns the bytes held."""
         held = 0
         for (service, table), _ in TABLES.items():
+            if service == "billing":  # offset-paged: rendered per request
+                continue
             per_page = page_sizes.get(table, 100)
             pages = max(1, -(-self.size(table) // per_page))
             for tenant in tenants:
@@ -156,6 +222,11 @@ class DemoApi:
 
     def page(self, service: str, table: str, tenant: str, page: int, per_page: int) -> bytes:
         return self._render(service, table, tenant, page, per_page)
+
+    def rows(self, service: str, table: str, tenant: str, offset: int,
+             limit: int) -> list[dict[str, Any]]:
+        gen, _ = TABLES[(service, table)]
+        return [gen(tenant, i) for i in range(offset, min(offset + limit, self.size(table)))]
 
     def _render_uncached(
         self, service: str, table: str, tenant: str, page: int, per_page: int
@@ -178,8 +249,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -197,6 +270,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         tenant = auth[len("Bearer demo-"):]
         query = parse_qs(parts.query)
+        api: DemoApi = self.server.api  # type: ignore[attr-defined]
+        status = api.faults.next_status()
+        if status != 200:
+            self._send(status, b'{"error":"try again"}', {"Retry-After": api.faults.retry_after}
+                       if status == 429 else None)
+            return
+        service, table = segments[0], segments[2]
+        if service == "billing" or (service == "helpdesk" and "page" not in query):
+            self._serve_stream(api, service, table, tenant, query, parts.path)
+            return
         size_param = "per_page" if segments[0] == "crm" else "limit"
         try:
             page = int(query.get("page", ["1"])[0])
@@ -207,10 +290,49 @@ class _Handler(BaseHTTPRequestHandler):
         if page < 1 or not 1 <= per_page <= 10_000:
             self._send(400, b'{"error":"page must be >= 1 and page size 1..10000"}')
             return
-        api: DemoApi = self.server.api  # type: ignore[attr-defined]
         if api.page_delay:
             time.sleep(api.page_delay)
-        self._send(200, api.page(segments[0], segments[2], tenant, page, per_page))
+        if (table, page) in api.faults.malformed:
+            self._send(200, api.page(service, table, tenant, page, per_page)[:-7])
+            return
+        self._send(200, api.page(service, table, tenant, page, per_page))
+
+    def _serve_stream(self, api: DemoApi, service: str, table: str, tenant: str,
+                      query: dict[str, list[str]], path: str) -> None:
+        """Offset (billing) and cursor (helpdesk) pagination over the same data."""
+        try:
+            limit = int(query.get("limit", ["100"])[0])
+            if service == "billing":
+                offset = int(query.get("offset", ["0"])[0])
+            else:
+                cursor = query.get("cursor", [""])[0]
+                offset = int(base64.urlsafe_b64decode(cursor.encode()).decode()[2:]) \
+                    if cursor else 0
+        except ValueError:
+            self._send(400, b'{"error":"bad offset, cursor or limit"}')
+            return
+        if offset < 0 or not 1 <= limit <= 10_000:
+            self._send(400, b'{"error":"offset must be >= 0 and limit 1..10000"}')
+            return
+        if api.page_delay:
+            time.sleep(api.page_delay)
+        rows = api.rows(service, table, tenant, offset, limit)
+        more = offset + len(rows) < api.size(table)
+        headers = None
+        if service == "billing":
+            host = self.headers.get("Host", "127.0.0.1")
+            nxt = f"http://{host}{path}?offset={offset + limit}&limit={limit}" if more else None
+            body: dict[str, Any] = {"data": rows, "links": {"next": nxt}}
+            if nxt:
+                headers = {"Link": f'<{nxt}>; rel="next"'}
+        else:
+            token = base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode()
+            body = {"data": rows, "meta": {"next_cursor": token if more else None}}
+        page_no = offset // limit + 1
+        text = jsonio.dumps(body)
+        if (table, page_no) in api.faults.malformed:
+            text = text[:-7]
+        self._send(200, text, headers)
 
 
 class DemoServer(ThreadingHTTPServer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from canonflow import jsonio
+from canonflow.connectors.pagination import PageRequest, paginator
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
 from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
 
@@ -86,17 +87,37 @@ class RestClient:
         self.close()
 
     def fetch_page(self, table: str, page: int, page_size: int | None = None) -> Page:
-        tspec = self.spec.table(table)
-        pag = tspec.pagination
-        params = {pag.page_param: page, pag.size_param: page_size or pag.page_size}
-        body, url = self._get(tspec.path, params)
-        return self._parse(tspec, body, url)
+        """One page by its position (page-number and offset pagination)."""
+        return next(self.pages(table, page, page, page_size))
 
-    def _get(self, path: str, params: dict[str, Any]) -> tuple[bytes, str]:
+    def pages(self, table: str, start_page: int = 1, end_page: int | None = None,
+              page_size: int | None = None) -> Iterator[Page]:
+        """The table's pages from ``start_page`` (to ``end_page`` inclusive), following the
+        spec's pagination; a request made twice (a repeated cursor, page or next URL) is a
+        MalformedPage instead of a loop."""
+        tspec = self.spec.table(table)
+        size = page_size or tspec.pagination.page_size
+        strategy = paginator(tspec.pagination)
+        request: PageRequest | None = strategy.first(start_page, size)
+        seen: set[tuple[Any, ...]] = set()
+        while request is not None and (end_page is None or request.index <= end_page):
+            if request.identity() in seen:
+                raise MalformedPage(f"{self.spec.service}.{table}: the API sent page "
+                                    f"{request.index} again (a repeated cursor or link)")
+            seen.add(request.identity())
+            body, url, response = self._get(request.url or tspec.path, request.params)
+            page = self._parse(tspec, body, url)
+            yield page
+            request = strategy.next(request, len(page.records), size, body, response)
+
+    def _get(self, path: str, params: dict[str, Any]) -> tuple[bytes, str, httpx.Response]:
+        if "://" in path and httpx.URL(path).host != self._client.base_url.host:
+            raise MalformedPage(f"next page URL points to another host: {httpx.URL(path).host}")
         attempt = 0
         while True:
             try:
-                resp = self._client.get(path, params=params)
+                # no params for a full next URL: an empty mapping would drop its query
+                resp = self._client.get(path, params=params or None)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error: HttpRetryable = HttpRetryable(
                     f"GET {self._client.base_url}{path}: {type(exc).__name__}"
@@ -104,7 +125,7 @@ class RestClient:
             else:
                 url = str(resp.url.copy_with(query=None))
                 if resp.status_code < 300:
-                    return resp.content, f"{url}?{resp.url.query.decode()}"
+                    return resp.content, f"{url}?{resp.url.query.decode()}", resp
                 if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
                     error = HttpRetryable(
                         f"GET {url}: HTTP {resp.status_code}",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName
@@ -33,17 +33,74 @@ class PageNumberPagination(_Spec):
     )
 
 
+class OffsetPagination(_Spec):
+    type: Literal["offset"]
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    page_size: int = Field(default=100, gt=0, le=100_000)
+    total_path: str | None = None
+
+
+class CursorPagination(_Spec):
+    type: Literal["cursor"]
+    cursor_param: str = "cursor"
+    cursor_path: str = Field(description="dotted path of the next cursor in the response")
+    size_param: str = "limit"
+    page_size: int = Field(default=100, gt=0, le=100_000)
+    total_path: None = None
+
+
+class NextUrlPagination(_Spec):
+    type: Literal["next_url"]
+    next_path: str = Field(description="dotted path of the next page's URL in the response")
+    size_param: str = "limit"
+    page_size: int = Field(default=100, gt=0, le=100_000)
+    total_path: None = None
+
+
+class LinkHeaderPagination(_Spec):
+    type: Literal["link_header"]
+    size_param: str = "limit"
+    page_size: int = Field(default=100, gt=0, le=100_000)
+    total_path: None = None
+
+
+Pagination = Annotated[
+    PageNumberPagination | OffsetPagination | CursorPagination | NextUrlPagination
+    | LinkHeaderPagination,
+    Field(discriminator="type"),
+]
+
+
 class PageRangeChunking(_Spec):
     type: Literal["page_ranges"] = "page_ranges"
     pages_per_chunk: int = Field(default=10, gt=0)
+
+
+class SequentialChunking(_Spec):
+    """One chunk reads the whole table page after page (APIs without a total)."""
+
+    type: Literal["sequential"]
+
+
+Chunking = Annotated[PageRangeChunking | SequentialChunking, Field(discriminator="type")]
 
 
 class TableSpec(_Spec):
     path: str
     records_path: str = Field(description="dotted path of the record list in the response")
     primary_key: str
-    pagination: PageNumberPagination = PageNumberPagination()
-    chunking: PageRangeChunking = PageRangeChunking()
+    pagination: Pagination = PageNumberPagination()
+    chunking: Chunking = PageRangeChunking()
+
+    @model_validator(mode="after")
+    def _ranges_need_a_total(self) -> TableSpec:
+        if isinstance(self.chunking, PageRangeChunking) and not (
+                isinstance(self.pagination, PageNumberPagination | OffsetPagination)
+                and self.pagination.total_path):
+            raise ValueError("page_ranges chunking needs page_number or offset pagination "
+                             "with a total_path; use chunking: {type: sequential}")
+        return self
 
 
 class ConnectorSpec(_Spec):

@@ -1,0 +1,134 @@
+"""Pagination strategies: how to ask for the first page and, from a response, the next.
+
+One small class per style APIs really use: page numbers, offset/limit, a cursor in the body,
+a next URL in the body, and RFC 8288 ``Link: <...>; rel="next"`` headers. The REST engine
+refuses a request it has already made (a repeated cursor, page or URL) instead of looping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from canonflow import jsonio
+from canonflow.connectors.spec import (
+    CursorPagination,
+    LinkHeaderPagination,
+    NextUrlPagination,
+    OffsetPagination,
+    PageNumberPagination,
+    Pagination,
+)
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    index: int  # 1-based position of the page in the table
+    params: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None  # a full URL handed out by the API (next URL, Link header)
+
+    def identity(self) -> tuple[Any, ...]:
+        return (self.url, tuple(sorted((k, str(v)) for k, v in self.params.items())))
+
+
+class Paginator(Protocol):
+    def first(self, start_page: int, page_size: int) -> PageRequest: ...
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None: ...
+
+
+def _full(records: int, page_size: int) -> bool:
+    return records >= page_size and records > 0
+
+
+@dataclass(frozen=True)
+class PageNumbers:
+    spec: PageNumberPagination
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(start_page, {self.spec.page_param: start_page,
+                                        self.spec.size_param: page_size})
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        if not _full(records, page_size):
+            return None
+        return self.first(prev.index + 1, page_size)
+
+
+@dataclass(frozen=True)
+class Offsets:
+    spec: OffsetPagination
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(start_page, {self.spec.offset_param: (start_page - 1) * page_size,
+                                        self.spec.limit_param: page_size})
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        if not _full(records, page_size):
+            return None
+        return self.first(prev.index + 1, page_size)
+
+
+@dataclass(frozen=True)
+class BodyCursor:
+    spec: CursorPagination
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(1, {self.spec.size_param: page_size})
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        raw = jsonio.raw_at(body, self.spec.cursor_path)
+        cursor = jsonio.decode(raw) if raw is not None else None
+        if cursor in (None, "") or records == 0:
+            return None
+        return PageRequest(prev.index + 1, {self.spec.size_param: page_size,
+                                            self.spec.cursor_param: cursor})
+
+
+@dataclass(frozen=True)
+class NextUrl:
+    spec: NextUrlPagination
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(1, {self.spec.size_param: page_size})
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        raw = jsonio.raw_at(body, self.spec.next_path)
+        url = jsonio.decode(raw) if raw is not None else None
+        if not url or records == 0:
+            return None
+        return PageRequest(prev.index + 1, url=str(url))
+
+
+@dataclass(frozen=True)
+class LinkHeader:
+    spec: LinkHeaderPagination
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(1, {self.spec.size_param: page_size})
+
+    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        url = response.links.get("next", {}).get("url")
+        if not url or records == 0:
+            return None
+        return PageRequest(prev.index + 1, url=url)
+
+
+def paginator(spec: Pagination) -> Paginator:
+    if isinstance(spec, PageNumberPagination):
+        return PageNumbers(spec)
+    if isinstance(spec, OffsetPagination):
+        return Offsets(spec)
+    if isinstance(spec, CursorPagination):
+        return BodyCursor(spec)
+    if isinstance(spec, NextUrlPagination):
+        return NextUrl(spec)
+    return LinkHeader(spec)

@@ -1,0 +1,154 @@
+"""Every pagination and chunking strategy against the demo API, with its fault switches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from canonflow.config import SourceConfig
+from canonflow.connectors.demo_api import DemoApi, DemoFaults, DemoServer, serve, tenant_token
+from canonflow.connectors.rest import RestClient
+from canonflow.connectors.spec import builtin_specs, parse_spec
+from canonflow.dispatch import open_dispatcher
+from canonflow.errors import MalformedPage
+from canonflow.query import run_query
+from canonflow.report import job_report
+from canonflow.runner import JobRunner
+from canonflow.runtime import Runtime
+
+CURSOR_SPEC = """
+service: helpdesk
+base_url: http://127.0.0.1/helpdesk/v1
+tables:
+  tickets:
+    path: /tickets
+    records_path: data
+    primary_key: id
+    pagination: {type: cursor, cursor_param: cursor, cursor_path: meta.next_cursor,
+                 size_param: limit, page_size: 70}
+    chunking: {type: sequential}
+"""
+OFFSET_SPEC = """
+service: billing
+base_url: http://127.0.0.1/billing/v1
+tables:
+  invoices:
+    path: /invoices
+    records_path: data
+    primary_key: id
+    pagination: {type: offset, offset_param: offset, limit_param: limit, page_size: 70}
+    chunking: {type: sequential}
+"""
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[DemoServer]:
+    with serve(DemoApi(500)) as server:
+        yield server
+
+
+def client(server: DemoServer, spec_text: str | None, service: str) -> RestClient:
+    spec = parse_spec(spec_text, "test") if spec_text else builtin_specs()[service]
+    return RestClient(spec, {"token": tenant_token("acme")},
+                      base_url=f"{server.base_url}/{service}/v1")
+
+
+def ids(pages: Iterator[Any]) -> list[str]:
+    import orjson
+
+    return [str(orjson.loads(r).get("id")) for page in pages for r in page.records]
+
+
+@pytest.mark.parametrize(("service", "table", "spec", "first", "count"), [
+    ("crm", "contacts", None, "100000", 500),                 # page numbers with a total
+    ("helpdesk", "tickets", CURSOR_SPEC, "7000", 500),        # cursor in the body
+    ("billing", "invoices", OFFSET_SPEC, "in_000000", 500),   # offset / limit
+    ("billing", "invoices", None, "in_000000", 500),          # RFC 8288 Link header
+    ("billing", "customers", None, "cus_000000", 500),        # next URL in the body
+])
+def test_each_pagination_strategy_reads_every_record_once(
+        api: DemoServer, service: str, table: str, spec: str | None, first: str,
+        count: int) -> None:
+    got = ids(client(api, spec, service).pages(table))
+    assert got[0] == first
+    assert len(got) == len(set(got)) == count
+
+
+def test_page_ranges_stop_at_their_end(api: DemoServer) -> None:
+    got = ids(client(api, None, "crm").pages("contacts", 2, 3, page_size=50))
+    assert got == [str(100000 + i) for i in range(50, 150)]
+
+
+def _loop(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"data": [{"id": 1}], "meta": {"next_cursor": "same"}})
+
+
+def test_a_repeated_cursor_is_an_error_not_a_loop() -> None:
+    spec = parse_spec(CURSOR_SPEC, "test")
+    rest = RestClient(spec, {"token": "t"}, base_url="http://api.test/helpdesk/v1",
+                      transport=httpx.MockTransport(_loop))
+    with pytest.raises(MalformedPage, match="sent page 3 again"):
+        list(rest.pages("tickets"))
+
+
+def test_a_next_url_on_another_host_is_refused() -> None:
+    spec = builtin_specs()["billing"]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [{"id": 1}] * 250,
+                                         "links": {"next": "http://evil.test/steal"}})
+
+    rest = RestClient(spec, {"token": "t"}, base_url="http://api.test/billing/v1",
+                      transport=httpx.MockTransport(handler))
+    with pytest.raises(MalformedPage, match="another host: evil.test"):
+        list(rest.pages("customers"))
+
+
+def test_range_chunking_needs_a_total() -> None:
+    from canonflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="page_ranges chunking needs page_number or offset"):
+        parse_spec(CURSOR_SPEC.replace("{type: sequential}", "{type: page_ranges}"), "s.yaml")
+
+
+def sync(make_settings: Any, server: DemoServer, tables: dict[str, list[str]]) -> tuple[
+        Runtime, dict[str, Any]]:
+    settings = make_settings(tables=tables)
+    settings.sources[:] = [SourceConfig(service=svc, base_url=f"{server.base_url}/{svc}/v1",
+                                        tables=tbls, page_size=50 if svc == "crm" else None,
+                                        pages_per_chunk=2 if svc == "crm" else None)
+                           for svc, tbls in tables.items()]
+    rt = Runtime(settings)
+    (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    return rt, job_report(rt.state, job_id)
+
+
+def test_429_storms_and_500s_end_in_a_complete_exact_sync(make_settings: Any) -> None:
+    faults = DemoFaults(rate_limit_every=3, error_every=7)
+    with serve(DemoApi(300, faults=faults)) as server:
+        rt, report = sync(make_settings, server, {"crm": ["contacts"],
+                                                  "billing": ["invoices"]})
+    # 9 good responses (a plan page, 6 contact pages, 2 invoice pages), every fault retried
+    assert faults.injected >= 5 and faults.requests == 9 + faults.injected
+    assert report["status"] == "done" and report["outcome"] == "completed"
+    assert report["tables"]["acme/crm.contacts"]["chunks"] == 3  # 6 pages of 50, 2 a chunk
+    assert report["tables"]["acme/billing.invoices"]["chunks"] == 1  # sequential
+    for entity, n in (("contact", 300), ("invoice", 300)):
+        _, rows = run_query(rt.canonical._store,
+                            f"SELECT count(*), count(DISTINCT id) FROM {entity}")
+        assert rows == [(n, n)]
+
+
+def test_a_malformed_page_fails_its_chunk_and_only_its_table(make_settings: Any) -> None:
+    faults = DemoFaults(malformed={("contacts", 4)})
+    with serve(DemoApi(300, faults=faults)) as server:
+        rt, report = sync(make_settings, server, {"crm": ["contacts", "companies"]})
+    assert report["outcome"] == "partial_success" and report["status"] == "done"
+    contacts = report["tables"]["acme/crm.contacts"]
+    assert (contacts["chunks_failed"], contacts["transforms_triggered"]) == (1, 0)
+    assert "contacts?page=4" in contacts["errors"][0] and "invalid JSON" in contacts["errors"][0]
+    assert "demo-acme" not in contacts["errors"][0]
+    assert report["tables"]["acme/crm.companies"]["records_canonical"] == 300
