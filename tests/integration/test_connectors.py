@@ -103,7 +103,7 @@ def test_a_next_url_on_another_host_is_refused() -> None:
 
     rest = RestClient(spec, {"token": "t"}, base_url="http://api.test/billing/v1",
                       transport=httpx.MockTransport(handler))
-    with pytest.raises(MalformedPage, match="another host: evil.test"):
+    with pytest.raises(MalformedPage, match=r"another host: evil\.test"):
         list(rest.pages("customers"))
 
 
@@ -145,7 +145,7 @@ def test_429_storms_and_500s_end_in_a_complete_exact_sync(make_settings: Any) ->
 def test_a_malformed_page_fails_its_chunk_and_only_its_table(make_settings: Any) -> None:
     faults = DemoFaults(malformed={("contacts", 4)})
     with serve(DemoApi(300, faults=faults)) as server:
-        rt, report = sync(make_settings, server, {"crm": ["contacts", "companies"]})
+        _, report = sync(make_settings, server, {"crm": ["contacts", "companies"]})
     assert report["outcome"] == "partial_success" and report["status"] == "done"
     contacts = report["tables"]["acme/crm.contacts"]
     assert (contacts["chunks_failed"], contacts["transforms_triggered"]) == (1, 0)
