@@ -321,6 +321,61 @@ def entities(
     out.print(table)
 
 
+connectors_app = typer.Typer(help="Connector specs: list the built-in ones, check your own.",
+                             no_args_is_help=True)
+app.add_typer(connectors_app, name="connectors")
+
+
+@connectors_app.command("list")
+def connectors_list(as_json: JsonOpt = False) -> None:
+    """The built-in connector specs and their tables."""
+    from canonflow.connectors.spec import builtin_specs
+
+    docs = [{"service": s.service, "table": t, "pagination": ts.pagination.type,
+             "chunking": ts.chunking.type, "auth": s.auth.type, "description": s.description}
+            for s in builtin_specs().values() for t, ts in s.tables.items()]
+    if as_json:
+        _emit_json(docs)
+        return
+    view = Table(title="built-in connectors")
+    for col in ("service", "table", "pagination", "chunking", "auth"):
+        view.add_column(col)
+    for d in docs:
+        view.add_row(d["service"], d["table"], d["pagination"], d["chunking"], d["auth"])
+    out.print(view)
+
+
+@connectors_app.command("check")
+def connectors_check(
+    spec_file: Annotated[Path, typer.Argument(help="Connector spec YAML.")],
+    probe: Annotated[str | None, typer.Option(
+        help="Base URL to fetch one page of each table from.")] = None,
+    credential: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE credential for the probe (repeatable), e.g. token=$TOKEN.")] = None,
+    table: Annotated[list[str] | None, typer.Option(help="Probe only this table.")] = None,
+) -> None:
+    """Validate a spec (file, path in it, what was expected); with --probe, read one page."""
+    from canonflow.connectors.rest import RestClient
+    from canonflow.connectors.spec import load_spec
+
+    spec = load_spec(spec_file)
+    out.print(f"{spec_file}: valid spec for service {spec.service!r}, "
+              f"tables: {', '.join(spec.tables)}")
+    if probe is None:
+        return
+    creds = {}
+    for item in credential or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--credential {key!r}: expected KEY=VALUE")
+        creds[key] = value
+    with RestClient(spec, creds, base_url=probe) as client:
+        for name in table or list(spec.tables):
+            page = next(client.pages(name, 1, 1))
+            total = f", total {page.total}" if page.total is not None else ""
+            out.print(f"  {name}: {len(page.records)} record(s) on the first page{total}")
+
+
 quarantine_app = typer.Typer(help="Rejected records: list them, replay them.",
                              no_args_is_help=True)
 app.add_typer(quarantine_app, name="quarantine")

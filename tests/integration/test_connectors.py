@@ -152,3 +152,29 @@ def test_a_malformed_page_fails_its_chunk_and_only_its_table(make_settings: Any)
     assert "contacts?page=4" in contacts["errors"][0] and "invalid JSON" in contacts["errors"][0]
     assert "demo-acme" not in contacts["errors"][0]
     assert report["tables"]["acme/crm.companies"]["records_canonical"] == 300
+
+
+def test_connectors_cli_lists_checks_and_probes(api: DemoServer, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                               *args], capture_output=True, text=True, timeout=60)
+
+    listed = json.loads(cli("connectors", "list", "--json").stdout)
+    assert {(d["service"], d["pagination"]) for d in listed} >= {
+        ("crm", "page_number"), ("billing", "link_header"), ("billing", "next_url")}
+    good = tmp_path / "cursor.yaml"
+    good.write_text(CURSOR_SPEC)
+    probe = cli("connectors", "check", str(good), "--probe", f"{api.base_url}/helpdesk/v1",
+                "--credential", "token=demo-acme")
+    assert probe.returncode == 0, probe.stderr
+    assert "tickets: 70 record(s) on the first page" in probe.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CURSOR_SPEC.replace("type: cursor,", "type: cursr,"))
+    failed = cli("connectors", "check", str(bad))
+    assert failed.returncode == 2
+    assert "bad.yaml: at tables.tickets.pagination" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1

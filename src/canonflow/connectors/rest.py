@@ -9,6 +9,7 @@ here with exponential backoff and jitter, honouring ``Retry-After``), other 4xx 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from typing import Any
 import httpx
 
 from canonflow import jsonio
+from canonflow.connectors.auth import build_auth
 from canonflow.connectors.pagination import PageRequest, paginator
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
-from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
+from canonflow.errors import HttpRetryable, HttpTerminal, MalformedPage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,23 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+class RateLimit:
+    """At most ``per_second`` requests a second, across the threads sharing a client."""
+
+    def __init__(self, per_second: float) -> None:
+        self._interval = 1.0 / per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            time.sleep(start - now)
+
+
 class RestClient:
     """One connection (keep-alive) to one service for one tenant."""
 
@@ -62,20 +81,17 @@ class RestClient:
         backoff_base: float = 0.2,
     ) -> None:
         self.spec = spec
-        token = credentials.get(spec.auth.credential)
-        if not token:
-            raise ConfigError(
-                f"no credential {spec.auth.credential!r} for service {spec.service!r}"
-            )
-        headers = {"Accept": "application/json", **spec.headers,
-                   "Authorization": f"Bearer {token}"}
+        auth, self._secret_params = build_auth(spec, credentials, transport)
         self._client = httpx.Client(
             base_url=(base_url or spec.base_url).rstrip("/"),
-            headers=headers,
+            headers={"Accept": "application/json", **spec.headers},
+            auth=auth,
             timeout=spec.timeout_seconds,
             transport=transport,
         )
         self._backoff_base = backoff_base
+        self._limit = RateLimit(spec.rate_limit_per_second) if spec.rate_limit_per_second \
+            else None
 
     def close(self) -> None:
         self._client.close()
@@ -115,6 +131,8 @@ class RestClient:
             raise MalformedPage(f"next page URL points to another host: {httpx.URL(path).host}")
         attempt = 0
         while True:
+            if self._limit is not None:
+                self._limit.wait()
             try:
                 # no params for a full next URL: an empty mapping would drop its query
                 resp = self._client.get(path, params=params or None)
@@ -125,7 +143,9 @@ class RestClient:
             else:
                 url = str(resp.url.copy_with(query=None))
                 if resp.status_code < 300:
-                    return resp.content, f"{url}?{resp.url.query.decode()}", resp
+                    shown = resp.url.copy_remove_param(next(iter(self._secret_params))) \
+                        if self._secret_params else resp.url
+                    return resp.content, f"{url}?{shown.query.decode()}", resp
                 if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
                     error = HttpRetryable(
                         f"GET {url}: HTTP {resp.status_code}",

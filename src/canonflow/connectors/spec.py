@@ -23,6 +23,31 @@ class BearerAuth(_Spec):
     credential: str = Field(default="token", description="key in the tenant's credentials")
 
 
+class ApiKeyAuth(_Spec):
+    type: Literal["api_key"]
+    name: str = Field(description="header or query parameter name, e.g. X-API-Key")
+    location: Literal["header", "query"] = "header"
+    credential: str = "api_key"
+
+
+class BasicAuth(_Spec):
+    type: Literal["basic"]
+    username_credential: str = "username"
+    password_credential: str = "password"
+
+
+class OAuth2ClientCredentials(_Spec):
+    type: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id_credential: str = "client_id"
+    client_secret_credential: str = "client_secret"
+    scope: str | None = None
+
+
+Auth = Annotated[BearerAuth | ApiKeyAuth | BasicAuth | OAuth2ClientCredentials,
+                 Field(discriminator="type")]
+
+
 class PageNumberPagination(_Spec):
     type: Literal["page_number"] = "page_number"
     page_param: str = "page"
@@ -107,9 +132,12 @@ class ConnectorSpec(_Spec):
     service: ServiceName
     description: str = ""
     base_url: str
-    auth: BearerAuth = BearerAuth()
+    auth: Auth = BearerAuth()
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=30.0, gt=0)
+    rate_limit_per_second: float | None = Field(
+        default=None, gt=0, description="requests per second on one connection (shared by "
+        "the chunks of a job in one process)")
     max_retries: int = Field(default=5, ge=0)
     tables: dict[str, TableSpec]
 
