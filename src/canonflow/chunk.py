@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from canonflow.connectors.pagination import PageRequest
 from canonflow.errors import error_payload
 from canonflow.model import (
     ChunkError,
@@ -51,6 +53,16 @@ class _BatchWriter:
             self._write(self.lines[:size])
             del self.lines[:size]
 
+    def add_page(self, records: list[bytes]) -> bool:
+        """Sequential chunks cut batches at page boundaries only, so that after a write
+        every fetched record is in a file and a checkpoint is exact; True if it wrote."""
+        self.lines.extend(records)
+        if len(self.lines) < self.spec.batch_records:
+            return False
+        self._write(self.lines)
+        self.lines = []
+        return True
+
     def close(self) -> None:
         if self.lines:
             self._write(self.lines)
@@ -78,14 +90,31 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
     page = spec.start_page
     final_page: int | None = None
     error = None
+    sequential = spec.end_page is None
+    resume: PageRequest | None = None
+    finished = False
     try:
+        if sequential and (ckpt := rt.state.load_checkpoint(spec.job_id, spec.chunk_id)):
+            # a retry of a sequential chunk resumes where its last checkpoint stands
+            writer.files, records = list(ckpt["files"]), int(ckpt["records"])
+            page, final_page = int(ckpt["page"]), ckpt["final_page"]
+            resume = PageRequest(**ckpt["next"]) if ckpt["next"] else None
+            finished = resume is None
+            log.info("chunk resumes from its checkpoint", extra={
+                "chunk_id": spec.chunk_id, "records": records, "files": len(writer.files)})
         client = rt.client(t.tenant_id, t.service_name)
-        for fetched in client.pages(t.table_name, spec.start_page, spec.end_page,
-                                    spec.page_size):
-            writer.add(fetched.records)
+        walk = iter(()) if finished else client.walk(
+            t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume)
+        for fetched, nxt in walk:
             records += len(fetched.records)
             final_page = page
             page += 1
+            if not sequential:
+                writer.add(fetched.records)
+            elif writer.add_page(fetched.records):
+                rt.state.save_checkpoint(spec.job_id, spec.chunk_id, {
+                    "files": writer.files, "records": records, "page": page,
+                    "final_page": final_page, "next": asdict(nxt) if nxt else None})
         writer.close()
     except Exception as exc:  # every failure becomes part of the chunk result
         error = ChunkError(**error_payload(exc))

@@ -111,10 +111,18 @@ class RestClient:
         """The table's pages from ``start_page`` (to ``end_page`` inclusive), following the
         spec's pagination; a request made twice (a repeated cursor, page or next URL) is a
         MalformedPage instead of a loop."""
+        for page, _ in self.walk(table, start_page, end_page, page_size):
+            yield page
+
+    def walk(self, table: str, start_page: int = 1, end_page: int | None = None,
+             page_size: int | None = None, resume: PageRequest | None = None,
+             ) -> Iterator[tuple[Page, PageRequest | None]]:
+        """Each page with the request for the next one (None after the last): a checkpoint
+        saves that request, and ``resume`` starts from it."""
         tspec = self.spec.table(table)
         size = page_size or tspec.pagination.page_size
         strategy = paginator(tspec.pagination)
-        request: PageRequest | None = strategy.first(start_page, size)
+        request: PageRequest | None = resume or strategy.first(start_page, size)
         seen: set[tuple[Any, ...]] = set()
         while request is not None and (end_page is None or request.index <= end_page):
             if request.identity() in seen:
@@ -123,8 +131,11 @@ class RestClient:
             seen.add(request.identity())
             body, url, response = self._get(request.url or tspec.path, request.params)
             page = self._parse(tspec, body, url)
-            yield page
-            request = strategy.next(request, len(page.records), size, body, response)
+            nxt = strategy.next(request, len(page.records), size, body, response)
+            if nxt is not None and end_page is not None and nxt.index > end_page:
+                nxt = None
+            yield page, nxt
+            request = nxt
 
     def _get(self, path: str, params: dict[str, Any]) -> tuple[bytes, str, httpx.Response]:
         if "://" in path and httpx.URL(path).host != self._client.base_url.host:

@@ -74,6 +74,13 @@ ledger = sa.Table(
     sa.Column("processed_at", sa.Float, nullable=False),
 )
 
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    sa.Column("job_id", sa.String(128), primary_key=True),
+    sa.Column("chunk_id", sa.String(128), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 locks = sa.Table(
     "locks", metadata,
     sa.Column("name", sa.String(400), primary_key=True),
@@ -447,6 +454,20 @@ class SqlStateStore:
             sa.select(outbox).where(outbox.c.job_id == job_id).order_by(outbox.c.created_at)
         ).all())
         return [self._request_record(r) for r in rows]
+
+    # -- chunk checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:
+        now, text = _now(), jsonio.dumps_str(state)
+        self._run(lambda c: c.execute(
+            self._insert(checkpoints).values(job_id=job_id, chunk_id=chunk_id, state=text,
+                                             updated_at=now)
+            .on_conflict_do_update(index_elements=[checkpoints.c.job_id, checkpoints.c.chunk_id],
+                                   set_={"state": text, "updated_at": now})))
+
+    def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None:
+        row = self._run(lambda c: c.execute(sa.select(checkpoints.c.state).where(
+            checkpoints.c.job_id == job_id, checkpoints.c.chunk_id == chunk_id)).one_or_none())
+        return None if row is None else dict(jsonio.loads(row.state))
 
     # -- leases -----------------------------------------------------------------------------
     def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:

@@ -110,6 +110,11 @@ class StateStore(Protocol):
 
     def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
 
+    def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:
+        """Where a sequential chunk stands: files written, records, the next page."""
+
+    def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None: ...
+
     def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
         """Take or renew a named lease for ``ttl`` seconds; False while another holds it."""
 
