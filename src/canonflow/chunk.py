@@ -104,7 +104,8 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
                 "chunk_id": spec.chunk_id, "records": records, "files": len(writer.files)})
         client = rt.client(t.tenant_id, t.service_name)
         walk = iter(()) if finished else client.walk(
-            t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume)
+            t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume,
+            params=spec.params)
         for fetched, nxt in walk:
             records += len(fetched.records)
             final_page = page

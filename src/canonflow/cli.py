@@ -80,16 +80,19 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
     return table
 
 
-def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool) -> int:
+def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
+              full_refresh: bool = False) -> int:
     started = time.perf_counter()
     rt = Runtime(settings)
     dispatcher = open_dispatcher(settings.dispatcher, settings)
     try:
         if as_json:
-            job_ids = JobRunner(settings, rt, dispatcher).run(tenants)
+            job_ids = JobRunner(settings, rt, dispatcher,
+                                full_refresh=full_refresh).run(tenants)
         else:
             with RichProgress(console) as progress:
-                job_ids = JobRunner(settings, rt, dispatcher, progress).run(tenants)
+                job_ids = JobRunner(settings, rt, dispatcher, progress,
+                                    full_refresh=full_refresh).run(tenants)
         reports = [job_report(rt.state, j) for j in job_ids]
     finally:
         dispatcher.close()
@@ -147,12 +150,17 @@ def run(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML.")],
     tenant: Annotated[list[str] | None, typer.Option(
         help="Sync only this tenant (repeatable).")] = None,
+    full_refresh: Annotated[bool, typer.Option(
+        help="Ignore incremental high-water marks: fetch every record again.")] = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run one sync job per tenant of PIPELINE and wait for its canonical transforms."""
+    """Run one sync job per tenant of PIPELINE and wait for its canonical transforms.
+
+    Tables with an incremental filter fetch only what changed since their last synced
+    high-water mark, unless --full-refresh."""
     log.configure(logging.INFO if verbose else logging.WARNING)
-    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json))
+    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json, full_refresh))
 
 
 @app.command()

@@ -90,6 +90,8 @@ class ChunkSpec(Contract):
     page_size: int = Field(gt=0)
     batch_records: int = Field(gt=0)
     trigger_mode: TriggerMode = TriggerMode.AGGREGATED
+    params: dict[str, str] = Field(
+        default_factory=dict, description="extra query parameters, e.g. an incremental filter")
 
 
 class ChunkError(Contract):
@@ -179,6 +181,7 @@ class TransformResult(Contract):
     records_merged: int = 0
     child_rows_written: int = 0
     files_skipped: int = 0  # time_based: already canonicalized, per the ledger
+    high_water: str | None = None  # newest ordering value written (ISO UTC)
     skipped: bool = False
     seconds: float = 0.0
 

@@ -42,8 +42,10 @@ def page_ranges(
             for start in range(1, pages + 1, pages_per_chunk)]
 
 
-def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None = None) -> JobPlan:
-    """Read each table's total (first page) and split it into page-range chunks."""
+def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None = None,
+             full_refresh: bool = False) -> JobPlan:
+    """Read each table's total (first page) and split it into page-range chunks; tables
+    synced incrementally ask only for what changed since their high-water mark."""
     validate_identifier(tenant_id, "tenant_id")
     job_id = validate_identifier(job_id or new_job_id(), "job_id")
     chunks: list[ChunkSpec] = []
@@ -55,14 +57,21 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
             per_chunk = src.pages_per_chunk or (
                 tspec.chunking.pages_per_chunk
                 if isinstance(tspec.chunking, PageRangeChunking) else 1)
+            ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
+            params: dict[str, str] = {}
+            if tspec.incremental is not None and not full_refresh:
+                since = rt.state.sync_cursor(ref)
+                if since is not None:
+                    params[tspec.incremental.cursor_param] = since
             total = None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
-                total = rt.client(tenant_id, src.service).fetch_page(table, 1, page_size).total
-            ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
+                total = rt.client(tenant_id, src.service).fetch_page(
+                    table, 1, page_size, params).total
             for n, (start, end) in enumerate(page_ranges(total, page_size, per_chunk)):
                 chunks.append(ChunkSpec(
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
                     start_page=start, end_page=end, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
+                    params=params,
                 ))
     return JobPlan(job_id, tenant_id, chunks)

@@ -85,7 +85,8 @@ def _settle_transform(rt: Runtime, request: TransformRequest,
 
 class JobRunner:
     def __init__(self, settings: Settings, rt: Runtime, dispatcher: Dispatcher,
-                 progress: ProgressSink | None = None) -> None:
+                 progress: ProgressSink | None = None, full_refresh: bool = False) -> None:
+        self.full_refresh = full_refresh
         self.settings = settings
         self.rt = rt
         self.dispatcher = dispatcher
@@ -94,7 +95,8 @@ class JobRunner:
 
     def plan(self, tenant_ids: list[str] | None = None) -> list[JobPlan]:
         tenants = tenant_ids or [t.tenant_id for t in self.settings.tenants]
-        plans = [plan_job(self.settings, self.rt, tenant) for tenant in tenants]
+        plans = [plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
+                 for tenant in tenants]
         for p in plans:
             self.rt.state.create_job(p.job_id, p.tenant_id, self.settings.name,
                                      self.settings.trigger_mode.value, p.chunks)

@@ -5,7 +5,8 @@ tenant's account):
 
 - ``crm`` (contacts, companies, deals): ``?page=&per_page=``, ``results`` + ``total``;
 - ``helpdesk`` (tickets, users): ``?page=&limit=`` with ``data`` + ``meta.total``, or, without
-  ``page``, cursor pagination: ``?limit=&cursor=`` with ``meta.next_cursor``;
+  ``page``, cursor pagination: ``?limit=&cursor=`` with ``meta.next_cursor``; pages filter
+  by ``updated_since`` (inclusive), and :meth:`DemoApi.touch` changes 1% of the records;
 - ``billing`` (customers, invoices): ``?offset=&limit=`` with ``data``, an RFC 8288 ``Link``
   header and ``links.next`` in the body.
 
@@ -20,7 +21,7 @@ import base64
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -197,6 +198,9 @@ class DemoApi:
                  cache_pages: int = 2048, page_delay: float = 0.0,
                  faults: DemoFaults | None = None) -> None:
         self.faults = faults or DemoFaults()
+        self.revision = 0
+        self.touch_every = 100
+        self._since: dict[tuple[str, str, str, str, int], list[int]] = {}
         self.records_per_table = records_per_table
         self.page_delay = page_delay  # seconds each response waits: slow APIs, for tests
         self.sizes = dict(sizes or {})
@@ -220,21 +224,52 @@ class DemoApi:
     def size(self, table: str) -> int:
         return self.sizes.get(table, self.records_per_table)
 
-    def page(self, service: str, table: str, tenant: str, page: int, per_page: int) -> bytes:
-        return self._render(service, table, tenant, page, per_page)
+    def touch(self, every: int = 100) -> None:
+        """A new revision: every ``every``-th record of every table changes (its name or
+        subject, and an ``updated_at`` later than any before)."""
+        self.revision += 1
+        self.touch_every = every
+
+    def record(self, service: str, table: str, tenant: str, i: int) -> dict[str, Any]:
+        gen, _ = TABLES[(service, table)]
+        rec = gen(tenant, i)
+        if self.revision and i % self.touch_every == 0:
+            rec["updated_at"] = (_EPOCH + timedelta(minutes=600_000 + self.revision)).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")
+            for key in ("subject", "name"):
+                if key in rec:
+                    rec[key] = f"{rec[key]} (rev {self.revision})"
+        return rec
+
+    def _matching(self, service: str, table: str, tenant: str, since: str) -> list[int]:
+        """Indices of records updated at or after ``since`` (the API's inclusive filter)."""
+        key = (service, table, tenant, since, self.revision)
+        if key not in self._since:
+            self._since[key] = [i for i in range(self.size(table))
+                                if self.record(service, table, tenant, i)["updated_at"] >= since]
+        return self._since[key]
+
+    def page(self, service: str, table: str, tenant: str, page: int, per_page: int,
+             since: str | None = None) -> bytes:
+        return self._render(service, table, tenant, page, per_page, since, self.revision)
 
     def rows(self, service: str, table: str, tenant: str, offset: int,
              limit: int) -> list[dict[str, Any]]:
-        gen, _ = TABLES[(service, table)]
-        return [gen(tenant, i) for i in range(offset, min(offset + limit, self.size(table)))]
+        return [self.record(service, table, tenant, i)
+                for i in range(offset, min(offset + limit, self.size(table)))]
 
-    def _render_uncached(
-        self, service: str, table: str, tenant: str, page: int, per_page: int
-    ) -> bytes:
-        gen, shape = TABLES[(service, table)]
-        total = self.size(table)
+    def _render_uncached(self, service: str, table: str, tenant: str, page: int,
+                         per_page: int, since: str | None = None, revision: int = 0) -> bytes:
+        _, shape = TABLES[(service, table)]
         start = (page - 1) * per_page
-        rows = [gen(tenant, i) for i in range(start, min(start + per_page, total))]
+        indices: Sequence[int]
+        if since is None:
+            total = self.size(table)
+            indices = range(start, min(start + per_page, total))
+        else:
+            matching = self._matching(service, table, tenant, since)
+            total, indices = len(matching), matching[start:start + per_page]
+        rows = [self.record(service, table, tenant, i) for i in indices]
         if shape == "crm":
             body = {"results": rows, "total": total, "page": page, "per_page": per_page}
         else:
@@ -292,10 +327,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if api.page_delay:
             time.sleep(api.page_delay)
-        if (table, page) in api.faults.malformed:
-            self._send(200, api.page(service, table, tenant, page, per_page)[:-7])
-            return
-        self._send(200, api.page(service, table, tenant, page, per_page))
+        since = query.get("updated_since", [None])[0] if service == "helpdesk" else None
+        body = api.page(service, table, tenant, page, per_page, since)
+        self._send(200, body[:-7] if (table, page) in api.faults.malformed else body)
 
     def _serve_stream(self, api: DemoApi, service: str, table: str, tenant: str,
                       query: dict[str, list[str]], path: str) -> None:

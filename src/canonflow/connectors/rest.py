@@ -102,9 +102,10 @@ class RestClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def fetch_page(self, table: str, page: int, page_size: int | None = None) -> Page:
+    def fetch_page(self, table: str, page: int, page_size: int | None = None,
+                   params: Mapping[str, str] | None = None) -> Page:
         """One page by its position (page-number and offset pagination)."""
-        return next(self.pages(table, page, page, page_size))
+        return next(self.walk(table, page, page, page_size, params=params))[0]
 
     def pages(self, table: str, start_page: int = 1, end_page: int | None = None,
               page_size: int | None = None) -> Iterator[Page]:
@@ -116,6 +117,7 @@ class RestClient:
 
     def walk(self, table: str, start_page: int = 1, end_page: int | None = None,
              page_size: int | None = None, resume: PageRequest | None = None,
+             params: Mapping[str, str] | None = None,
              ) -> Iterator[tuple[Page, PageRequest | None]]:
         """Each page with the request for the next one (None after the last): a checkpoint
         saves that request, and ``resume`` starts from it."""
@@ -129,7 +131,8 @@ class RestClient:
                 raise MalformedPage(f"{self.spec.service}.{table}: the API sent page "
                                     f"{request.index} again (a repeated cursor or link)")
             seen.add(request.identity())
-            body, url, response = self._get(request.url or tspec.path, request.params)
+            query = request.params if request.url else {**request.params, **(params or {})}
+            body, url, response = self._get(request.url or tspec.path, query)
             page = self._parse(tspec, body, url)
             nxt = strategy.next(request, len(page.records), size, body, response)
             if nxt is not None and end_page is not None and nxt.index > end_page:

@@ -111,12 +111,20 @@ class SequentialChunking(_Spec):
 Chunking = Annotated[PageRangeChunking | SequentialChunking, Field(discriminator="type")]
 
 
+class Incremental(_Spec):
+    """The API filters by a time: only records changed since the last synced high-water
+    mark are fetched (inclusive; the upsert absorbs the boundary records)."""
+
+    cursor_param: str = Field(description="query parameter, e.g. updated_since")
+
+
 class TableSpec(_Spec):
     path: str
     records_path: str = Field(description="dotted path of the record list in the response")
     primary_key: str
     pagination: Pagination = PageNumberPagination()
     chunking: Chunking = PageRangeChunking()
+    incremental: Incremental | None = None
 
     @model_validator(mode="after")
     def _ranges_need_a_total(self) -> TableSpec:

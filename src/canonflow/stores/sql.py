@@ -17,7 +17,14 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from canonflow import jsonio
 from canonflow.errors import StoreUnavailable, UnknownJob
-from canonflow.model import ChunkResult, ChunkSpec, JobStatus, TransformRequest, TransformResult
+from canonflow.model import (
+    ChunkResult,
+    ChunkSpec,
+    JobStatus,
+    TableRef,
+    TransformRequest,
+    TransformResult,
+)
 from canonflow.stores.state import Completion, JobRecord, RequestRecord
 
 metadata = sa.MetaData()
@@ -74,6 +81,15 @@ ledger = sa.Table(
     sa.Column("processed_at", sa.Float, nullable=False),
 )
 
+sync_cursors = sa.Table(
+    "sync_cursors", metadata,
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("service_name", sa.String(128), primary_key=True),
+    sa.Column("table_name", sa.String(128), primary_key=True),
+    sa.Column("value", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(128)),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 checkpoints = sa.Table(
     "checkpoints", metadata,
     sa.Column("job_id", sa.String(128), primary_key=True),
@@ -454,6 +470,33 @@ class SqlStateStore:
             sa.select(outbox).where(outbox.c.job_id == job_id).order_by(outbox.c.created_at)
         ).all())
         return [self._request_record(r) for r in rows]
+
+    # -- incremental sync cursors -----------------------------------------------------------
+    def sync_cursor(self, table: TableRef) -> str | None:
+        row = self._run(lambda c: c.execute(sa.select(sync_cursors.c.value).where(
+            sync_cursors.c.tenant_id == table.tenant_id,
+            sync_cursors.c.service_name == table.service_name,
+            sync_cursors.c.table_name == table.table_name)).one_or_none())
+        return None if row is None else str(row.value)
+
+    def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool:
+        """Move the high-water mark forward (never back); True if it moved."""
+        now = _now()
+
+        def step(conn: Connection) -> bool:
+            stmt = self._insert(sync_cursors).values(
+                tenant_id=table.tenant_id, service_name=table.service_name,
+                table_name=table.table_name, value=value, job_id=job_id, updated_at=now)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[sync_cursors.c.tenant_id, sync_cursors.c.service_name,
+                                sync_cursors.c.table_name],
+                set_={"value": value, "job_id": job_id, "updated_at": now},
+                where=sync_cursors.c.value < value,
+            ).returning(sync_cursors.c.value)
+            return conn.execute(stmt).first() is not None
+
+        moved: bool = self._run(step)
+        return moved
 
     # -- chunk checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:

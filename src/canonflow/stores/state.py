@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from canonflow.errors import ConfigError
-from canonflow.model import ChunkResult, ChunkSpec, TransformRequest, TransformResult
+from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,11 @@ class StateStore(Protocol):
         """Jobs whose last chunk is in but whose aggregation never committed."""
 
     def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
+
+    def sync_cursor(self, table: TableRef) -> str | None:
+        """The table's incremental high-water mark (ISO UTC), if it was ever synced."""
+
+    def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool: ...
 
     def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:
         """Where a sequential chunk stands: files written, records, the next page."""

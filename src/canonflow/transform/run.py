@@ -83,6 +83,7 @@ class _Run:
         self.seq = 0
         self.read = self.written = self.quarantined = self.merged = 0
         self.child_rows = 0
+        self.high_water: object = None
         self.entities = {entity.name: entity}
         self.entities.update({child.entity.name: child.entity for _, child in mapping.children})
 
@@ -157,12 +158,21 @@ class _Run:
             if entity is self.entity:
                 self.merged += rows.num_rows - unique.num_rows
                 self.written += unique.num_rows
+                newest = pc.max(unique.column(entity.ordering)).as_py()
+                if newest is not None and (self.high_water is None or newest > self.high_water):
+                    self.high_water = newest
             table = canonical_path(name)
             writer.upsert(entity, self.request.tenant_id, self.request.service_name,
                           unique.drop_columns([_SEQ]), self.request.request_id, index,
                           done={label for t, label in self.skip if t == table})
         del group
         memory.release()
+
+
+def _iso(value: object) -> str | None:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if value is None else str(value)
 
 
 def prefetch(keys: list[str], load: Callable[[str], T], window: int = 4) -> Iterator[T]:
@@ -255,10 +265,14 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         records_written=run.written, records_quarantined=run.quarantined,
         records_merged=run.merged, child_rows_written=run.child_rows,
         files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
+        high_water=_iso(run.high_water),
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))
     state.record_files(request, files)
+    if request.trigger == "aggregated" and result.high_water is not None:
+        # incremental sync moves on only once the table's transform has succeeded
+        state.advance_cursor(request.table, result.high_water, request.job_id)
     state.finish_request(request.request_id, result)
     log.info("canonical transform finished", extra=result.model_dump(mode="json"))
     return result
