@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from canonflow.config import Settings
-from canonflow.connectors.spec import PageRangeChunking
+from canonflow.connectors.spec import PageRangeChunking, TimeWindowChunking
+from canonflow.errors import ConfigError
 from canonflow.model import ChunkSpec, TableRef, validate_identifier
 
 if TYPE_CHECKING:
@@ -29,6 +30,22 @@ class JobPlan:
 
 def new_job_id() -> str:
     return f"job-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+ISO = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def time_windows(start: str, end: datetime, hours: float) -> list[tuple[str, str]]:
+    """Half-open windows [since, before) from ``start`` to ``end``, ``hours`` wide."""
+    try:
+        begin = datetime.strptime(start, ISO).replace(tzinfo=UTC)
+    except ValueError:
+        raise ConfigError(f"time window start {start!r}: expected {ISO}") from None
+    windows, step = [], timedelta(hours=hours)
+    while begin < end:
+        windows.append((begin.strftime(ISO), min(begin + step, end).strftime(ISO)))
+        begin += step
+    return windows or [(start, end.strftime(ISO))]
 
 
 def page_ranges(
@@ -67,11 +84,23 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
                 total = rt.client(tenant_id, src.service).fetch_page(
                     table, 1, page_size, params).total
-            for n, (start, end) in enumerate(page_ranges(total, page_size, per_chunk)):
+            work: list[tuple[int, int | None, dict[str, str]]]
+            if isinstance(tspec.chunking, TimeWindowChunking):
+                tw = tspec.chunking
+                since = params.pop(tspec.incremental.cursor_param, None) \
+                    if tspec.incremental else None
+                end = (datetime.strptime(tw.end, ISO).replace(tzinfo=UTC) if tw.end
+                       else datetime.now(UTC) + timedelta(seconds=1))
+                windows = time_windows(max(since or tw.start, tw.start), end, tw.window_hours)
+                work = [(1, None, {**params, tw.since_param: a, tw.before_param: b})
+                        for a, b in windows]
+            else:
+                work = [(a, b, params) for a, b in page_ranges(total, page_size, per_chunk)]
+            for n, (start, end, chunk_params) in enumerate(work):
                 chunks.append(ChunkSpec(
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
                     start_page=start, end_page=end, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
-                    params=params,
+                    params=chunk_params,
                 ))
     return JobPlan(job_id, tenant_id, chunks)

@@ -178,3 +178,39 @@ def test_connectors_cli_lists_checks_and_probes(api: DemoServer, tmp_path: Any) 
     assert failed.returncode == 2
     assert "bad.yaml: at tables.tickets.pagination" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+WINDOW_SPEC = """
+service: helpdesk
+base_url: http://127.0.0.1/helpdesk/v1
+tables:
+  tickets:
+    path: /tickets
+    records_path: data
+    primary_key: id
+    pagination: {type: page_number, page_param: page, size_param: limit, page_size: 40}
+    chunking: {type: time_windows, since_param: updated_since, before_param: updated_before,
+               start: "2026-01-01T00:00:00Z", end: "2027-01-01T00:00:00Z", window_hours: 720}
+"""
+
+
+def test_time_window_chunks_cover_the_table_exactly_once(make_settings: Any,
+                                                         tmp_path: Any) -> None:
+    spec_file = tmp_path / "helpdesk-windows.yaml"
+    spec_file.write_text(WINDOW_SPEC)
+    with serve(DemoApi(600)) as server:
+        settings = make_settings(tables={"helpdesk": ["tickets"]})
+        settings.sources[:] = [SourceConfig(service="helpdesk", spec=str(spec_file),
+                                            base_url=f"{server.base_url}/helpdesk/v1",
+                                            tables=["tickets"])]
+        rt = Runtime(settings)
+        (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    report = job_report(rt.state, job_id)
+    tickets = report["tables"]["acme/helpdesk.tickets"]
+    assert tickets["chunks"] == 13  # 366 days in 30-day windows
+    assert tickets["records_extracted"] == 600  # every record in exactly one window
+    specs = rt.state.chunk_specs(job_id)
+    assert specs[0].params == {"updated_since": "2026-01-01T00:00:00Z",
+                               "updated_before": "2026-01-31T00:00:00Z"}
+    _, rows = run_query(rt.canonical._store, "SELECT count(*), count(DISTINCT id) FROM ticket")
+    assert rows == [(599, 599)]  # one deliberately bad ticket quarantined

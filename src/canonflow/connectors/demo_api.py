@@ -241,17 +241,22 @@ class DemoApi:
                     rec[key] = f"{rec[key]} (rev {self.revision})"
         return rec
 
-    def _matching(self, service: str, table: str, tenant: str, since: str) -> list[int]:
-        """Indices of records updated at or after ``since`` (the API's inclusive filter)."""
-        key = (service, table, tenant, since, self.revision)
+    def _matching(self, service: str, table: str, tenant: str, since: str,
+                  before: str | None = None) -> list[int]:
+        """Indices of records with ``since <= updated_at`` (and ``< before``)."""
+        key = (service, table, tenant, f"{since}|{before}", self.revision)
         if key not in self._since:
-            self._since[key] = [i for i in range(self.size(table))
-                                if self.record(service, table, tenant, i)["updated_at"] >= since]
+            self._since[key] = [
+                i for i in range(self.size(table))
+                if since <= self.record(service, table, tenant, i)["updated_at"]
+                and (before is None or self.record(service, table, tenant, i)["updated_at"]
+                     < before)]
         return self._since[key]
 
     def page(self, service: str, table: str, tenant: str, page: int, per_page: int,
-             since: str | None = None) -> bytes:
-        return self._render(service, table, tenant, page, per_page, since, self.revision)
+             since: str | None = None, before: str | None = None) -> bytes:
+        return self._render(service, table, tenant, page, per_page, since, before,
+                            self.revision)
 
     def rows(self, service: str, table: str, tenant: str, offset: int,
              limit: int) -> list[dict[str, Any]]:
@@ -259,15 +264,16 @@ class DemoApi:
                 for i in range(offset, min(offset + limit, self.size(table)))]
 
     def _render_uncached(self, service: str, table: str, tenant: str, page: int,
-                         per_page: int, since: str | None = None, revision: int = 0) -> bytes:
+                         per_page: int, since: str | None = None, before: str | None = None,
+                         revision: int = 0) -> bytes:
         _, shape = TABLES[(service, table)]
         start = (page - 1) * per_page
         indices: Sequence[int]
-        if since is None:
+        if since is None and before is None:
             total = self.size(table)
             indices = range(start, min(start + per_page, total))
         else:
-            matching = self._matching(service, table, tenant, since)
+            matching = self._matching(service, table, tenant, since or "", before)
             total, indices = len(matching), matching[start:start + per_page]
         rows = [self.record(service, table, tenant, i) for i in indices]
         if shape == "crm":
@@ -328,7 +334,8 @@ class _Handler(BaseHTTPRequestHandler):
         if api.page_delay:
             time.sleep(api.page_delay)
         since = query.get("updated_since", [None])[0] if service == "helpdesk" else None
-        body = api.page(service, table, tenant, page, per_page, since)
+        before = query.get("updated_before", [None])[0] if service == "helpdesk" else None
+        body = api.page(service, table, tenant, page, per_page, since, before)
         self._send(200, body[:-7] if (table, page) in api.faults.malformed else body)
 
     def _serve_stream(self, api: DemoApi, service: str, table: str, tenant: str,

@@ -108,7 +108,21 @@ class SequentialChunking(_Spec):
     type: Literal["sequential"]
 
 
-Chunking = Annotated[PageRangeChunking | SequentialChunking, Field(discriminator="type")]
+class TimeWindowChunking(_Spec):
+    """One chunk per time window, for APIs that filter by a time field: each chunk asks
+    for ``since_param <= t < before_param`` and reads its window page after page."""
+
+    type: Literal["time_windows"]
+    since_param: str = "updated_since"
+    before_param: str = "updated_before"
+    start: str = Field(description="ISO UTC time of the oldest record, e.g. 2020-01-01T00:00:00Z")
+    window_hours: float = Field(default=24 * 30, gt=0)
+    end: str | None = Field(default=None, description="ISO UTC end of the last window; "
+                            "default: now")
+
+
+Chunking = Annotated[PageRangeChunking | SequentialChunking | TimeWindowChunking,
+                     Field(discriminator="type")]
 
 
 class Incremental(_Spec):
