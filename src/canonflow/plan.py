@@ -89,17 +89,17 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                 tw = tspec.chunking
                 since = params.pop(tspec.incremental.cursor_param, None) \
                     if tspec.incremental else None
-                end = (datetime.strptime(tw.end, ISO).replace(tzinfo=UTC) if tw.end
-                       else datetime.now(UTC) + timedelta(seconds=1))
-                windows = time_windows(max(since or tw.start, tw.start), end, tw.window_hours)
+                until = (datetime.strptime(tw.end, ISO).replace(tzinfo=UTC) if tw.end
+                         else datetime.now(UTC) + timedelta(seconds=1))
+                windows = time_windows(max(since or tw.start, tw.start), until, tw.window_hours)
                 work = [(1, None, {**params, tw.since_param: a, tw.before_param: b})
                         for a, b in windows]
             else:
                 work = [(a, b, params) for a, b in page_ranges(total, page_size, per_chunk)]
-            for n, (start, end, chunk_params) in enumerate(work):
+            for n, (first, last, chunk_params) in enumerate(work):
                 chunks.append(ChunkSpec(
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
-                    start_page=start, end_page=end, page_size=page_size,
+                    start_page=first, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
                     params=chunk_params,
                 ))

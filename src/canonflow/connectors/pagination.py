@@ -36,7 +36,7 @@ class PageRequest:
 class Paginator(Protocol):
     def first(self, start_page: int, page_size: int) -> PageRequest: ...
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None: ...
 
 
@@ -52,9 +52,9 @@ class PageNumbers:
         return PageRequest(start_page, {self.spec.page_param: start_page,
                                         self.spec.size_param: page_size})
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
-        if not _full(records, page_size):
+        if not _full(len(records), page_size):
             return None
         return self.first(prev.index + 1, page_size)
 
@@ -67,9 +67,9 @@ class Offsets:
         return PageRequest(start_page, {self.spec.offset_param: (start_page - 1) * page_size,
                                         self.spec.limit_param: page_size})
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
-        if not _full(records, page_size):
+        if not _full(len(records), page_size):
             return None
         return self.first(prev.index + 1, page_size)
 
@@ -81,11 +81,20 @@ class BodyCursor:
     def first(self, start_page: int, page_size: int) -> PageRequest:
         return PageRequest(1, {self.spec.size_param: page_size})
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
-        raw = jsonio.raw_at(body, self.spec.cursor_path)
-        cursor = jsonio.decode(raw) if raw is not None else None
-        if cursor in (None, "") or records == 0:
+        if not records:
+            return None
+        if self.spec.has_more_path is not None:
+            more = jsonio.raw_at(body, self.spec.has_more_path)
+            if more is None or jsonio.decode(more) is not True:
+                return None
+        if self.spec.last_record_field is not None:  # e.g. Stripe's starting_after
+            cursor = jsonio.loads(records[-1]).get(self.spec.last_record_field)
+        else:
+            raw = jsonio.raw_at(body, self.spec.cursor_path or "")
+            cursor = jsonio.decode(raw) if raw is not None else None
+        if cursor in (None, ""):
             return None
         return PageRequest(prev.index + 1, {self.spec.size_param: page_size,
                                             self.spec.cursor_param: cursor})
@@ -98,11 +107,11 @@ class NextUrl:
     def first(self, start_page: int, page_size: int) -> PageRequest:
         return PageRequest(1, {self.spec.size_param: page_size})
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
         raw = jsonio.raw_at(body, self.spec.next_path)
         url = jsonio.decode(raw) if raw is not None else None
-        if not url or records == 0:
+        if not url or not records:
             return None
         return PageRequest(prev.index + 1, url=str(url))
 
@@ -114,10 +123,10 @@ class LinkHeader:
     def first(self, start_page: int, page_size: int) -> PageRequest:
         return PageRequest(1, {self.spec.size_param: page_size})
 
-    def next(self, prev: PageRequest, records: int, page_size: int, body: bytes,
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
         url = response.links.get("next", {}).get("url")
-        if not url or records == 0:
+        if not url or not records:
             return None
         return PageRequest(prev.index + 1, url=url)
 

@@ -134,7 +134,7 @@ class RestClient:
             query = request.params if request.url else {**request.params, **(params or {})}
             body, url, response = self._get(request.url or tspec.path, query)
             page = self._parse(tspec, body, url)
-            nxt = strategy.next(request, len(page.records), size, body, response)
+            nxt = strategy.next(request, page.records, size, body, response)
             if nxt is not None and end_page is not None and nxt.index > end_page:
                 nxt = None
             yield page, nxt

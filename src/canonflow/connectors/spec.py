@@ -67,12 +67,24 @@ class OffsetPagination(_Spec):
 
 
 class CursorPagination(_Spec):
+    """The next cursor is in the body (``cursor_path``) or is a field of the page's last
+    record (``last_record_field``, e.g. Stripe's ``starting_after=<id>``)."""
+
     type: Literal["cursor"]
     cursor_param: str = "cursor"
-    cursor_path: str = Field(description="dotted path of the next cursor in the response")
+    cursor_path: str | None = Field(default=None, description="dotted path of the next cursor")
+    last_record_field: str | None = None
+    has_more_path: str | None = Field(
+        default=None, description="dotted path of a boolean: false on the last page")
     size_param: str = "limit"
     page_size: int = Field(default=100, gt=0, le=100_000)
     total_path: None = None
+
+    @model_validator(mode="after")
+    def _one_cursor_source(self) -> CursorPagination:
+        if (self.cursor_path is None) == (self.last_record_field is None):
+            raise ValueError("give exactly one of cursor_path and last_record_field")
+        return self
 
 
 class NextUrlPagination(_Spec):
