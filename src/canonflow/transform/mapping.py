@@ -37,6 +37,8 @@ LINEAGE: list[tuple[str, pa.DataType]] = [
 ]
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+_ISO_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
+_ISO_LOCAL_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?$"
 _TRUE = ["true", "1", "yes", "y", "t"]
 _FALSE = ["false", "0", "no", "n", "f"]
 
@@ -239,16 +241,24 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
         out = pc.cast(src, pa.timestamp("us", tz=t.tz)) if t.tz else pc.assume_timezone(
             pc.cast(src, pa.timestamp("us")), rule.timezone or "UTC")
         out = pc.cast(out, target)
-    elif is_str:
-        fmt = rule.format or "%Y-%m-%dT%H:%M:%S%z"
-        parsed = pc.strptime(src, format=fmt, unit="us", error_is_null=True)
-        if parsed.type.tz is None:
-            parsed = pc.assume_timezone(parsed, rule.timezone or "UTC")
-        out = pc.cast(parsed, target)
+    elif is_str and rule.format is None:
+        # ISO 8601 with an offset or Z, with or without fractions of a second
+        iso = pc.match_substring_regex(src, _ISO_RE)
+        out = pc.cast(pc.if_else(iso, src, None), target)
+        local = pc.match_substring_regex(src, _ISO_LOCAL_RE)
+        if pc.any(local).as_py():  # no offset: in the rule's zone (default UTC)
+            naive = pc.cast(pc.if_else(local, src, None), pa.timestamp("us"))
+            out = pc.if_else(local, pc.cast(pc.assume_timezone(
+                naive, rule.timezone or "UTC"), target), out)
         numeric = pc.match_substring_regex(src, _FLOAT_RE)
         if pc.any(numeric).as_py():  # epoch numbers that arrived as text
             epoch = _epoch(pc.cast(pc.if_else(numeric, src, None), pa.float64()), rule)
             out = pc.if_else(numeric, epoch, out)
+    elif is_str:
+        parsed = pc.strptime(src, format=rule.format, unit="us", error_is_null=True)
+        if parsed.type.tz is None:
+            parsed = pc.assume_timezone(parsed, rule.timezone or "UTC")
+        out = pc.cast(parsed, target)
     elif pa.types.is_integer(t) or pa.types.is_floating(t):
         out = _epoch(src, rule)
     else:
