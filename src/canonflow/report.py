@@ -8,19 +8,26 @@ from typing import Any
 from canonflow.stores.state import StateStore
 
 
+def _table_row(**counts: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "chunks": 0, "chunks_failed": 0, "records_extracted": 0, "files_written": 0,
+        "transforms_triggered": 0, "files_read": 0, "records_read": 0,
+        "records_canonical": 0, "records_quarantined": 0, "records_merged": 0, "errors": [],
+    }
+    row.update(counts)
+    return row
+
+
 def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
     job = state.job(job_id)
     if job is None:
         return {"job_id": job_id, "status": "unknown"}
     tables: dict[str, dict[str, Any]] = {}
     for label, t in job.report.get("tables", {}).items():
-        tables[label] = {
-            "chunks": t["chunks"], "chunks_failed": t["chunks_failed"],
-            "records_extracted": t["records_extracted"], "files_written": t["files_written"],
-            "transforms_triggered": 0, "files_read": 0, "records_read": 0,
-            "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
-            "errors": t.get("errors", []),
-        }
+        tables[label] = _table_row(
+            chunks=t["chunks"], chunks_failed=t["chunks_failed"],
+            records_extracted=t["records_extracted"], files_written=t["files_written"],
+            errors=t.get("errors", []))
     transforms = []
     per_table: dict[str, list[Any]] = defaultdict(list)
     for rec in state.requests(job_id):
@@ -35,12 +42,7 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
                 if k.startswith(("records_", "files_"))} if rec.result else {}),
         })
     for label, recs in per_table.items():
-        row = tables.setdefault(label, {
-            "chunks": 0, "chunks_failed": 0, "records_extracted": 0, "files_written": 0,
-            "transforms_triggered": 0, "files_read": 0, "records_read": 0,
-            "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
-            "errors": [],
-        })
+        row = tables.setdefault(label, _table_row())
         row["transforms_triggered"] = len(recs)
         for rec in recs:
             if rec.result is None:

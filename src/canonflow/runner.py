@@ -156,6 +156,7 @@ class JobRunner:
         specs = {(p.job_id, c.chunk_id): c for p in plans for c in p.chunks}
         seen_chunks: set[tuple[str, str]] = set()
         seen_requests: set[str] = set()
+        finished_requests: set[str] = set()
         last_change = time.monotonic()
         stall = max(30.0, self.settings.celery_visibility_timeout)
         while True:
@@ -173,8 +174,8 @@ class JobRunner:
                         seen_requests.add(rec.request.request_id)
                         self.progress.transform_submitted(rec.request)
                     if rec.status in ("done", "failed") and \
-                            f"done:{rec.request.request_id}" not in seen_requests:
-                        seen_requests.add(f"done:{rec.request.request_id}")
+                            rec.request.request_id not in finished_requests:
+                        finished_requests.add(rec.request.request_id)
                         moved = True
                         self.progress.transform_done(rec.request)
             if all((j := state.job(p.job_id)) and j.status in TERMINAL for p in plans):

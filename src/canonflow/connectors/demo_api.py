@@ -246,11 +246,10 @@ class DemoApi:
         """Indices of records with ``since <= updated_at`` (and ``< before``)."""
         key = (service, table, tenant, f"{since}|{before}", self.revision)
         if key not in self._since:
-            self._since[key] = [
-                i for i in range(self.size(table))
-                if since <= self.record(service, table, tenant, i)["updated_at"]
-                and (before is None or self.record(service, table, tenant, i)["updated_at"]
-                     < before)]
+            stamps = (self.record(service, table, tenant, i)["updated_at"]
+                      for i in range(self.size(table)))
+            self._since[key] = [i for i, at in enumerate(stamps)
+                                if since <= at and (before is None or at < before)]
         return self._since[key]
 
     def page(self, service: str, table: str, tenant: str, page: int, per_page: int,

@@ -7,6 +7,7 @@ refuses a request it has already made (a repeated cursor, page or URL) instead o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,34 +45,39 @@ def _full(records: int, page_size: int) -> bool:
     return records >= page_size and records > 0
 
 
+class _Positional(ABC):
+    """Pages addressed by position (page number or offset): the next one follows a full
+    page, so ranges of them can be split into chunks."""
+
+    def first(self, start_page: int, page_size: int) -> PageRequest:
+        return PageRequest(start_page, self.params(start_page, page_size))
+
+    @abstractmethod
+    def params(self, index: int, page_size: int) -> dict[str, Any]:
+        """The query parameters that address page ``index``."""
+
+    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
+             response: httpx.Response) -> PageRequest | None:
+        if not _full(len(records), page_size):
+            return None
+        return self.first(prev.index + 1, page_size)
+
+
 @dataclass(frozen=True)
-class PageNumbers:
+class PageNumbers(_Positional):
     spec: PageNumberPagination
 
-    def first(self, start_page: int, page_size: int) -> PageRequest:
-        return PageRequest(start_page, {self.spec.page_param: start_page,
-                                        self.spec.size_param: page_size})
-
-    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
-             response: httpx.Response) -> PageRequest | None:
-        if not _full(len(records), page_size):
-            return None
-        return self.first(prev.index + 1, page_size)
+    def params(self, index: int, page_size: int) -> dict[str, Any]:
+        return {self.spec.page_param: index, self.spec.size_param: page_size}
 
 
 @dataclass(frozen=True)
-class Offsets:
+class Offsets(_Positional):
     spec: OffsetPagination
 
-    def first(self, start_page: int, page_size: int) -> PageRequest:
-        return PageRequest(start_page, {self.spec.offset_param: (start_page - 1) * page_size,
-                                        self.spec.limit_param: page_size})
-
-    def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
-             response: httpx.Response) -> PageRequest | None:
-        if not _full(len(records), page_size):
-            return None
-        return self.first(prev.index + 1, page_size)
+    def params(self, index: int, page_size: int) -> dict[str, Any]:
+        return {self.spec.offset_param: (index - 1) * page_size,
+                self.spec.limit_param: page_size}
 
 
 @dataclass(frozen=True)

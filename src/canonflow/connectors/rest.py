@@ -157,8 +157,9 @@ class RestClient:
             else:
                 url = str(resp.url.copy_with(query=None))
                 if resp.status_code < 300:
-                    shown = resp.url.copy_remove_param(next(iter(self._secret_params))) \
-                        if self._secret_params else resp.url
+                    shown = resp.url
+                    for secret in self._secret_params:  # never in a message
+                        shown = shown.copy_remove_param(secret)
                     return resp.content, f"{url}?{shown.query.decode()}", resp
                 if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
                     error = HttpRetryable(
