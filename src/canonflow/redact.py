@@ -1,0 +1,84 @@
+"""Secrets never leave the process: every message, stored error and log line goes through
+:func:`redact`.
+
+Two nets, both applied: patterns (URL userinfo passwords, query parameters and headers with
+secret-looking names, ``Bearer``/``Basic`` credentials), and the exact values of every
+credential this process has loaded (:func:`register_secret`), wherever they appear.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+_SECRET_NAMES = (
+    r"api[_-]?key|apikey|access[_-]?token|refresh[_-]?token|id[_-]?token|token|"
+    r"client[_-]?secret|secret|password|passwd|pwd|signature|sig|x-amz-signature|"
+    r"x-amz-security-token|x-amz-credential|auth|authorization|key|session[_-]?token|code"
+)
+# scheme://user:password@host -> scheme://user:***@host
+_USERINFO = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)[^\s@/]+(?=@)")
+# name=value in a query string or a form body
+_PARAM = re.compile(rf"(?P<pre>(?:^|[?&;\s,(\"'])(?:{_SECRET_NAMES})=)[^&\s;,\"')#]+",
+                    re.IGNORECASE)
+# name: value / "name": "value" in headers and JSON-ish text
+_FIELD = re.compile(rf"(?P<pre>[\"']?(?:{_SECRET_NAMES})[\"']?\s*[:=]\s*[\"']?)"
+                    r"(?!\*\*\*)[^\s\"',}&]+", re.IGNORECASE)
+_SCHEME_CRED = re.compile(r"(?P<pre>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]+",
+                          re.IGNORECASE)
+
+_known: set[str] = set()
+_known_lock = threading.Lock()
+_known_pattern: re.Pattern[str] | None = None
+MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
+
+
+def register_secret(*values: str | None) -> None:
+    """Mask these exact values wherever they appear from now on (credentials, passwords)."""
+    global _known_pattern
+    fresh = {v for v in values if v and len(v) >= MIN_SECRET_LENGTH and v not in _known}
+    if not fresh:
+        return
+    with _known_lock:
+        _known.update(fresh)
+        ordered = sorted(_known, key=len, reverse=True)  # longest first: no partial masks
+        _known_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+
+
+def register_url_secrets(urls: Iterable[str | None]) -> None:
+    """The password in each URL's userinfo (state store, broker) becomes a known secret."""
+    for url in urls:
+        if not url:
+            continue
+        m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:([^\s@/]+)@", url)
+        if m:
+            from urllib.parse import unquote
+
+            register_secret(m.group(1), unquote(m.group(1)))
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret it may carry masked."""
+    if not text:
+        return text
+    pattern = _known_pattern
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
+    text = _USERINFO.sub(lambda m: m.group("pre") + MASK, text)
+    text = _SCHEME_CRED.sub(lambda m: m.group("pre") + MASK, text)
+    text = _PARAM.sub(lambda m: m.group("pre") + MASK, text)
+    return _FIELD.sub(lambda m: m.group("pre") + MASK, text)
+
+
+def redact_value(value: Any) -> Any:
+    """Redact every string inside a JSON-compatible value (dicts, lists, strings)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_value(v) for v in value]
+    return value
