@@ -63,7 +63,7 @@ def _give_up_quietly(state: RetryCallState) -> Any:
     return state.outcome.result() if state.outcome else None
 
 
-class wait_retry_after(wait_base):  # noqa: N801 (tenacity's naming)
+class wait_retry_after(wait_base):
     """The server's ``Retry-After`` when the error carries one, else the fallback."""
 
     def __init__(self, fallback: wait_base, cap: float = 60.0) -> None:
