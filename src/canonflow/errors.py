@@ -77,6 +77,22 @@ class UnknownJob(TerminalError):
     pass
 
 
+class InvalidCompletion(TerminalError):
+    """A chunk result for a chunk that is not part of its job (or of another table)."""
+
+
+class ActiveJobExists(TerminalError):
+    """The (pipeline, tenant) already has an unfinished job; ``job_id`` names it."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class RunTimeout(RetryableError):
+    """``canonflow run`` waited longer than its limit; the jobs go on without it."""
+
+
 def error_payload(exc: BaseException) -> dict[str, Any]:
     """Describe any exception as a chunk-result error; unknown ones count as retryable."""
     if isinstance(exc, CanonflowError):

@@ -192,6 +192,7 @@ class JobStatus(StrEnum):
     TRANSFORMS_ENQUEUED = "transforms_enqueued"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class JobOutcome(StrEnum):

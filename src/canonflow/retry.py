@@ -29,7 +29,7 @@ from tenacity import (
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
-    wait_exponential_jitter,
+    wait_random,
 )
 from tenacity.wait import wait_base
 
@@ -79,6 +79,11 @@ class wait_retry_after(wait_base):
         return float(min(self.fallback(retry_state), self.cap))
 
 
+def _backoff(initial: float, cap: float, jitter: float) -> wait_base:
+    """Exponential from ``initial`` up to ``cap``, plus up to ``jitter`` at random."""
+    return wait_exponential(multiplier=initial, max=cap) + wait_random(0, jitter)
+
+
 def _is(types: tuple[type[BaseException], ...]) -> Callable[[BaseException], bool]:
     return lambda exc: isinstance(exc, types)
 
@@ -88,8 +93,7 @@ def http(retry_on: tuple[type[BaseException], ...], max_retries: int, backoff_ba
     """HTTP calls to a source API: ``max_retries`` retries after the first try."""
     return Retrying(
         retry=retry_if_exception(_is(retry_on)), stop=stop_after_attempt(max_retries + 1),
-        wait=wait_retry_after(wait_exponential_jitter(
-            initial=backoff_base, exp_base=2, max=30.0, jitter=backoff_base)),
+        wait=wait_retry_after(_backoff(backoff_base, 30.0, backoff_base)),
         before_sleep=_log_retry("http", context), reraise=True)
 
 
@@ -97,7 +101,7 @@ def state(retry_on: tuple[type[BaseException], ...], attempts: int = 8) -> Retry
     """One atomic state-store step whose database was busy or briefly unreachable."""
     return Retrying(
         retry=retry_if_exception(_is(retry_on)), stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.02, max=1.0, jitter=0.02),
+        wait=_backoff(0.02, 1.0, 0.02),
         before_sleep=_log_retry("state", None), reraise=True)
 
 
@@ -106,7 +110,7 @@ def commit(retry_on: Callable[[BaseException], bool], attempts: int = 12,
     """A Delta commit that lost to a concurrent writer (optimistic concurrency)."""
     return Retrying(
         retry=retry_if_exception(retry_on), stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05),
+        wait=_backoff(0.05, 2.0, 0.05),
         before_sleep=_log_retry("commit", context), reraise=True)
 
 
@@ -130,5 +134,5 @@ def chunk(attempts: int, context: dict[str, Any] | None = None,
 
     return Retrying(
         retry=retry_if_result(failed_retryable), stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=initial, max=8.0, jitter=initial),
+        wait=_backoff(initial, 8.0, initial),
         before_sleep=_log_retry("chunk", context), retry_error_callback=_give_up_quietly)

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from canonflow import jsonio
-from canonflow.errors import StoreUnavailable, UnknownJob
+from canonflow import jsonio, retry
+from canonflow.errors import ActiveJobExists, InvalidCompletion, StoreUnavailable, UnknownJob
 from canonflow.model import (
     ChunkResult,
     ChunkSpec,
@@ -25,7 +25,11 @@ from canonflow.model import (
     TransformRequest,
     TransformResult,
 )
-from canonflow.stores.state import Completion, JobRecord, RequestRecord
+from canonflow.redact import redact
+from canonflow.stores.state import Activity, Completion, JobEvent, JobRecord, RequestRecord
+
+TERMINAL_JOB = (JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+FINISHED_REQUEST = ("done", "failed", "cancelled")
 
 metadata = sa.MetaData()
 
@@ -43,6 +47,7 @@ jobs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("report", sa.Text),
+    sa.Column("runner", sa.String(200)),  # the runner's lease name (see JobRunner)
 )
 chunks = sa.Table(
     "chunks", metadata,
@@ -70,6 +75,7 @@ outbox = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
+    sa.Column("holder", sa.String(200)),  # who runs it now (host:pid:token)
 )
 ledger = sa.Table(
     "ledger", metadata,
@@ -104,6 +110,23 @@ locks = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+active_jobs = sa.Table(  # at most one unfinished job per (pipeline, tenant) for runners
+    "active_jobs", metadata,
+    sa.Column("pipeline", sa.String(200), primary_key=True),
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("job_id", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+job_events = sa.Table(  # what an operator must see: superseded results, conflicts, cancels
+    "job_events", metadata,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(128), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("chunk_id", sa.String(128)),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
 InsertFactory = Callable[[sa.Table], Any]  # dialect insert() with on_conflict_do_nothing
 
 
@@ -125,29 +148,49 @@ class SqlStateStore:
         self._run(self._create_schema)
 
     def _create_schema(self, conn: Connection) -> None:
-        """Tables are created on first use (``canonflow db upgrade`` does it explicitly)."""
+        """Tables are created on first use (``canonflow db upgrade`` does it explicitly);
+        columns added since a table was created are added to it (nullable, no default)."""
         metadata.create_all(conn)
+        inspector = sa.inspect(conn)
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(sa.text(
+                        f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
 
     # -- plumbing ---------------------------------------------------------------------------
     def _run(self, step: Callable[[Connection], Any], attempts: int = 8) -> Any:
         """Run one atomic step in its own transaction, retrying only a busy database."""
-        delay = 0.02
-        for attempt in range(attempts):
-            try:
-                with self._engine.begin() as conn:
-                    return step(conn)
-            except OperationalError as exc:
-                if attempt == attempts - 1:
-                    raise StoreUnavailable(
-                        f"state store {self._safe_url()} unavailable: {exc.orig}"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except SQLAlchemyError as exc:
-                raise StoreUnavailable(
-                    f"state store {self._safe_url()} failed: {type(exc).__name__}"
-                ) from exc
-        raise AssertionError("unreachable")
+        def once() -> Any:
+            with self._engine.begin() as conn:
+                return step(conn)
+
+        try:
+            return retry.state((OperationalError,), attempts)(once)
+        except OperationalError as exc:
+            raise StoreUnavailable(
+                f"state store {self._safe_url()} unavailable: {redact(str(exc.orig))}"
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(
+                f"state store {self._safe_url()} failed: {type(exc).__name__}"
+            ) from exc
+
+    def _lock_job(self, conn: Connection, job_id: str) -> Any:
+        """Serialize on the job's row for the rest of the transaction (PostgreSQL: a row
+        lock; SQLite: the database write lock ``BEGIN IMMEDIATE`` holds already)."""
+        return conn.execute(
+            sa.select(jobs.c.status, jobs.c.completed_chunks, jobs.c.total_chunks)
+            .where(jobs.c.job_id == job_id).with_for_update()
+        ).one_or_none()
+
+    def _event(self, conn: Connection, job_id: str, kind: str, detail: str,
+               chunk_id: str | None = None, now: float | None = None) -> None:
+        conn.execute(job_events.insert().values(
+            job_id=job_id, at=now or _now(), kind=kind, chunk_id=chunk_id,
+            detail=redact(detail)))
 
     def upgrade(self) -> None:
         self._run(self._create_schema)
@@ -161,16 +204,28 @@ class SqlStateStore:
     # -- jobs and chunks --------------------------------------------------------------------
     def create_job(
         self, job_id: str, tenant_id: str, pipeline: str, trigger_mode: str,
-        chunks_: Sequence[ChunkSpec],
+        chunks_: Sequence[ChunkSpec], runner: str | None = None, exclusive: bool = False,
     ) -> None:
         now = _now()
 
         def step(conn: Connection) -> None:
+            if exclusive:
+                taken = conn.execute(
+                    self._insert(active_jobs).values(
+                        pipeline=pipeline, tenant_id=tenant_id, job_id=job_id, created_at=now)
+                    .on_conflict_do_nothing().returning(active_jobs.c.job_id)
+                ).first()
+                if taken is None:
+                    other = conn.execute(sa.select(active_jobs.c.job_id).where(
+                        active_jobs.c.pipeline == pipeline,
+                        active_jobs.c.tenant_id == tenant_id)).scalar_one()
+                    raise ActiveJobExists(other, f"tenant {tenant_id!r} of pipeline "
+                                          f"{pipeline!r} already has an unfinished job {other}")
             conn.execute(jobs.insert().values(
                 job_id=job_id, tenant_id=tenant_id, pipeline=pipeline,
                 trigger_mode=trigger_mode, status=JobStatus.RUNNING.value,
                 total_chunks=len(chunks_), completed_chunks=0, failed_chunks=0,
-                created_at=now, updated_at=now,
+                created_at=now, updated_at=now, runner=runner,
             ))
             if chunks_:
                 conn.execute(chunks.insert(), [
@@ -180,10 +235,56 @@ class SqlStateStore:
 
         self._run(step)
 
+    def record_failed_job(self, job_id: str, tenant_id: str, pipeline: str,
+                          trigger_mode: str, error: str) -> None:
+        """A job that could not even be planned (bad credentials, an API down): recorded as
+        failed with its reason, so ``status`` shows it and the other tenants go on."""
+        now = _now()
+        report = jsonio.dumps_str({"tables": {}, "error": redact(error)})
+        self._run(lambda c: c.execute(jobs.insert().values(
+            job_id=job_id, tenant_id=tenant_id, pipeline=pipeline, trigger_mode=trigger_mode,
+            status=JobStatus.FAILED.value, outcome="failed", total_chunks=0,
+            completed_chunks=0, failed_chunks=0, created_at=now, updated_at=now,
+            report=report)))
+
+    def active_job(self, pipeline: str, tenant_id: str) -> str | None:
+        row = self._run(lambda c: c.execute(sa.select(active_jobs.c.job_id).where(
+            active_jobs.c.pipeline == pipeline, active_jobs.c.tenant_id == tenant_id)).first())
+        return None if row is None else str(row.job_id)
+
+    def adopt_job(self, job_id: str, runner: str, previous: str | None) -> bool:
+        """Become the runner of an unfinished job whose runner was ``previous`` (a dead
+        one); only one adopter wins."""
+        now = _now()
+        cond = jobs.c.runner.is_(None) if previous is None else jobs.c.runner == previous
+        return bool(self._run(lambda c: c.execute(jobs.update().where(
+            jobs.c.job_id == job_id, cond, jobs.c.status.notin_(TERMINAL_JOB),
+        ).values(runner=runner, updated_at=now)).rowcount == 1))
+
     def complete_chunk(self, result: ChunkResult) -> Completion:
+        """Record one chunk result. The rule for a chunk reported more than once:
+        a success never gives way to a failure; before the job is claimed, a successful
+        retry supersedes a recorded failure, and a success whose file list differs from
+        the recorded one supersedes it too (its files are what the store holds now) and is
+        reported as a conflict; after the claim, late results change nothing and are
+        reported. Results for chunks that are not part of the job are refused."""
         now = _now()
 
         def step(conn: Connection) -> Completion:
+            job = self._lock_job(conn, result.job_id)
+            if job is None:
+                raise UnknownJob(f"unknown job {result.job_id!r}")
+            spec_row = conn.execute(sa.select(chunks.c.spec).where(
+                chunks.c.job_id == result.job_id, chunks.c.chunk_id == result.chunk_id)
+            ).one_or_none()
+            if spec_row is None:
+                raise InvalidCompletion(
+                    f"chunk {result.chunk_id!r} is not part of job {result.job_id!r}")
+            spec = ChunkSpec.model_validate_json(spec_row.spec)
+            if spec.table != result.table_metadata:
+                raise InvalidCompletion(
+                    f"chunk {result.chunk_id!r} of job {result.job_id!r} belongs to "
+                    f"{spec.table.label}, not {result.table_metadata.label}")
             # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT
             inserted = conn.execute(
                 self._insert(chunk_results).values(
@@ -192,22 +293,14 @@ class SqlStateStore:
                 ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
             ).first()
             if inserted is None:
-                row = conn.execute(
-                    sa.select(jobs.c.completed_chunks, jobs.c.total_chunks)
-                    .where(jobs.c.job_id == result.job_id)
-                ).one_or_none()
-                if row is None:
-                    raise UnknownJob(f"unknown job {result.job_id!r}")
-                return Completion(False, row.completed_chunks, row.total_chunks, False)
+                return self._repeat_completion(conn, result, job, now)
             row = conn.execute(
                 jobs.update().where(jobs.c.job_id == result.job_id).values(
                     completed_chunks=jobs.c.completed_chunks + 1,
                     failed_chunks=jobs.c.failed_chunks + (0 if result.completed else 1),
                     updated_at=now,
                 ).returning(jobs.c.completed_chunks, jobs.c.total_chunks)
-            ).one_or_none()
-            if row is None:
-                raise UnknownJob(f"unknown job {result.job_id!r}")
+            ).one()
             claimed = False
             if row.completed_chunks >= row.total_chunks:
                 claimed = conn.execute(
@@ -220,6 +313,68 @@ class SqlStateStore:
 
         completion: Completion = self._run(step)
         return completion
+
+    def _repeat_completion(self, conn: Connection, result: ChunkResult, job: Any,
+                           now: float) -> Completion:
+        """A second result for a recorded chunk (the job row is locked)."""
+        recorded = ChunkResult.model_validate_json(conn.execute(
+            sa.select(chunk_results.c.result).where(
+                chunk_results.c.job_id == result.job_id,
+                chunk_results.c.chunk_id == result.chunk_id)).scalar_one())
+        same = Completion(False, job.completed_chunks, job.total_chunks, False)
+        if not result.completed or (
+                recorded.completed and recorded.s3_files_written == result.s3_files_written):
+            return same  # a plain duplicate, or a failure after a success: nothing changes
+        kind = "retry_succeeded" if not recorded.completed else "conflicting_success"
+        detail = (f"a failed result ({recorded.error.message if recorded.error else '?'}) "
+                  "superseded by a successful retry" if not recorded.completed else
+                  f"a second success with {result.s3_files_count} file(s) "
+                  f"({result.records_processed} records) instead of "
+                  f"{recorded.s3_files_count} ({recorded.records_processed} records)")
+        if job.status != JobStatus.RUNNING.value:
+            self._event(conn, result.job_id, f"late_{kind}",
+                        f"{detail}, after the job was aggregated: not used", result.chunk_id,
+                        now)
+            return same
+        conn.execute(chunk_results.update().where(
+            chunk_results.c.job_id == result.job_id,
+            chunk_results.c.chunk_id == result.chunk_id,
+        ).values(completed=True, result=result.model_dump_json(), recorded_at=now))
+        if not recorded.completed:
+            conn.execute(jobs.update().where(jobs.c.job_id == result.job_id).values(
+                failed_chunks=jobs.c.failed_chunks - 1, updated_at=now))
+        self._event(conn, result.job_id, kind, detail, result.chunk_id, now)
+        return Completion(False, job.completed_chunks, job.total_chunks, False, superseded=True)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        rows = self._run(lambda c: c.execute(
+            sa.select(job_events).where(job_events.c.job_id == job_id)
+            .order_by(job_events.c.event_id)).all())
+        return [JobEvent(at=_dt(r.at), kind=r.kind, chunk_id=r.chunk_id, detail=r.detail)
+                for r in rows]
+
+    def cancel_job(self, job_id: str, reason: str) -> bool:
+        """Stop an unfinished job: no aggregation, no transform that has not started."""
+        now = _now()
+
+        def step(conn: Connection) -> bool:
+            job = self._lock_job(conn, job_id)
+            if job is None:
+                raise UnknownJob(f"unknown job {job_id!r}")
+            if job.status in TERMINAL_JOB:
+                return False
+            conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+                status=JobStatus.CANCELLED.value, outcome=sa.func.coalesce(
+                    jobs.c.outcome, "cancelled"), updated_at=now))
+            conn.execute(outbox.update().where(
+                outbox.c.job_id == job_id, outbox.c.status.in_(["pending", "dispatched"]),
+            ).values(status="cancelled", error=redact(reason), updated_at=now))
+            conn.execute(active_jobs.delete().where(active_jobs.c.job_id == job_id))
+            self._event(conn, job_id, "cancelled", reason, now=now)
+            return True
+
+        cancelled: bool = self._run(step)
+        return cancelled
 
     def chunk_specs(self, job_id: str) -> list[ChunkSpec]:
         rows = self._run(lambda c: c.execute(
@@ -267,15 +422,22 @@ class SqlStateStore:
         moved: bool = self._run(step)
         return moved
 
-    def _settle_job(self, conn: Connection, job_id: str, now: float) -> None:
-        """Move a job to done/failed once none of its transform requests is open."""
+    def _settle_job(self, conn: Connection, job_id: str, now: float) -> bool:
+        """Move a job to done/failed once none of its transform requests is open.
+
+        Locks the job's row first: two transforms finishing at the same instant each see
+        the other's row still open under READ COMMITTED unless they take turns here; the
+        second one counts again after the first committed, and settles."""
+        job = self._lock_job(conn, job_id)
+        if job is None or job.status != JobStatus.TRANSFORMS_ENQUEUED.value:
+            return False
         open_rows = conn.execute(
             sa.select(sa.func.count()).select_from(outbox).where(
-                outbox.c.job_id == job_id, outbox.c.status.notin_(["done", "failed"])
+                outbox.c.job_id == job_id, outbox.c.status.notin_(FINISHED_REQUEST)
             )
         ).scalar_one()
         if open_rows:
-            return
+            return False
         failed = conn.execute(
             sa.select(sa.func.count()).select_from(outbox).where(
                 outbox.c.job_id == job_id, outbox.c.status == "failed"
@@ -285,11 +447,30 @@ class SqlStateStore:
             sa.select(jobs.c.outcome).where(jobs.c.job_id == job_id)
         ).one_or_none()
         final = JobStatus.FAILED if failed or (row and row.outcome == "failed") else JobStatus.DONE
-        conn.execute(
+        moved = conn.execute(
             jobs.update().where(
                 jobs.c.job_id == job_id, jobs.c.status == JobStatus.TRANSFORMS_ENQUEUED.value
             ).values(status=final.value, updated_at=now)
-        )
+        ).rowcount == 1
+        if moved:
+            conn.execute(active_jobs.delete().where(active_jobs.c.job_id == job_id))
+        return moved
+
+    def settle_jobs(self, job_ids: Collection[str] | None = None) -> list[str]:
+        """The sweeper's settle: every job whose transform requests are all finished while
+        the job is not; the ids of the jobs it moved."""
+        open_req = sa.select(outbox.c.job_id).where(
+            outbox.c.job_id == jobs.c.job_id, outbox.c.status.notin_(FINISHED_REQUEST))
+        query = sa.select(jobs.c.job_id).where(
+            jobs.c.status == JobStatus.TRANSFORMS_ENQUEUED.value, ~sa.exists(open_req))
+        if job_ids is not None:
+            query = query.where(jobs.c.job_id.in_(list(job_ids)))
+        candidates = [r.job_id for r in self._run(lambda c: c.execute(query).all())]
+        settled = []
+        for job_id in candidates:
+            if self._run(lambda c, j=job_id: self._settle_job(c, j, _now())):
+                settled.append(job_id)
+        return settled
 
     def stuck_jobs(self, older_than: float) -> list[str]:
         cutoff = _now() - older_than
@@ -334,6 +515,7 @@ class SqlStateStore:
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
         lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
+        max_attempts: int | None = None,
     ) -> list[TransformRequest]:
         now = _now()
         conds = [outbox.c.status == "pending"]
@@ -351,15 +533,25 @@ class SqlStateStore:
         def step(conn: Connection) -> list[TransformRequest]:
             rows = conn.execute(
                 self._lock_rows(
-                    sa.select(outbox.c.request_id, outbox.c.payload, outbox.c.status)
+                    sa.select(outbox.c.request_id, outbox.c.payload, outbox.c.status,
+                              outbox.c.attempts, outbox.c.job_id, outbox.c.error)
                     .where(where).order_by(outbox.c.created_at).limit(limit)
                 )
             ).all()
-            ids = [r.request_id for r in rows if r.status != "running"]
+            spent = [r for r in rows if max_attempts is not None and r.attempts >= max_attempts]
+            for r in spent:  # abandoned after its last attempt: fail it, visibly
+                conn.execute(outbox.update().where(outbox.c.request_id == r.request_id).values(
+                    status="failed", updated_at=now,
+                    error=f"gave up after {r.attempts} attempt(s); last error: "
+                          f"{r.error or 'the worker running it was lost'}"))
+            for job_id in {r.job_id for r in spent if r.job_id is not None}:
+                self._settle_job(conn, job_id, now)
+            live = [r for r in rows if r not in spent]
+            ids = [r.request_id for r in live if r.status != "running"]
             if ids:
                 conn.execute(outbox.update().where(outbox.c.request_id.in_(ids))
                              .values(status="dispatched", updated_at=now))
-            return [TransformRequest.model_validate_json(r.payload) for r in rows]
+            return [TransformRequest.model_validate_json(r.payload) for r in live]
 
         claimed: list[TransformRequest] = self._run(step)
         return claimed
@@ -368,25 +560,45 @@ class SqlStateStore:
         """Backends with row locks skip rows another relay holds (PostgreSQL)."""
         return select
 
-    def claim_request(self, request_id: str, lease_seconds: float) -> int | None:
+    def claim_request(self, request_id: str, lease_seconds: float,
+                      holder: str | None = None, holder_dead: Callable[[str], bool] | None = None,
+                      ) -> int | None:
+        """Take a request for running: pending or dispatched, or running under a lease that
+        expired or whose holder is known dead (``holder_dead``). The attempt number, or
+        None if it is not claimable now."""
         now = _now()
 
         def step(conn: Connection) -> int | None:
+            current = conn.execute(sa.select(outbox.c.status, outbox.c.holder).where(
+                outbox.c.request_id == request_id)).one_or_none()
+            takeover = (current is not None and current.status == "running"
+                        and current.holder is not None and holder_dead is not None
+                        and holder_dead(current.holder))
+            claimable = [outbox.c.status.in_(["pending", "dispatched"]),
+                         sa.and_(outbox.c.status == "running",
+                                 outbox.c.updated_at < now - lease_seconds)]
+            if takeover:
+                claimable.append(sa.and_(outbox.c.status == "running",
+                                         outbox.c.holder == current.holder))
             row = conn.execute(
-                outbox.update().where(
-                    outbox.c.request_id == request_id,
-                    sa.or_(
-                        outbox.c.status.in_(["pending", "dispatched"]),
-                        sa.and_(outbox.c.status == "running",
-                                outbox.c.updated_at < now - lease_seconds),
-                    ),
-                ).values(status="running", attempts=outbox.c.attempts + 1, updated_at=now)
+                outbox.update().where(outbox.c.request_id == request_id, sa.or_(*claimable))
+                .values(status="running", attempts=outbox.c.attempts + 1, updated_at=now,
+                        holder=holder)
                 .returning(outbox.c.attempts)
             ).one_or_none()
             return None if row is None else int(row.attempts)
 
         attempt: int | None = self._run(step)
         return attempt
+
+    def touch_request(self, request_id: str, holder: str | None = None) -> bool:
+        """Heartbeat of a running transform: its lease stays fresh while it works."""
+        now = _now()
+        cond = [outbox.c.request_id == request_id, outbox.c.status == "running"]
+        if holder is not None:
+            cond.append(outbox.c.holder == holder)
+        return bool(self._run(lambda c: c.execute(
+            outbox.update().where(*cond).values(updated_at=now)).rowcount == 1))
 
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None
@@ -398,7 +610,7 @@ class SqlStateStore:
                 outbox.update().where(outbox.c.request_id == request_id).values(
                     status="failed" if error else "done",
                     result=result.model_dump_json() if result else None,
-                    error=error, updated_at=now,
+                    error=redact(error) if error else None, updated_at=now,
                 ).returning(outbox.c.job_id)
             ).one_or_none()
             if row is not None and row.job_id is not None:
@@ -407,22 +619,25 @@ class SqlStateStore:
         self._run(step)
 
     def retry_later(self, request_id: str, error: str, max_attempts: int) -> bool:
-        """Give a claimed request back to the outbox after a retryable failure, or fail it
-        for good once it has had ``max_attempts``; True if it will be retried."""
+        """Give a request back to the outbox after a retryable failure or a lost worker
+        (running or dispatched), or fail it for good once it has had ``max_attempts``;
+        True if it will be retried."""
         now = _now()
+        error = redact(error)
 
         def step(conn: Connection) -> bool:
+            taken = outbox.c.status.in_(["running", "dispatched"])
             again = conn.execute(
-                outbox.update().where(outbox.c.request_id == request_id,
-                                      outbox.c.status == "running",
+                outbox.update().where(outbox.c.request_id == request_id, taken,
                                       outbox.c.attempts < max_attempts)
-                .values(status="pending", error=error, updated_at=now)
+                .values(status="pending", error=error, updated_at=now, holder=None)
             ).rowcount == 1
             if not again:
                 row = conn.execute(
-                    outbox.update().where(outbox.c.request_id == request_id,
-                                          outbox.c.status == "running")
-                    .values(status="failed", error=error, updated_at=now)
+                    outbox.update().where(outbox.c.request_id == request_id, taken)
+                    .values(status="failed", updated_at=now, holder=None,
+                            error=f"gave up after {max_attempts} attempt(s); "
+                                  f"last error: {error}")
                     .returning(outbox.c.job_id)
                 ).one_or_none()
                 if row is not None and row.job_id is not None:
@@ -513,22 +728,42 @@ class SqlStateStore:
         return None if row is None else dict(jsonio.loads(row.state))
 
     # -- leases -----------------------------------------------------------------------------
-    def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
-        """Take (or renew) a named lease; an expired lease can be taken over."""
+    def acquire_lock(self, name: str, holder: str, ttl: float,
+                     steal_from: str | None = None) -> bool:
+        """Take (or renew) a named lease; an expired lease can be taken over, and so can
+        the lease of ``steal_from`` (a holder known to be dead)."""
         now = _now()
 
         def step(conn: Connection) -> bool:
+            takeable = [locks.c.expires_at < now, locks.c.holder == holder]
+            if steal_from is not None:
+                takeable.append(locks.c.holder == steal_from)
             stmt = self._insert(locks).values(name=name, holder=holder, expires_at=now + ttl)
             stmt = stmt.on_conflict_do_update(
                 index_elements=[locks.c.name],
                 set_={"holder": holder, "expires_at": now + ttl},
-                where=sa.or_(locks.c.expires_at < now, locks.c.holder == holder),
+                where=sa.or_(*takeable),
             ).returning(locks.c.holder)
             row = conn.execute(stmt).first()
             return row is not None and row.holder == holder
 
         acquired: bool = self._run(step)
         return acquired
+
+    def lock_holder(self, name: str) -> tuple[str, float] | None:
+        """Who holds a lease and until when (epoch seconds), expired or not."""
+        row = self._run(lambda c: c.execute(
+            sa.select(locks.c.holder, locks.c.expires_at).where(locks.c.name == name)).first())
+        return None if row is None else (str(row.holder), float(row.expires_at))
+
+    def live_locks(self, names: Collection[str]) -> dict[str, str]:
+        """The unexpired leases among ``names``: name -> holder."""
+        if not names:
+            return {}
+        now = _now()
+        rows = self._run(lambda c: c.execute(sa.select(locks.c.name, locks.c.holder).where(
+            locks.c.name.in_(list(names)), locks.c.expires_at >= now)).all())
+        return {r.name: r.holder for r in rows}
 
     def release_lock(self, name: str, holder: str) -> None:
         self._run(lambda c: c.execute(
@@ -544,6 +779,7 @@ class SqlStateStore:
             failed_chunks=row.failed_chunks, created_at=_dt(row.created_at),
             updated_at=_dt(row.updated_at),
             report=jsonio.loads(row.report) if row.report else {},
+            runner=row.runner,
         )
 
     def job(self, job_id: str) -> JobRecord | None:
@@ -551,6 +787,37 @@ class SqlStateStore:
             sa.select(jobs).where(jobs.c.job_id == job_id)
         ).one_or_none())
         return None if row is None else self._job_record(row)
+
+    def unfinished_jobs(self, job_ids: Collection[str] | None = None) -> list[JobRecord]:
+        """Jobs not done, failed or cancelled (optionally among ``job_ids``)."""
+        query = sa.select(jobs).where(jobs.c.status.notin_(TERMINAL_JOB))
+        if job_ids is not None:
+            query = query.where(jobs.c.job_id.in_(list(job_ids)))
+        rows = self._run(lambda c: c.execute(query.order_by(jobs.c.created_at)).all())
+        return [self._job_record(r) for r in rows]
+
+    def activity(self, job_ids: Collection[str], since: float) -> Activity:
+        """What changed in these jobs after ``since`` (epoch seconds), in one transaction:
+        chunk results recorded, transform requests written or moved, job rows moved. A
+        runner polls this instead of every job's results and requests."""
+        ids = list(job_ids)
+
+        def step(conn: Connection) -> Activity:
+            now = _now()
+            results = [ChunkResult.model_validate_json(r.result) for r in conn.execute(
+                sa.select(chunk_results.c.result).where(
+                    chunk_results.c.job_id.in_(ids), chunk_results.c.recorded_at >= since)
+            ).all()]
+            requests = [self._request_record(r) for r in conn.execute(
+                sa.select(outbox).where(outbox.c.job_id.in_(ids),
+                                        outbox.c.updated_at >= since)).all()]
+            moved = [self._job_record(r) for r in conn.execute(
+                sa.select(jobs).where(jobs.c.job_id.in_(ids), jobs.c.updated_at >= since)
+            ).all()]
+            return Activity(now, results, requests, moved)
+
+        activity: Activity = self._run(step)
+        return activity
 
     def jobs(self, limit: int = 20) -> list[JobRecord]:
         rows = self._run(lambda c: c.execute(

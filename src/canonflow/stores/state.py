@@ -8,7 +8,7 @@ the outbox has one row per (job, table).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ class Completion:
     completed: int
     total: int
     claimed: bool  # True for exactly one completer per job: it must aggregate
+    superseded: bool = False  # a repeat that replaced the recorded result (see the rule)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,17 @@ class JobRecord:
     created_at: datetime
     updated_at: datetime
     report: dict[str, Any] = field(default_factory=dict)
+    runner: str | None = None  # the runner lease of the process driving the job
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """Something about a job an operator must see (a superseded result, a cancel)."""
+
+    at: datetime
+    kind: str
+    chunk_id: str | None
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +64,43 @@ class RequestRecord:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What changed in some jobs since a point in time (see ``StateStore.activity``)."""
+
+    as_of: float  # pass back as ``since`` next time
+    chunk_results: list[ChunkResult]
+    requests: list[RequestRecord]
+    jobs: list[JobRecord]
+
+
 class StateStore(Protocol):
     url: str
 
     def create_job(
         self, job_id: str, tenant_id: str, pipeline: str, trigger_mode: str,
-        chunks: Sequence[ChunkSpec],
-    ) -> None: ...
+        chunks: Sequence[ChunkSpec], runner: str | None = None, exclusive: bool = False,
+    ) -> None:
+        """``exclusive``: refuse (ActiveJobExists) while the (pipeline, tenant) has an
+        unfinished exclusive job."""
 
-    def complete_chunk(self, result: ChunkResult) -> Completion: ...
+    def record_failed_job(self, job_id: str, tenant_id: str, pipeline: str,
+                          trigger_mode: str, error: str) -> None: ...
+
+    def active_job(self, pipeline: str, tenant_id: str) -> str | None: ...
+
+    def adopt_job(self, job_id: str, runner: str, previous: str | None) -> bool: ...
+
+    def complete_chunk(self, result: ChunkResult) -> Completion:
+        """Record a chunk result (refused for a chunk not in the job); see the rule for
+        repeats in docs/architecture.md."""
+
+    def events(self, job_id: str) -> list[JobEvent]: ...
+
+    def cancel_job(self, job_id: str, reason: str) -> bool: ...
+
+    def settle_jobs(self, job_ids: Collection[str] | None = None) -> list[str]:
+        """Settle jobs whose transform requests are all finished while the job is not."""
 
     def chunk_specs(self, job_id: str) -> list[ChunkSpec]: ...
 
@@ -78,12 +118,18 @@ class StateStore(Protocol):
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
         lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
+        max_attempts: int | None = None,
     ) -> list[TransformRequest]:
         """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones;
-        ``job_ids`` limits the sweep to those jobs."""
+        ``job_ids`` limits the sweep to those jobs; stale rows that used ``max_attempts``
+        are failed instead of sent again."""
 
-    def claim_request(self, request_id: str, lease_seconds: float) -> int | None:
+    def claim_request(self, request_id: str, lease_seconds: float,
+                      holder: str | None = None,
+                      holder_dead: Callable[[str], bool] | None = None) -> int | None:
         """Take a request for running; the attempt number, or None if it is not claimable."""
+
+    def touch_request(self, request_id: str, holder: str | None = None) -> bool: ...
 
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None
@@ -105,6 +151,10 @@ class StateStore(Protocol):
 
     def jobs(self, limit: int = 20) -> list[JobRecord]: ...
 
+    def unfinished_jobs(self, job_ids: Collection[str] | None = None) -> list[JobRecord]: ...
+
+    def activity(self, job_ids: Collection[str], since: float) -> Activity: ...
+
     def stuck_jobs(self, older_than: float) -> list[str]:
         """Jobs whose last chunk is in but whose aggregation never committed."""
 
@@ -120,8 +170,14 @@ class StateStore(Protocol):
 
     def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None: ...
 
-    def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
-        """Take or renew a named lease for ``ttl`` seconds; False while another holds it."""
+    def acquire_lock(self, name: str, holder: str, ttl: float,
+                     steal_from: str | None = None) -> bool:
+        """Take or renew a named lease for ``ttl`` seconds; False while another holds it
+        (unless that holder is ``steal_from``, known dead)."""
+
+    def lock_holder(self, name: str) -> tuple[str, float] | None: ...
+
+    def live_locks(self, names: Collection[str]) -> dict[str, str]: ...
 
     def release_lock(self, name: str, holder: str) -> None: ...
 
