@@ -7,6 +7,7 @@ one array; a row that fails any field is routed to quarantine with the first rea
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,6 +145,33 @@ def sequence(start: int, n: int) -> pa.Array:
     return pc.add(pc.cumulative_sum(constant(1, n, pa.int64())), start - 1)
 
 
+def per_value(op: Callable[[pa.Array], pa.Array], src: pa.Array,
+              target: pa.DataType) -> pa.Array:
+    """``op`` over the whole column; when one value makes it raise (a number too big for
+    the target type, a date that does not exist, a local time a DST gap skips), only that
+    value becomes null, so the row fails its cast instead of the whole request. Halving
+    finds the bad values in O(k log n) calls; the common case is one call."""
+    try:
+        return op(src)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if len(src) <= 1:
+            return pa.nulls(len(src), target)
+    half = len(src) // 2
+    return pa.concat_arrays([per_value(op, src.slice(0, half), target),
+                             per_value(op, src.slice(half), target)])
+
+
+def _cast(src: pa.Array, target: pa.DataType) -> pa.Array:
+    return per_value(lambda a: pc.cast(a, target), src, target)
+
+
+def _finite(src: pa.Array) -> pa.Array:
+    """Floating values with NaN and infinities as null: no canonical type holds them."""
+    if pa.types.is_floating(src.type):
+        return pc.if_else(pc.is_finite(src), src, None)
+    return src
+
+
 def _fail(src: pa.Array, out: pa.Array) -> pa.Array:
     return pc.and_(pc.is_valid(src), pc.is_null(out))
 
@@ -213,16 +241,18 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
         if is_str:
             ok = pc.match_substring_regex(src, _INT_RE if ftype == "int" else _FLOAT_RE)
             clean = pc.if_else(ok, pc.utf8_trim_whitespace(src), None)
-            out = pc.cast(clean, pa.float64() if ftype == "decimal" else target)
+            out = _finite(_cast(clean, pa.float64() if ftype == "decimal" else target))
         elif pa.types.is_floating(t) and ftype == "int":
-            integral = pc.equal(pc.floor(src), src)
-            out = pc.cast(pc.if_else(integral, src, None), target)
+            finite = _finite(src)
+            integral = pc.equal(pc.floor(finite), finite)
+            out = _cast(pc.if_else(integral, finite, None), target)
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-            out = pc.cast(src, pa.float64()) if ftype == "decimal" else pc.cast(src, target)
+            finite = _finite(src)
+            out = _cast(finite, pa.float64()) if ftype == "decimal" else _cast(finite, target)
         else:
             out = pa.nulls(len(src), target)
         if ftype == "decimal" and not pa.types.is_decimal(out.type):
-            out = pc.cast(pc.round(out, 6), target)
+            out = _cast(pc.round(out, 6), target)
         return out, _fail(src, out)
     if ftype == "bool":
         if pa.types.is_boolean(t):
@@ -237,27 +267,27 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
             out = pa.nulls(len(src), target)
         return pc.cast(out, target), _fail(src, out)
     # timestamp
+    zone = rule.timezone or "UTC"
     if pa.types.is_timestamp(t):
-        out = pc.cast(src, pa.timestamp("us", tz=t.tz)) if t.tz else pc.assume_timezone(
-            pc.cast(src, pa.timestamp("us")), rule.timezone or "UTC")
+        out = _cast(src, pa.timestamp("us", tz=t.tz)) if t.tz else _in_zone(
+            _cast(src, pa.timestamp("us")), zone)
         out = pc.cast(out, target)
     elif is_str and rule.format is None:
         # ISO 8601 with an offset or Z, with or without fractions of a second
         iso = pc.match_substring_regex(src, _ISO_RE)
-        out = pc.cast(pc.if_else(iso, src, None), target)
+        out = _cast(pc.if_else(iso, src, None), target)
         local = pc.match_substring_regex(src, _ISO_LOCAL_RE)
         if pc.any(local).as_py():  # no offset: in the rule's zone (default UTC)
-            naive = pc.cast(pc.if_else(local, src, None), pa.timestamp("us"))
-            out = pc.if_else(local, pc.cast(pc.assume_timezone(
-                naive, rule.timezone or "UTC"), target), out)
+            naive = _cast(pc.if_else(local, src, None), pa.timestamp("us"))
+            out = pc.if_else(local, pc.cast(_in_zone(naive, zone), target), out)
         numeric = pc.match_substring_regex(src, _FLOAT_RE)
         if pc.any(numeric).as_py():  # epoch numbers that arrived as text
-            epoch = _epoch(pc.cast(pc.if_else(numeric, src, None), pa.float64()), rule)
+            epoch = _epoch(_cast(pc.if_else(numeric, src, None), pa.float64()), rule)
             out = pc.if_else(numeric, epoch, out)
     elif is_str:
         parsed = pc.strptime(src, format=rule.format, unit="us", error_is_null=True)
         if parsed.type.tz is None:
-            parsed = pc.assume_timezone(parsed, rule.timezone or "UTC")
+            parsed = _in_zone(parsed, zone)
         out = pc.cast(parsed, target)
     elif pa.types.is_integer(t) or pa.types.is_floating(t):
         out = _epoch(src, rule)
@@ -266,9 +296,15 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
     return out, _fail(src, out)
 
 
+def _in_zone(naive: pa.Array, zone: str) -> pa.Array:
+    return per_value(lambda a: pc.assume_timezone(a, zone), naive,
+                     pa.timestamp(naive.type.unit, tz=zone))
+
+
 def _epoch(src: pa.Array, rule: FieldRule) -> pa.Array:
     scale = 1_000 if rule.unit == "ms" else 1_000_000
-    micros = pc.cast(pc.round(pc.multiply(pc.cast(src, pa.float64()), scale)), pa.int64())
+    scaled = pc.round(pc.multiply(_finite(pc.cast(src, pa.float64())), scale))
+    micros = _cast(scaled, pa.int64())
     return pc.cast(micros, pa.timestamp("us", tz="UTC"))
 
 
