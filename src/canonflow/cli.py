@@ -17,7 +17,8 @@ from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig,
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
 from canonflow.errors import CanonflowError, ConfigError, UnknownJob
-from canonflow.model import TransformRequest, TriggerMode
+from canonflow.lease import runner_alive
+from canonflow.model import TERMINAL, TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
 from canonflow.query import run_query
 from canonflow.report import job_report, totals
@@ -81,29 +82,52 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
 
 
 def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
-              full_refresh: bool = False) -> int:
+              full_refresh: bool = False, wait_limit: float | None = None) -> int:
+    """Run (or resume) one job per tenant and print the reports. Exit codes: 0 every job
+    done and completed, 1 a job failed or a tenant was refused, 130 interrupted (the jobs
+    stay resumable); errors exit 2 (terminal) or 3 (retryable, a wait limit)."""
     started = time.perf_counter()
     rt = Runtime(settings)
     dispatcher = open_dispatcher(settings.dispatcher, settings)
+    runner: JobRunner | None = None
     try:
         if as_json:
-            job_ids = JobRunner(settings, rt, dispatcher,
-                                full_refresh=full_refresh).run(tenants)
+            runner = JobRunner(settings, rt, dispatcher, full_refresh=full_refresh,
+                               wait_limit=wait_limit)
+            job_ids = runner.run(tenants)
         else:
             with RichProgress(console) as progress:
-                job_ids = JobRunner(settings, rt, dispatcher, progress,
-                                    full_refresh=full_refresh).run(tenants)
+                runner = JobRunner(settings, rt, dispatcher, progress,
+                                   full_refresh=full_refresh, wait_limit=wait_limit)
+                job_ids = runner.run(tenants)
         reports = [job_report(rt.state, j) for j in job_ids]
+    except KeyboardInterrupt:
+        left = [j.job_id for j in rt.state.unfinished_jobs(runner._job_ids)] if runner else []
+        console.print(f"interrupted; unfinished job(s) {', '.join(left) or '(none)'} can be "
+                      "resumed: run the same command again, or `canonflow recover`",
+                      highlight=False, soft_wrap=True)
+        return 130
     finally:
         dispatcher.close()
         rt.close()
     seconds = time.perf_counter() - started
+    refused = runner.refused if runner else {}
     if as_json:
-        _emit_json({"seconds": round(seconds, 3), "jobs": reports})
+        _emit_json({"seconds": round(seconds, 3), "jobs": reports,
+                    "refused": refused, "resumed": runner.resumed if runner else []})
     else:
-        out.print(_summary(reports, seconds))
+        if reports:
+            out.print(_summary(reports, seconds))
+        for job_id in runner.resumed if runner else []:
+            console.print(f"resumed job {job_id} (its runner was gone)", highlight=False)
+        for message in refused.values():
+            console.print(f"[red]refused:[/red] {message}", highlight=False, soft_wrap=True)
+        for r in reports:
+            if r.get("error"):
+                console.print(f"[red]{r['tenant_id']}:[/red] job {r['job_id']} failed: "
+                              f"{r['error']}", highlight=False, soft_wrap=True)
     failed = [r for r in reports if r["status"] != "done" or r["outcome"] != "completed"]
-    return 1 if failed else 0
+    return 1 if failed or refused else 0
 
 
 @app.command()
@@ -152,15 +176,21 @@ def run(
         help="Sync only this tenant (repeatable).")] = None,
     full_refresh: Annotated[bool, typer.Option(
         help="Ignore incremental high-water marks: fetch every record again.")] = False,
+    wait_limit: Annotated[float | None, typer.Option(
+        help="Stop waiting after this many seconds (exit code 3; the jobs go on). "
+        "Default: the pipeline's run_wait_limit_seconds (24 h).", min=0.001)] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one sync job per tenant of PIPELINE and wait for its canonical transforms.
 
     Tables with an incremental filter fetch only what changed since their last synced
-    high-water mark, unless --full-refresh."""
+    high-water mark, unless --full-refresh. A tenant whose previous job was left unfinished
+    by a run that died (killed, Ctrl-C) resumes that job: only its missing chunks run again.
+    A tenant whose job another live run is driving is refused."""
     log.configure(logging.INFO if verbose else logging.WARNING)
-    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json, full_refresh))
+    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json, full_refresh,
+                               wait_limit))
 
 
 @app.command()
@@ -181,6 +211,17 @@ def status(
                 _emit_json(rep)
             else:
                 out.print(_summary([rep], rep["seconds"]))
+                if rep.get("runner") == "lost":
+                    console.print(f"job {job_id} is {rep['status']} but its runner is gone: "
+                                  "resume it with `canonflow run` of its pipeline and tenant "
+                                  f"or `canonflow recover`, or `canonflow cancel {job_id}`",
+                                  highlight=False, soft_wrap=True)
+                if rep.get("error"):
+                    console.print(f"error: {rep['error']}", highlight=False, soft_wrap=True)
+                for event in rep.get("events", []):
+                    console.print(f"{event['at']} {event['kind']} "
+                                  f"{event['chunk_id'] or ''}: {event['detail']}",
+                                  highlight=False, soft_wrap=True)
             return
         jobs = rt.state.jobs(20)
         if as_json:
@@ -190,7 +231,10 @@ def status(
         for col in ("job", "tenant", "status", "outcome", "chunks", "created"):
             table.add_column(col)
         for j in jobs:
-            table.add_row(j.job_id, j.tenant_id, j.status, j.outcome or "",
+            lost = j.status not in TERMINAL and j.runner is not None \
+                and not runner_alive(rt.state, j)
+            table.add_row(j.job_id, j.tenant_id, j.status + (" (runner lost)" if lost else ""),
+                          j.outcome or "",
                           f"{j.completed_chunks}/{j.total_chunks}",
                           j.created_at.isoformat(timespec="seconds"))
         out.print(table)
@@ -479,12 +523,25 @@ def recover_cmd(
         help="Only touch work idle for this many seconds.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sweep: aggregate jobs stuck after their last chunk, re-send pending transforms."""
+    """Sweep: settle finished jobs, aggregate jobs stuck after their last chunk, re-send
+    pending or abandoned transforms; with --pipeline, also resume that pipeline's jobs whose
+    runner is gone (only their missing chunks run again)."""
     settings = _settings(pipeline, data_dir)
     rt = Runtime(settings)
     dispatcher = open_dispatcher(settings.dispatcher, settings)
     try:
-        swept = recover(rt, dispatcher, older_than)
+        swept: dict[str, Any] = dict(recover(rt, dispatcher, older_than))
+        if pipeline is not None:
+            resumed = JobRunner(settings, rt, dispatcher).resume(older_than=older_than)
+            swept["jobs_resumed"] = len(resumed)
+        else:
+            orphans = [j.job_id for j in rt.state.unfinished_jobs()
+                       if j.runner is not None and not runner_alive(rt.state, j)]
+            swept["jobs_orphaned"] = len(orphans)
+            if orphans and not as_json:
+                console.print(f"{len(orphans)} job(s) whose runner is gone need their "
+                              "pipeline to resume: canonflow recover --pipeline FILE "
+                              f"({', '.join(orphans[:5])})", highlight=False, soft_wrap=True)
     finally:
         dispatcher.close()
         rt.close()
@@ -494,7 +551,33 @@ def recover_cmd(
         out.print(", ".join(f"{k}: {v}" for k, v in swept.items()))
 
 
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    reason: Annotated[str, typer.Option(help="Why (kept with the job).")] = "cancelled by user",
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+) -> None:
+    """Cancel an unfinished job: it is never aggregated, transforms not yet started never
+    start, and its tenant can start a new job."""
+    rt = Runtime(_settings(pipeline, data_dir))
+    try:
+        if rt.state.cancel_job(job_id, reason):
+            out.print(f"job {job_id} cancelled")
+        else:
+            job = rt.state.job(job_id)
+            out.print(f"job {job_id} is already {job.status if job else 'gone'}; nothing to do")
+    finally:
+        rt.close()
+
+
 def main() -> None:
+    """The ``canonflow`` entry point: any failure ends in one redacted line on stderr (exit 2
+    terminal, 3 retryable, 1 for an error canonflow did not expect)."""
+    from rich.markup import escape
+
+    from canonflow.redact import redact
+
     memory.tune()
     try:
         app()

@@ -76,7 +76,20 @@ class Settings(_Cfg):
     transform_group_records: int = Field(
         default=150_000, gt=0,
         description="records per transform commit: bounds the transform's memory")
-    transform_lease_seconds: float = Field(default=900.0, gt=0)
+    transform_lease_seconds: float = Field(
+        default=120.0, gt=0,
+        description="a running transform's lease; its heartbeat renews it; a lapsed lease "
+        "(or a holder known dead) lets another worker take the request over")
+    transform_max_attempts: int = Field(
+        default=3, ge=1, description="attempts of a transform request before it fails")
+    chunk_attempts: int = Field(
+        default=3, ge=1, description="attempts of a chunk whose error is retryable")
+    runner_lease_seconds: float = Field(
+        default=30.0, gt=0,
+        description="a runner's lease; when it lapses its jobs are resumable by another run")
+    run_wait_limit_seconds: float = Field(
+        default=86_400.0, gt=0,
+        description="`canonflow run` stops waiting after this long (exit code 3)")
     celery_queue: str = Field(default="canonflow", description="Celery queue of this pipeline")
     celery_visibility_timeout: float = Field(
         default=3600.0, gt=0,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from canonflow.stores.state import StateStore
+from canonflow.lease import runner_alive
+from canonflow.model import TERMINAL
+from canonflow.stores.state import JobRecord, StateStore
 
 
 def _table_row(**counts: Any) -> dict[str, Any]:
@@ -60,7 +62,18 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
         "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
         "seconds": round((job.updated_at - job.created_at).total_seconds(), 3),
         "tables": tables, "transforms": transforms,
+        **({"error": job.report["error"]} if job.report.get("error") else {}),
+        "runner": _runner_state(state, job),
+        "events": [{"at": e.at.isoformat(), "kind": e.kind, "chunk_id": e.chunk_id,
+                    "detail": e.detail} for e in state.events(job_id)],
     }
+
+
+def _runner_state(state: StateStore, job: JobRecord) -> str | None:
+    """"alive" or "lost" for an unfinished job driven by a runner; None otherwise."""
+    if job.status in TERMINAL or job.runner is None:
+        return None
+    return "alive" if runner_alive(state, job) else "lost"
 
 
 def totals(report: dict[str, Any]) -> dict[str, int]:

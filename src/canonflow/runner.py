@@ -1,9 +1,15 @@
-"""Drive jobs to the end on one machine: plan, submit chunks, relay the outbox, sweep.
+"""Drive jobs to the end: plan, submit chunks, relay the outbox, sweep, resume.
 
 The runner is a convenience around the protocol, not part of its correctness: chunks record
 their own completion and the winning completer aggregates inside the worker; the runner only
-relays committed outbox rows to the dispatcher and, at the end, sweeps its own jobs for work
-a crashed worker left behind (the same steps ``canonflow recover`` runs).
+relays committed outbox rows to the dispatcher and sweeps its own jobs for work a crashed
+worker left behind (the same steps ``canonflow recover`` runs).
+
+A runner holds a lease (``runner:HOLDER``) renewed by a heartbeat, and each job it starts
+names it. A job whose runner's lease lapsed (or whose runner process is known dead) is an
+orphan: ``canonflow run`` of the same pipeline and tenant, or ``canonflow recover``, adopts
+it and runs only its missing chunks (sequential chunks resume from their checkpoints). One
+unfinished job per (pipeline, tenant): a second run refuses while the first runner lives.
 """
 
 from __future__ import annotations
@@ -11,19 +17,30 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Collection, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from canonflow.aggregate import aggregate_job, complete_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import Dispatcher, TaskOutcome
-from canonflow.errors import error_payload
-from canonflow.model import ChunkError, ChunkResult, ChunkSpec, JobStatus, TransformRequest
-from canonflow.plan import JobPlan, plan_job
+from canonflow.errors import (
+    ActiveJobExists,
+    CanonflowError,
+    ConfigError,
+    RunTimeout,
+    error_payload,
+)
+from canonflow.lease import Heartbeat, holder_dead, holder_id, runner_alive, runner_lock
+from canonflow.model import TERMINAL, ChunkError, ChunkResult, ChunkSpec, TransformRequest
+from canonflow.plan import JobPlan, new_job_id, plan_job
 from canonflow.runtime import Runtime
+from canonflow.stores.state import JobRecord
 
 log = logging.getLogger("canonflow.runner")
-TERMINAL = {JobStatus.DONE.value, JobStatus.FAILED.value}
+ACTIVITY_MARGIN = 5.0  # seconds of overlap between polls: clocks of other machines differ
 
 
 class ProgressSink(Protocol):
@@ -47,11 +64,28 @@ class NullProgress:
         pass
 
 
+def reclaim_lost_transforms(rt: Runtime, job_ids: Collection[str] | None = None) -> int:
+    """Transform requests running under a holder known dead go back to the outbox at once
+    (a lost worker is a retryable failure, with bounded attempts)."""
+    state, reclaimed = rt.state, 0
+    for job in state.unfinished_jobs(job_ids):
+        for rec in state.requests(job.job_id):
+            if rec.status == "running" and rec.holder and holder_dead(rec.holder):
+                state.retry_later(rec.request.request_id, "the worker running it was lost",
+                                  rt.settings.transform_max_attempts)
+                reclaimed += 1
+    return reclaimed
+
+
 def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
-            job_ids: set[str] | None = None) -> dict[str, int]:
-    """The sweeper: aggregate jobs stuck after their last chunk, re-send outbox rows left
-    pending or abandoned, wait for what it sent. Everything it re-sends is idempotent."""
+            job_ids: Collection[str] | None = None) -> dict[str, int]:
+    """The sweeper: settle jobs whose transforms all finished, give requests of dead workers
+    back, aggregate jobs stuck after their last chunk, re-send outbox rows left pending or
+    abandoned (failing those that used every attempt), wait for what it sent. Everything
+    it re-sends is idempotent."""
     state = rt.state
+    settled = len(state.settle_jobs(job_ids))
+    reclaimed = reclaim_lost_transforms(rt, job_ids)
     reaggregated = 0
     for job_id in state.stuck_jobs(older_than):
         if job_ids is not None and job_id not in job_ids:
@@ -62,141 +96,337 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
     requests = state.claim_for_dispatch(
         limit=10_000, redispatch_after=older_than,
         lease_seconds=max(older_than, rt.settings.transform_lease_seconds), job_ids=job_ids,
+        max_attempts=rt.settings.transform_max_attempts,
     )
     futures = [(r, dispatcher.submit_transform(r)) for r in requests]
     wait([f for _, f in futures if f is not None])
     for request, future in futures:
         if future is not None:
             _settle_transform(rt, request, future)
-    return {"jobs_reaggregated": reaggregated, "transforms_redispatched": len(requests)}
+    settled += len(state.settle_jobs(job_ids))
+    return {"jobs_reaggregated": reaggregated, "transforms_redispatched": len(requests),
+            "transforms_reclaimed": reclaimed, "jobs_settled": settled}
 
 
 def _settle_transform(rt: Runtime, request: TransformRequest,
                       future: Future[TaskOutcome]) -> None:
-    """A transform whose worker died is failed here, so the job can finish and report it."""
+    """A transform whose worker died goes back to the outbox (a retryable failure) until
+    its attempts run out; then it fails and its job settles."""
     exc = future.exception()
     if exc is None:
         return
-    record = rt.state.request(request.request_id)
-    if record is not None and record.status in ("dispatched", "running"):
-        rt.state.finish_request(request.request_id, None,
-                                error=f"worker lost: {type(exc).__name__}: {exc}")
+    again = rt.state.retry_later(request.request_id,
+                                 f"worker lost: {type(exc).__name__}: {exc}",
+                                 rt.settings.transform_max_attempts)
+    log.warning("transform worker lost", extra={"request_id": request.request_id,
+                                                "will_retry": again})
+
+
+@dataclass
+class _Work:
+    plan: JobPlan
+    submit: list[ChunkSpec]  # the chunks to run: all of a new job, the missing of an orphan
+    resumed: bool = False
+
+
+@dataclass
+class _Pending:
+    kind: str  # "chunk" | "transform"
+    payload: Any
+    tries: int = 1
+
+
+@dataclass
+class _Watch:
+    """What a remote-worker run has seen so far."""
+
+    chunks: set[tuple[str, str]] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)
 
 
 class JobRunner:
     def __init__(self, settings: Settings, rt: Runtime, dispatcher: Dispatcher,
-                 progress: ProgressSink | None = None, full_refresh: bool = False) -> None:
+                 progress: ProgressSink | None = None, full_refresh: bool = False,
+                 wait_limit: float | None = None) -> None:
         self.full_refresh = full_refresh
         self.settings = settings
         self.rt = rt
         self.dispatcher = dispatcher
         self.progress = progress or NullProgress()
-        self._pending: dict[Future[TaskOutcome], tuple[str, Any]] = {}
+        self.holder = holder_id()
+        self.wait_limit = wait_limit or settings.run_wait_limit_seconds
+        self.refused: dict[str, str] = {}  # tenant -> why this run did not start its job
+        self.resumed: list[str] = []
+        self._pending: dict[Future[TaskOutcome], _Pending] = {}
+        self._started = time.monotonic()
+        self._job_ids: list[str] = []
+
+    # -- starting ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Everything that can be checked before a job exists: the stores open, the
+        mappings load, every source has a spec and every tenant credentials for it."""
+        rt = self.rt
+        rt.warm_up()
+        _ = rt.canonical
+        for src in self.settings.sources:
+            spec = self.settings.spec_for(src.service)
+            for table in src.tables or []:
+                spec.table(table)
+
+    @contextmanager
+    def _leased(self) -> Iterator[None]:
+        """Hold this runner's lease, renewed by a heartbeat, while it drives jobs."""
+        state, name = self.rt.state, runner_lock(self.holder)
+        ttl = self.settings.runner_lease_seconds
+        state.acquire_lock(name, self.holder, ttl)
+        try:
+            with Heartbeat(ttl / 3, lambda: state.acquire_lock(name, self.holder, ttl), name):
+                yield
+        finally:
+            state.release_lock(name, self.holder)
 
     def plan(self, tenant_ids: list[str] | None = None) -> list[JobPlan]:
-        tenants = tenant_ids or [t.tenant_id for t in self.settings.tenants]
-        plans = [plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
-                 for tenant in tenants]
-        for p in plans:
-            self.rt.state.create_job(p.job_id, p.tenant_id, self.settings.name,
-                                     self.settings.trigger_mode.value, p.chunks)
-            log.info("job planned", extra={"job_id": p.job_id, "tenant_id": p.tenant_id,
-                                           "chunks": len(p.chunks)})
-        return plans
+        """Plan and record one job per tenant (no chunk submitted)."""
+        works, _ = self._start(tenant_ids or [t.tenant_id for t in self.settings.tenants])
+        return [w.plan for w in works]
 
+    def _start(self, tenants: list[str]) -> tuple[list[_Work], list[str]]:
+        """A job per tenant, each on its own: a tenant that cannot be planned is recorded
+        as a failed job with its reason and the others go on; a tenant with an unfinished
+        job is resumed (its runner is gone) or refused (its runner lives)."""
+        state, name = self.rt.state, self.settings.name
+        works: list[_Work] = []
+        failed: list[str] = []
+        for tenant in tenants:
+            existing = state.active_job(name, tenant)
+            if existing is not None:
+                if (work := self._attach(existing, tenant)) is not None:
+                    works.append(work)
+                continue
+            try:
+                plan = plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
+            except CanonflowError as exc:
+                job_id = new_job_id()
+                state.record_failed_job(job_id, tenant, name,
+                                        self.settings.trigger_mode.value, str(exc))
+                log.error("tenant could not be planned", extra={
+                    "tenant_id": tenant, "job_id": job_id, "error": str(exc)})
+                failed.append(job_id)
+                continue
+            try:
+                state.create_job(plan.job_id, tenant, name, self.settings.trigger_mode.value,
+                                 plan.chunks, runner=self.holder, exclusive=True)
+            except ActiveJobExists as exc:  # another run created it a moment ago
+                if (work := self._attach(exc.job_id, tenant)) is not None:
+                    works.append(work)
+                continue
+            log.info("job planned", extra={"job_id": plan.job_id, "tenant_id": tenant,
+                                           "chunks": len(plan.chunks)})
+            works.append(_Work(plan, list(plan.chunks)))
+        return works, failed
+
+    def _attach(self, job_id: str, tenant: str) -> _Work | None:
+        job = self.rt.state.job(job_id)
+        if job is not None and job.runner != self.holder and runner_alive(self.rt.state, job):
+            self.refused[tenant] = (
+                f"tenant {tenant!r}: job {job_id} is already running (runner {job.runner}); "
+                f"wait for it (canonflow status {job_id}) or cancel it "
+                f"(canonflow cancel {job_id})")
+            return None
+        work = self._adopt(job) if job is not None else None
+        if work is None:
+            self.refused[tenant] = f"tenant {tenant!r}: job {job_id} was taken by another run"
+        return work
+
+    def _adopt(self, job: JobRecord) -> _Work | None:
+        """Become the runner of an orphaned job; its chunks without a result run again."""
+        state = self.rt.state
+        if job.status in TERMINAL or not state.adopt_job(job.job_id, self.holder, job.runner):
+            return None
+        specs = state.chunk_specs(job.job_id)
+        done = {r.chunk_id for r in state.chunk_results(job.job_id)}
+        missing = [s for s in specs if s.chunk_id not in done]
+        log.warning("resuming a job whose runner is gone", extra={
+            "job_id": job.job_id, "tenant_id": job.tenant_id, "status": job.status,
+            "chunks_missing": len(missing), "previous_runner": job.runner})
+        self.resumed.append(job.job_id)
+        return _Work(JobPlan(job.job_id, job.tenant_id, specs), missing, resumed=True)
+
+    # -- driving ----------------------------------------------------------------------------
     def run(self, tenant_ids: list[str] | None = None) -> list[str]:
-        plans = self.plan(tenant_ids)
-        self.progress.planned(plans)
+        """One job per tenant (or the tenant's unfinished job, resumed), driven to the end;
+        the job ids, including those of tenants that could not be planned."""
+        known = [t.tenant_id for t in self.settings.tenants]
+        unknown = sorted(set(tenant_ids or []) - set(known))
+        if unknown:
+            raise ConfigError(f"tenant(s) {', '.join(unknown)} not in pipeline "
+                              f"{self.settings.name!r} (it has: {', '.join(known)})")
+        self.validate()
+        with self._leased():
+            works, failed = self._start(list(dict.fromkeys(tenant_ids or known)))
+            return self._drive(works) + failed
+
+    def resume(self, job_ids: Collection[str] | None = None,
+               older_than: float = 0.0) -> list[str]:
+        """Adopt this pipeline's unfinished jobs whose runner is gone (idle for at least
+        ``older_than`` seconds) and drive them to the end."""
+        state = self.rt.state
+        cutoff = time.time() - older_than
+        with self._leased():
+            works = []
+            for job in state.unfinished_jobs(job_ids):
+                if job.pipeline != self.settings.name or job.runner is None \
+                        or job.updated_at.timestamp() > cutoff \
+                        or runner_alive(state, job):
+                    continue
+                if (work := self._adopt(job)) is not None:
+                    works.append(work)
+            return self._drive(works)
+
+    def _drive(self, works: list[_Work]) -> list[str]:
+        self._started = time.monotonic()
+        self.progress.planned([w.plan for w in works])
+        job_ids = self._job_ids = [w.plan.job_id for w in works]
         remote = False
         # interleave tenants so one large tenant does not starve the others
         for spec in itertools.chain.from_iterable(
-                itertools.zip_longest(*(p.chunks for p in plans))):
+                itertools.zip_longest(*(w.submit for w in works))):
             if spec is not None:
-                future = self.dispatcher.submit_chunk(spec)
-                if future is None:
-                    remote = True
-                else:
-                    self._pending[future] = ("chunk", spec)
-        job_ids = {p.job_id for p in plans}
+                remote = self._submit_chunk(spec) or remote
+        if not job_ids:
+            return job_ids
+        resumed = [w.plan.job_id for w in works if w.resumed]
+        if resumed:  # whatever the dead runner left between aggregation and transforms
+            recover(self.rt, self.dispatcher, older_than=0.0, job_ids=resumed)
         if remote:
-            self._watch(plans)
-            return [p.job_id for p in plans]
+            self._watch(job_ids)
+            return job_ids
         self._drain()
         for _ in range(3):  # a crashed worker may leave a job short of its end
-            if all((j := self.rt.state.job(i)) and j.status in TERMINAL for i in job_ids):
+            if not self.rt.state.unfinished_jobs(job_ids):
                 break
             recover(self.rt, self.dispatcher, older_than=0.0, job_ids=job_ids)
             self._drain()
-        return [p.job_id for p in plans]
+        for job in self.rt.state.unfinished_jobs(job_ids):
+            log.error("job left unfinished", extra={
+                "job_id": job.job_id, "status": job.status,
+                "chunks": f"{job.completed_chunks}/{job.total_chunks}"})
+        return job_ids
+
+    def _submit_chunk(self, spec: ChunkSpec, tries: int = 1) -> bool:
+        """True if the chunk went to a remote worker (no future to follow)."""
+        future = self.dispatcher.submit_chunk(spec)
+        if future is None:
+            return True
+        self._pending[future] = _Pending("chunk", spec, tries)
+        return False
+
+    def _check_wait(self, job_ids: Collection[str]) -> None:
+        waited = time.monotonic() - self._started
+        if waited > self.wait_limit:
+            left = [j.job_id for j in self.rt.state.unfinished_jobs(job_ids)]
+            raise RunTimeout(
+                f"stopped waiting after {waited:.0f} s (limit {self.wait_limit:.0f} s); "
+                f"unfinished jobs: {', '.join(left) or 'none'} — they go on without this "
+                "run: follow them with `canonflow status JOB`, resume them with "
+                "`canonflow recover`")
 
     def _drain(self) -> None:
         self._relay()
         while self._pending:
             done, _ = wait(self._pending, timeout=1.0, return_when=FIRST_COMPLETED)
             for future in done:
-                kind, payload = self._pending.pop(future)
-                if kind == "chunk":
-                    self._chunk_finished(payload, future)
+                pending = self._pending.pop(future)
+                if pending.kind == "chunk":
+                    self._chunk_finished(pending, future)
                 else:
-                    _settle_transform(self.rt, payload, future)
-                    self.progress.transform_done(payload)
+                    _settle_transform(self.rt, pending.payload, future)
+                    self.progress.transform_done(pending.payload)
             self._relay()
+            self._check_wait(self._job_ids)
 
     def _relay(self) -> None:
         for request in self.rt.state.claim_for_dispatch():
             future = self.dispatcher.submit_transform(request)
             if future is not None:
-                self._pending[future] = ("transform", request)
+                self._pending[future] = _Pending("transform", request)
                 self.progress.transform_submitted(request)
 
-    def _watch(self, plans: list[JobPlan], poll: float = 0.25) -> None:
-        """Remote workers: follow the jobs in the state store, relay committed outbox rows,
-        and sweep when nothing has moved for a lease period."""
+    def _watch(self, job_ids: list[str]) -> None:
+        """Remote workers: follow what changed in the jobs since the last look (one read
+        per poll, whatever the number of jobs), relay committed outbox rows, sweep (and
+        settle) when nothing has moved for a lease period, stop at the wait limit."""
         state = self.rt.state
-        specs = {(p.job_id, c.chunk_id): c for p in plans for c in p.chunks}
-        seen_chunks: set[tuple[str, str]] = set()
-        seen_requests: set[str] = set()
-        finished_requests: set[str] = set()
+        specs = {(c.job_id, c.chunk_id): c for p in self._plans(job_ids) for c in p}
+        seen = _Watch()
+        unfinished = set(job_ids)
+        since = 0.0
+        poll = 0.25
         last_change = time.monotonic()
         stall = max(30.0, self.settings.celery_visibility_timeout)
         while True:
             self._relay()
-            moved = False
-            for plan in plans:
-                for result in state.chunk_results(plan.job_id):
-                    key = (plan.job_id, result.chunk_id)
-                    if key not in seen_chunks and key in specs:
-                        seen_chunks.add(key)
-                        moved = True
-                        self.progress.chunk_done(specs[key], result.model_dump(mode="json"))
-                for rec in state.requests(plan.job_id):
-                    if rec.request.request_id not in seen_requests:
-                        seen_requests.add(rec.request.request_id)
-                        self.progress.transform_submitted(rec.request)
-                    if rec.status in ("done", "failed") and \
-                            rec.request.request_id not in finished_requests:
-                        finished_requests.add(rec.request.request_id)
-                        moved = True
-                        self.progress.transform_done(rec.request)
-            if all((j := state.job(p.job_id)) and j.status in TERMINAL for p in plans):
+            activity = state.activity(job_ids, max(0.0, since - ACTIVITY_MARGIN))
+            since = activity.as_of
+            moved = self._observe(activity.chunk_results, activity.requests, specs, seen)
+            for job in activity.jobs:
+                if job.status in TERMINAL:
+                    unfinished.discard(job.job_id)
+            if not unfinished:
                 return
             now = time.monotonic()
             if moved:
-                last_change = now
+                last_change, poll = now, 0.25
             elif now - last_change > stall:
                 log.warning("no progress; sweeping", extra={"idle_seconds": now - last_change})
-                recover(self.rt, self.dispatcher, older_than=stall,
-                        job_ids={p.job_id for p in plans})
+                recover(self.rt, self.dispatcher, older_than=stall, job_ids=unfinished)
                 last_change = now
+            else:
+                poll = min(poll * 1.5, 2.0)
+            self._check_wait(unfinished)
             time.sleep(poll)
 
-    def _chunk_finished(self, spec: ChunkSpec, future: Future[TaskOutcome]) -> None:
+    def _plans(self, job_ids: list[str]) -> Iterator[list[ChunkSpec]]:
+        for job_id in job_ids:
+            yield self.rt.state.chunk_specs(job_id)
+
+    def _observe(self, results: list[ChunkResult], requests: list[Any],
+                 specs: dict[tuple[str, str], ChunkSpec], seen: _Watch) -> bool:
+        moved = False
+        for result in results:
+            key = (result.job_id, result.chunk_id)
+            if key not in seen.chunks and key in specs:
+                seen.chunks.add(key)
+                moved = True
+                self.progress.chunk_done(specs[key], result.model_dump(mode="json"))
+        for rec in requests:
+            rid = rec.request.request_id
+            if rid not in seen.requests:
+                seen.requests.add(rid)
+                self.progress.transform_submitted(rec.request)
+            if rec.status in ("done", "failed", "cancelled") and rid not in seen.finished:
+                seen.finished.add(rid)
+                moved = True
+                self.progress.transform_done(rec.request)
+        return moved
+
+    def _chunk_finished(self, pending: _Pending, future: Future[TaskOutcome]) -> None:
+        spec: ChunkSpec = pending.payload
         exc = future.exception()
         if exc is None:
             self.progress.chunk_done(spec, future.result()["result"])
             return
-        # the worker died before recording the chunk: record its failure so the job ends
-        log.error("chunk task lost", extra={"chunk_id": spec.chunk_id, "error": repr(exc)})
+        # the worker died before recording the chunk: run it again (bounded), then record
+        # its failure so the job ends
+        if pending.tries < self.settings.chunk_attempts:
+            log.warning("chunk task lost; running it again", extra={
+                "job_id": spec.job_id, "chunk_id": spec.chunk_id, "attempt": pending.tries,
+                "error": f"{type(exc).__name__}: {exc}"})
+            self._submit_chunk(spec, pending.tries + 1)
+            return
+        log.error("chunk task lost", extra={"job_id": spec.job_id, "chunk_id": spec.chunk_id,
+                                            "error": f"{type(exc).__name__}: {exc}"})
         result = ChunkResult(
             job_id=spec.job_id, chunk_id=spec.chunk_id, completed=False, records_processed=0,
             processing_time=0.0, s3_files_written=[], s3_files_count=0,

@@ -3,21 +3,23 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-import uuid
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from canonflow import retry
 from canonflow.config import Settings
 from canonflow.connectors.rest import RestClient
 from canonflow.errors import CommitConflict
+from canonflow.lease import Heartbeat, holder_dead, holder_id
 from canonflow.mappings import Catalog, load_catalog
 from canonflow.stores import ObjectStore, StateStore, open_object_store, open_state_store
 from canonflow.transform.writer import CanonicalWriter
+
+log = logging.getLogger("canonflow.lease")
+LOCK_TTL = 60.0  # a table lock lapses this long after its holder's last heartbeat
 
 
 @dataclass
@@ -40,20 +42,36 @@ class Runtime:
                                lock=self.table_lock)
 
     @contextmanager
-    def table_lock(self, name: str, ttl: float = 300.0, wait: float = 600.0) -> Iterator[None]:
-        """A lease in the state store, so writers on any machine take turns on ``name``."""
-        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + wait
-        delay = 0.01
-        while not self.state.acquire_lock(name, holder, ttl):
-            if time.monotonic() > deadline:
-                raise CommitConflict(f"{name} stayed locked for {wait:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    def table_lock(self, name: str, ttl: float = LOCK_TTL,
+                   wait: float = 600.0) -> Iterator[None]:
+        """A lease in the state store, so writers on any machine take turns on ``name``.
+
+        Renewed by a heartbeat while held; a holder known dead (a gone process of this
+        host) is taken over at once, any other when its lease lapses."""
+        me = holder_id()
+
+        def take() -> bool:
+            if self.state.acquire_lock(name, me, ttl):
+                return True
+            current = self.state.lock_holder(name)
+            if current is not None and holder_dead(current[0]):
+                log.warning("taking over the lock of a dead holder",
+                            extra={"lock": name, "dead_holder": current[0]})
+                return self.state.acquire_lock(name, me, ttl, steal_from=current[0])
+            return False
+
+        if not retry.lock(wait, {"lock": name})(take):
+            raise CommitConflict(f"{name} stayed locked for {wait:.0f} s")
         try:
-            yield
+            with Heartbeat(ttl / 4, lambda: self.state.acquire_lock(name, me, ttl), name):
+                yield
         finally:
-            self.state.release_lock(name, holder)
+            self.state.release_lock(name, me)
+
+    @cached_property
+    def holder(self) -> str:
+        """This process's holder id for transform requests it runs."""
+        return holder_id()
 
     @cached_property
     def catalog(self) -> Catalog:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome, url_options
@@ -29,21 +31,36 @@ class LocalDispatcher:
         if workers < 1:
             raise ConfigError(f"dispatcher URL {url!r}: workers must be at least 1")
         self.workers = workers
+        self._settings_json = settings.to_worker_json()
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["canonflow.dispatch.tasks", "canonflow.stores.sqlite"])
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=context,
-            initializer=init_worker, initargs=(settings.to_worker_json(),),
+        pool = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=context,
+            initializer=init_worker, initargs=(self._settings_json,),
         )
         # start every worker now: their imports and store set-up overlap with planning
-        for _ in range(workers):
-            self._pool.submit(ping)
+        for _ in range(self.workers):
+            pool.submit(ping)
+        return pool
+
+    def _submit(self, fn: Any, payload: str) -> Future[TaskOutcome]:
+        """A worker that died breaks the whole pool: start a new one and submit again (the
+        tasks that were in the broken pool fail, and their callers retry them)."""
+        try:
+            return self._pool.submit(fn, payload)
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start()
+            return self._pool.submit(fn, payload)
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
-        return self._pool.submit(run_chunk, spec.model_dump_json())
+        return self._submit(run_chunk, spec.model_dump_json())
 
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
-        return self._pool.submit(run_transform_task, request.model_dump_json())
+        return self._submit(run_transform_task, request.model_dump_json())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import logging
 
-from canonflow import memory
+from canonflow import memory, retry
 from canonflow.aggregate import complete_chunk
 from canonflow.chunk import process_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome
 from canonflow.errors import CanonflowError
+from canonflow.lease import Heartbeat
 from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.redact import redact
 from canonflow.runtime import Runtime
 from canonflow.transform import run_transform
 
 log = logging.getLogger("canonflow.tasks")
 _runtime: Runtime | None = None
-MAX_TRANSFORM_ATTEMPTS = 3
 
 
 def init_worker(settings_json: str) -> None:
@@ -42,23 +43,41 @@ def current_runtime() -> Runtime:
 
 
 def run_chunk(spec_json: str, rt: Runtime | None = None) -> TaskOutcome:
+    """Process a chunk, again (bounded, with backoff) while it fails with a retryable
+    error, then record its result: a brief S3 or database error does not fail its table."""
     rt = rt or current_runtime()
     spec = ChunkSpec.model_validate_json(spec_json)
-    result = process_chunk(spec, rt)
+    result = retry.chunk(rt.settings.chunk_attempts, {
+        "job_id": spec.job_id, "chunk_id": spec.chunk_id, "table": spec.table.label,
+    })(process_chunk, spec, rt)
     completion = complete_chunk(rt, result)
     return {"result": result.model_dump(mode="json"), "new": completion.new,
             "aggregated": completion.claimed}
 
 
 def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutcome:
+    """Run a transform with a heartbeat on its lease. A retryable failure (or any
+    unexpected one) gives the request back to the outbox until its attempts run out; then
+    it fails, visibly, and its job settles."""
     rt = rt or current_runtime()
     request = TransformRequest.model_validate_json(request_json)
+    lease = rt.settings.transform_lease_seconds
     try:
-        result = run_transform(request, rt)
-    except CanonflowError as exc:
-        again = exc.retryable and rt.state.retry_later(
-            request.request_id, str(exc), MAX_TRANSFORM_ATTEMPTS)
-        log.error("transform failed", extra={"request_id": request.request_id,
-                                             "error": str(exc), "will_retry": again})
-        return {"request_id": request.request_id, "error": str(exc), "retryable": exc.retryable}
+        with Heartbeat(lease / 4, lambda: rt.state.touch_request(request.request_id, rt.holder),
+                       request.request_id):
+            result = run_transform(request, rt)
+    except Exception as exc:
+        retryable = exc.retryable if isinstance(exc, CanonflowError) else True
+        message = redact(str(exc) if isinstance(exc, CanonflowError)
+                         else f"{type(exc).__name__}: {exc}")
+        again = retryable and rt.state.retry_later(
+            request.request_id, message, rt.settings.transform_max_attempts)
+        if not isinstance(exc, CanonflowError):
+            log.exception("transform failed unexpectedly", extra={
+                "request_id": request.request_id, "will_retry": again})
+        else:
+            log.error("transform failed", extra={"request_id": request.request_id,
+                                                 "error": message, "will_retry": again})
+        return {"request_id": request.request_id, "error": message, "retryable": retryable,
+                "will_retry": again}
     return {"request_id": request.request_id, "result": result.model_dump(mode="json")}

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from canonflow import jsonio, retry
 from canonflow.errors import ActiveJobExists, InvalidCompletion, StoreUnavailable, UnknownJob
 from canonflow.model import (
+    TERMINAL,
     ChunkResult,
     ChunkSpec,
     JobStatus,
@@ -28,7 +29,7 @@ from canonflow.model import (
 from canonflow.redact import redact
 from canonflow.stores.state import Activity, Completion, JobEvent, JobRecord, RequestRecord
 
-TERMINAL_JOB = (JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+TERMINAL_JOB = tuple(TERMINAL)
 FINISHED_REQUEST = ("done", "failed", "cancelled")
 
 metadata = sa.MetaData()
@@ -468,7 +469,10 @@ class SqlStateStore:
         candidates = [r.job_id for r in self._run(lambda c: c.execute(query).all())]
         settled = []
         for job_id in candidates:
-            if self._run(lambda c, j=job_id: self._settle_job(c, j, _now())):
+            def step(conn: Connection, job_id: str = job_id) -> bool:
+                return self._settle_job(conn, job_id, _now())
+
+            if self._run(step):
                 settled.append(job_id)
         return settled
 
@@ -577,7 +581,7 @@ class SqlStateStore:
             claimable = [outbox.c.status.in_(["pending", "dispatched"]),
                          sa.and_(outbox.c.status == "running",
                                  outbox.c.updated_at < now - lease_seconds)]
-            if takeover:
+            if takeover and current is not None:
                 claimable.append(sa.and_(outbox.c.status == "running",
                                          outbox.c.holder == current.holder))
             row = conn.execute(
@@ -627,6 +631,11 @@ class SqlStateStore:
 
         def step(conn: Connection) -> bool:
             taken = outbox.c.status.in_(["running", "dispatched"])
+            # a failure before the claim (still "dispatched") uses up an attempt too
+            attempts = outbox.c.attempts + sa.case(
+                (outbox.c.status == "dispatched", 1), else_=0)
+            conn.execute(outbox.update().where(outbox.c.request_id == request_id, taken)
+                         .values(attempts=attempts))
             again = conn.execute(
                 outbox.update().where(outbox.c.request_id == request_id, taken,
                                       outbox.c.attempts < max_attempts)
@@ -671,7 +680,7 @@ class SqlStateStore:
             request=TransformRequest.model_validate_json(row.payload),
             status=row.status, attempts=row.attempts,
             result=TransformResult.model_validate_json(row.result) if row.result else None,
-            error=row.error,
+            error=row.error, holder=row.holder,
         )
 
     def request(self, request_id: str) -> RequestRecord | None:

@@ -62,6 +62,7 @@ class RequestRecord:
     attempts: int
     result: TransformResult | None
     error: str | None
+    holder: str | None = None  # the process running it (status "running")
 
 
 @dataclass(frozen=True, slots=True)

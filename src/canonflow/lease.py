@@ -1,0 +1,113 @@
+"""Who holds what: holder ids, liveness of a holder, and heartbeats that keep leases fresh.
+
+A holder id names one process: ``host:pid:start:token``. On the same host a holder whose
+process is gone (or whose pid now belongs to a newer process) is known dead at once, so its
+leases are taken over without waiting for them to expire; on another host a lease lapses
+when its heartbeat stops (a few seconds, not a fixed long expiry).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from functools import cache
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from canonflow.stores.state import JobRecord, StateStore
+
+log = logging.getLogger("canonflow.lease")
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # field 22; the command name (field 2) may hold spaces and parentheses
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+@cache
+def _process_id() -> tuple[str, int, str]:
+    return socket.gethostname(), os.getpid(), _start_ticks(os.getpid()) or "0"
+
+
+def holder_id() -> str:
+    """A new holder id for this process (unique per call: one per lease or runner)."""
+    if _process_id()[1] != os.getpid():  # forked since the cache was filled
+        _process_id.cache_clear()
+    host, pid, start = _process_id()
+    return f"{host}:{pid}:{start}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_dead(holder: str) -> bool:
+    """True only when ``holder`` is known dead: a process of this host that is gone."""
+    parts = holder.rsplit(":", 3)
+    if len(parts) != 4:
+        return False
+    host, pid_text, start, _ = parts
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine: only its lease's expiry tells
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    now_start = _start_ticks(pid)
+    return now_start is not None and start != "0" and now_start != start  # pid reused
+
+
+def runner_lock(holder: str) -> str:
+    """The lease a runner holds while it drives jobs."""
+    return f"runner:{holder}"
+
+
+def runner_alive(state: StateStore, job: JobRecord) -> bool:
+    """Is the process that drives ``job`` still there (its lease fresh, not known dead)?"""
+    if job.runner is None or holder_dead(job.runner):
+        return False
+    return bool(state.live_locks([runner_lock(job.runner)]))
+
+
+class Heartbeat:
+    """Call ``beat`` every ``interval`` seconds on a daemon thread until stopped; a failed
+    beat is logged and retried at the next interval."""
+
+    def __init__(self, interval: float, beat: Callable[[], object], what: str) -> None:
+        self._interval = interval
+        self._beat = beat
+        self._what = what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{what}",
+                                        daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._beat()
+            except Exception as exc:  # the next beat may succeed; the lease lapses if not
+                log.warning("heartbeat failed", extra={"lease": self._what,
+                                                       "error": f"{type(exc).__name__}"})
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
