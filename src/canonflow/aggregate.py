@@ -35,20 +35,42 @@ class TableOutcome:
     records_extracted: int = 0
     files: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    announced_total: int | None = None  # what the source said it holds, when it said
+
+    @property
+    def incomplete(self) -> bool:
+        """Every chunk succeeded, yet fewer records came than the source announced."""
+        return (self.chunks_failed == 0 and self.announced_total is not None
+                and self.records_extracted < self.announced_total)
 
     @property
     def ok(self) -> bool:
-        return self.chunks_failed == 0
+        return self.chunks_failed == 0 and not self.incomplete
+
+
+def _announced(specs: Sequence[ChunkSpec], results: dict[str, ChunkResult]) -> int | None:
+    """A table's announced total: the one its plan read (page ranges), else the sum of what
+    each chunk's own query announced when every chunk reported one; None when unknown."""
+    planned = [s.announced_total for s in specs if s.announced_total is not None]
+    if planned:
+        return max(planned)
+    own = [r.announced_total if (r := results.get(s.chunk_id)) else None for s in specs]
+    if own and all(n is not None for n in own):
+        return sum(n for n in own if n is not None)
+    return None
 
 
 def table_outcomes(specs: Sequence[ChunkSpec],
                    results: Sequence[ChunkResult]) -> dict[TableRef, TableOutcome]:
-    """Per table: how its chunks ended and which files they wrote (a missing result is a
-    failed chunk)."""
+    """Per table: how its chunks ended, which files they wrote (a missing result is a
+    failed chunk), and whether what was extracted falls short of what the source announced
+    (invariant 8: such a table is incomplete, never completed)."""
     by_chunk = {r.chunk_id: r for r in results}
     tables: dict[TableRef, TableOutcome] = {}
+    per_table: dict[TableRef, list[ChunkSpec]] = {}
     for spec in specs:
         t = tables.setdefault(spec.table, TableOutcome(spec.table))
+        per_table.setdefault(spec.table, []).append(spec)
         t.chunks += 1
         result = by_chunk.get(spec.chunk_id)
         if result is None or not result.completed:
@@ -57,6 +79,11 @@ def table_outcomes(specs: Sequence[ChunkSpec],
         if result is not None:
             t.records_extracted += result.records_processed
             t.files.extend(result.s3_files_written)
+    for ref, t in tables.items():
+        t.announced_total = _announced(per_table[ref], by_chunk)
+        if t.incomplete:
+            t.errors.append(f"incomplete: the source announced {t.announced_total} records, "
+                            f"{t.records_extracted} were extracted")
     return tables
 
 

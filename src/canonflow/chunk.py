@@ -91,6 +91,10 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
     final_page: int | None = None
     error = None
     sequential = spec.end_page is None
+    # a chunk that reads its whole query (sequential, a time window, a table planned as one
+    # open range) reports the total the source announced for it: the aggregator compares
+    whole_query = sequential and spec.start_page == 1
+    announced: int | None = None
     resume: PageRequest | None = None
     finished = False
     try:
@@ -99,6 +103,7 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             writer.files, records = list(ckpt["files"]), int(ckpt["records"])
             page, final_page = int(ckpt["page"]), ckpt["final_page"]
             resume = PageRequest(**ckpt["next"]) if ckpt["next"] else None
+            announced = ckpt.get("announced_total")
             finished = resume is None
             log.info("chunk resumes from its checkpoint", extra={
                 "chunk_id": spec.chunk_id, "records": records, "files": len(writer.files)})
@@ -107,6 +112,8 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume,
             params=spec.params)
         for fetched, nxt in walk:
+            if announced is None:
+                announced = fetched.total
             records += len(fetched.records)
             final_page = page
             page += 1
@@ -115,7 +122,8 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             elif writer.add_page(fetched.records):
                 rt.state.save_checkpoint(spec.job_id, spec.chunk_id, {
                     "files": writer.files, "records": records, "page": page,
-                    "final_page": final_page, "next": asdict(nxt) if nxt else None})
+                    "final_page": final_page, "next": asdict(nxt) if nxt else None,
+                    "announced_total": announced})
         writer.close()
     except Exception as exc:  # every failure becomes part of the chunk result
         error = ChunkError(**error_payload(exc))
@@ -126,5 +134,5 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
         records_processed=records, processing_time=round(time.perf_counter() - started, 4),
         final_page=final_page, final_offset=(spec.start_page - 1) * spec.page_size + records,
         s3_files_written=writer.files, s3_files_count=len(writer.files),
-        table_metadata=t, error=error,
+        table_metadata=t, error=error, announced_total=announced if whole_query else None,
     )

@@ -92,6 +92,10 @@ class ChunkSpec(Contract):
     trigger_mode: TriggerMode = TriggerMode.AGGREGATED
     params: dict[str, str] = Field(
         default_factory=dict, description="extra query parameters, e.g. an incremental filter")
+    announced_total: int | None = Field(
+        default=None, ge=0,
+        description="records the source announced for the whole table when it was planned "
+        "(page 1's total); the aggregator compares what was extracted with it")
 
 
 class ChunkError(Contract):
@@ -112,6 +116,10 @@ class ChunkResult(Contract):
     s3_files_count: int = Field(ge=0)
     table_metadata: TableRef
     error: ChunkError | None = None
+    announced_total: int | None = Field(
+        default=None, ge=0,
+        description="records the source announced for this chunk's own query (a chunk that "
+        "reads its query from the first page, e.g. sequential or a time window)")
 
     @model_validator(mode="after")
     def _count_matches(self) -> ChunkResult:

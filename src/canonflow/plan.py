@@ -51,18 +51,22 @@ def time_windows(start: str, end: datetime, hours: float) -> list[tuple[str, str
 def page_ranges(
     total_records: int | None, page_size: int, pages_per_chunk: int
 ) -> list[tuple[int, int | None]]:
-    """Inclusive page ranges covering ``total_records``; one open range when it is unknown."""
+    """Inclusive page ranges covering ``total_records``. The last range is open: its chunk
+    keeps following the pagination while pages are full, so records the total did not
+    announce are fetched too (an API's count may lag behind its data)."""
     if total_records is None:
         return [(1, None)]
     pages = max(1, math.ceil(total_records / page_size))
-    return [(start, min(start + pages_per_chunk - 1, pages))
-            for start in range(1, pages + 1, pages_per_chunk)]
+    starts = range(1, pages + 1, pages_per_chunk)
+    return [(start, start + pages_per_chunk - 1) for start in starts[:-1]] + [(starts[-1], None)]
 
 
 def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None = None,
              full_refresh: bool = False) -> JobPlan:
-    """Read each table's total (first page) and split it into page-range chunks; tables
-    synced incrementally ask only for what changed since their high-water mark."""
+    """Read each table's total (first page) and split it into page-range chunks, the last
+    one open-ended; every chunk carries the total as ``announced_total`` so the aggregator
+    can tell a table that came up short. Tables synced incrementally ask only for what
+    changed since their high-water mark."""
     validate_identifier(tenant_id, "tenant_id")
     job_id = validate_identifier(job_id or new_job_id(), "job_id")
     chunks: list[ChunkSpec] = []
@@ -101,6 +105,6 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
                     start_page=first, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
-                    params=chunk_params,
+                    params=chunk_params, announced_total=total,
                 ))
     return JobPlan(job_id, tenant_id, chunks)

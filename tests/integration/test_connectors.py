@@ -131,8 +131,9 @@ def test_429_storms_and_500s_end_in_a_complete_exact_sync(make_settings: Any) ->
     with serve(DemoApi(300, faults=faults)) as server:
         rt, report = sync(make_settings, server, {"crm": ["contacts"],
                                                   "billing": ["invoices"]})
-    # 9 good responses (a plan page, 6 contact pages, 2 invoice pages), every fault retried
-    assert faults.injected >= 5 and faults.requests == 9 + faults.injected
+    # 10 good responses (a plan page, 6 contact pages and the empty 7th after the full last
+    # page, 2 invoice pages), every fault retried
+    assert faults.injected >= 5 and faults.requests == 10 + faults.injected
     assert report["status"] == "done" and report["outcome"] == "completed"
     assert report["tables"]["acme/crm.contacts"]["chunks"] == 3  # 6 pages of 50, 2 a chunk
     assert report["tables"]["acme/billing.invoices"]["chunks"] == 1  # sequential
@@ -214,3 +215,65 @@ def test_time_window_chunks_cover_the_table_exactly_once(make_settings: Any,
                                "updated_before": "2026-01-31T00:00:00Z"}
     _, rows = run_query(rt.canonical._store, "SELECT count(*), count(DISTINCT id) FROM ticket")
     assert rows == [(599, 599)]  # one deliberately bad ticket quarantined
+
+
+def test_a_total_that_undercounts_is_followed_past_to_the_last_record(
+        make_settings: Any) -> None:
+    # the API says 180 contacts but holds 300: the last page-range chunk keeps following
+    # full pages instead of stopping where the announced total ends
+    with serve(DemoApi(300, faults=DemoFaults(total_skew=-120))) as server:
+        rt, report = sync(make_settings, server, {"crm": ["contacts"]})
+    contacts = report["tables"]["acme/crm.contacts"]
+    assert report["outcome"] == "completed"
+    assert contacts["chunks"] == 2  # planned from 180: pages 1-2, then 3 onwards
+    assert contacts["records_extracted"] == 300 and contacts["records_canonical"] == 300
+    _, rows = run_query(rt.canonical._store, "SELECT count(*), count(DISTINCT id) FROM contact")
+    assert rows == [(300, 300)]
+
+
+def test_a_total_that_overcounts_reports_the_table_incomplete(make_settings: Any) -> None:
+    # the API announces 400 contacts and serves 300: never "completed", never transformed
+    with serve(DemoApi(300, faults=DemoFaults(total_skew=100))) as server:
+        _, report = sync(make_settings, server, {"crm": ["contacts"], "billing": ["invoices"]})
+    assert report["status"] == "done" and report["outcome"] == "partial_success"
+    contacts = report["tables"]["acme/crm.contacts"]
+    assert contacts["records_extracted"] == 300 and contacts["transforms_triggered"] == 0
+    assert contacts["errors"] == [
+        "incomplete: the source announced 400 records, 300 were extracted"]
+    # a table without a total (Link-header pages) is complete when its pages end
+    assert report["tables"]["acme/billing.invoices"]["records_canonical"] == 300
+
+
+SEQUENTIAL_WITH_TOTAL = """
+service: crm
+base_url: http://127.0.0.1/crm/v1
+tables:
+  contacts:
+    path: /contacts
+    records_path: results
+    primary_key: id
+    pagination: {type: page_number, page_param: page, size_param: per_page, page_size: 100,
+                 total_path: total}
+    chunking: {type: sequential}
+"""
+
+
+def test_a_capped_page_size_is_caught_by_the_total_a_sequential_chunk_read(
+        make_settings: Any, tmp_path: Any) -> None:
+    # the API silently serves 40 records where 100 were asked: the first page looks like the
+    # last one; the total the chunk read says otherwise
+    spec_file = tmp_path / "crm-sequential.yaml"
+    spec_file.write_text(SEQUENTIAL_WITH_TOTAL)
+    with serve(DemoApi(300, faults=DemoFaults(page_size_cap=40))) as server:
+        settings = make_settings(tables={"crm": ["contacts"]})
+        settings.sources[:] = [SourceConfig(service="crm", spec=str(spec_file),
+                                            base_url=f"{server.base_url}/crm/v1",
+                                            tables=["contacts"])]
+        rt = Runtime(settings)
+        (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    report = job_report(rt.state, job_id)
+    contacts = report["tables"]["acme/crm.contacts"]
+    assert report["outcome"] == "failed" and contacts["transforms_triggered"] == 0
+    assert contacts["records_extracted"] == 40
+    assert contacts["errors"] == [
+        "incomplete: the source announced 300 records, 40 were extracted"]

@@ -12,7 +12,7 @@ tenant's account):
 
 A few records are deliberately bad (a deal amount of ``"n/a"``, a ticket without an id) so
 quarantine is visible in every demo run. :class:`DemoFaults` injects 429s (with
-``Retry-After``), 500s and malformed pages, for tests.
+``Retry-After``), 500s, malformed pages, totals that lie and capped page sizes, for tests.
 """
 
 from __future__ import annotations
@@ -161,12 +161,16 @@ TABLES: dict[tuple[str, str], tuple[Generator, str]] = {
 class DemoFaults:
     """Misbehaviour on demand: every ``rate_limit_every``-th request is a 429 with
     ``Retry-After: retry_after``, every ``error_every``-th a 500, and the pages listed in
-    ``malformed`` (``(table, page)``, 1-based) are truncated JSON."""
+    ``malformed`` (``(table, page)``, 1-based) are truncated JSON. ``total_skew`` is added to
+    every announced total (negative: the API undercounts, positive: it announces records it
+    never serves), and ``page_size_cap`` silently caps the page size a client asks for."""
 
     rate_limit_every: int = 0
     error_every: int = 0
     retry_after: str = "0"
     malformed: set[tuple[str, int]] = field(default_factory=set)
+    total_skew: int = 0
+    page_size_cap: int = 0
     requests: int = 0
     injected: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -255,7 +259,7 @@ class DemoApi:
     def page(self, service: str, table: str, tenant: str, page: int, per_page: int,
              since: str | None = None, before: str | None = None) -> bytes:
         return self._render(service, table, tenant, page, per_page, since, before,
-                            self.revision)
+                            self.revision, self.faults.total_skew)
 
     def rows(self, service: str, table: str, tenant: str, offset: int,
              limit: int) -> list[dict[str, Any]]:
@@ -264,7 +268,7 @@ class DemoApi:
 
     def _render_uncached(self, service: str, table: str, tenant: str, page: int,
                          per_page: int, since: str | None = None, before: str | None = None,
-                         revision: int = 0) -> bytes:
+                         revision: int = 0, total_skew: int = 0) -> bytes:
         _, shape = TABLES[(service, table)]
         start = (page - 1) * per_page
         indices: Sequence[int]
@@ -275,6 +279,7 @@ class DemoApi:
             matching = self._matching(service, table, tenant, since or "", before)
             total, indices = len(matching), matching[start:start + per_page]
         rows = [self.record(service, table, tenant, i) for i in indices]
+        total = max(0, total + total_skew)  # a fault switch: an API whose count is wrong
         if shape == "crm":
             body = {"results": rows, "total": total, "page": page, "per_page": per_page}
         else:
@@ -330,6 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
         if page < 1 or not 1 <= per_page <= 10_000:
             self._send(400, b'{"error":"page must be >= 1 and page size 1..10000"}')
             return
+        if api.faults.page_size_cap:
+            per_page = min(per_page, api.faults.page_size_cap)
         if api.page_delay:
             time.sleep(api.page_delay)
         since = query.get("updated_since", [None])[0] if service == "helpdesk" else None
@@ -354,6 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
         if offset < 0 or not 1 <= limit <= 10_000:
             self._send(400, b'{"error":"offset must be >= 0 and limit 1..10000"}')
             return
+        if api.faults.page_size_cap:
+            limit = min(limit, api.faults.page_size_cap)
         if api.page_delay:
             time.sleep(api.page_delay)
         rows = api.rows(service, table, tenant, offset, limit)
