@@ -161,3 +161,174 @@ def test_retryable_failures_go_back_to_the_outbox_until_attempts_run_out(
     assert record is not None and record.status == "failed"
     assert record.error == "gave up after 3 attempt(s); last error: store busy"
     assert state.job("j").status == "failed"  # type: ignore[union-attr]
+
+
+# -- invariant 9: a completion is accepted only for a chunk of that job ---------------------
+def test_a_completion_for_a_chunk_not_in_the_job_is_refused_and_not_counted(
+        state: StateStore) -> None:
+    from canonflow.errors import InvalidCompletion
+
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 2))
+    state.complete_chunk(result("j", 0))
+    with pytest.raises(InvalidCompletion, match="'c7' is not part of job 'j'"):
+        state.complete_chunk(result("j", 7))
+    other = TableRef(tenant_id="globex", service_name="crm", table_name="contacts")
+    with pytest.raises(InvalidCompletion, match=r"belongs to acme/crm\.contacts"):
+        state.complete_chunk(result("j", 1).model_copy(update={"table_metadata": other}))
+    job = state.job("j")
+    assert job is not None and (job.completed_chunks, job.status) == (1, "running")
+    assert state.complete_chunk(result("j", 1)).claimed  # the real last chunk claims
+
+
+# -- the rule for a chunk reported more than once --------------------------------------------
+def _files(job: str, i: int, n: int, ok: bool = True) -> ChunkResult:
+    keys = [f"raw/acme/crm/contacts/{job}/c{i}/part-{k:05d}.jsonl.zst" for k in range(n)]
+    return result(job, i, ok).model_copy(update={"s3_files_written": keys, "s3_files_count": n})
+
+
+def test_a_successful_retry_supersedes_a_failure_before_the_claim(state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 2))
+    state.complete_chunk(result("j", 0, ok=False))
+    again = state.complete_chunk(_files("j", 0, 2))
+    assert (again.new, again.superseded, again.completed) == (False, True, 1)
+    job = state.job("j")
+    assert job is not None and job.failed_chunks == 0
+    (recorded,) = [r for r in state.chunk_results("j") if r.chunk_id == "c0"]
+    assert recorded.completed and recorded.s3_files_count == 2
+    assert [e.kind for e in state.events("j")] == ["retry_succeeded"]
+    # a failure after a success changes nothing
+    assert not state.complete_chunk(result("j", 0, ok=False)).superseded
+    assert state.job("j").failed_chunks == 0  # type: ignore[union-attr]
+
+
+def test_a_conflicting_success_replaces_the_file_list_and_is_reported(
+        state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 2))
+    state.complete_chunk(_files("j", 0, 1))
+    assert not state.complete_chunk(_files("j", 0, 1)).superseded  # the same: a duplicate
+    assert state.complete_chunk(_files("j", 0, 3)).superseded
+    (recorded,) = [r for r in state.chunk_results("j") if r.chunk_id == "c0"]
+    assert recorded.s3_files_count == 3
+    (event,) = state.events("j")
+    assert event.kind == "conflicting_success" and "3 file(s)" in event.detail
+
+
+def test_late_results_after_the_claim_change_nothing_and_are_reported(
+        state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1))
+    assert state.complete_chunk(result("j", 0, ok=False)).claimed
+    late = state.complete_chunk(_files("j", 0, 1))
+    assert not late.superseded and not late.claimed
+    job = state.job("j")
+    assert job is not None and job.failed_chunks == 1
+    assert [e.kind for e in state.events("j")] == ["late_retry_succeeded"]
+
+
+# -- one unfinished job per (pipeline, tenant), cancel, failed planning --------------------
+def test_one_exclusive_unfinished_job_per_pipeline_and_tenant(state: StateStore) -> None:
+    from canonflow.errors import ActiveJobExists
+
+    state.create_job("j1", "acme", "p", "aggregated", specs("j1", 1), runner="r1",
+                     exclusive=True)
+    with pytest.raises(ActiveJobExists) as info:
+        state.create_job("j2", "acme", "p", "aggregated", specs("j2", 1), exclusive=True)
+    assert info.value.job_id == "j1"
+    assert state.job("j2") is None
+    state.create_job("j3", "globex", "p", "aggregated", specs("j3", 1), exclusive=True)
+    state.create_job("j4", "acme", "other", "aggregated", specs("j4", 1), exclusive=True)
+    assert state.active_job("p", "acme") == "j1"
+    # the job ends: the tenant may start again
+    state.complete_chunk(result("j1", 0))
+    state.finish_aggregation("j1", "completed", [], {})
+    assert state.job("j1").status == "done"  # type: ignore[union-attr]
+    assert state.active_job("p", "acme") is None
+    state.create_job("j5", "acme", "p", "aggregated", specs("j5", 1), exclusive=True)
+
+
+def test_adopting_a_job_has_one_winner(state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1), runner="dead")
+    assert state.adopt_job("j", "r2", previous="dead")
+    assert not state.adopt_job("j", "r3", previous="dead")
+    assert state.job("j").runner == "r2"  # type: ignore[union-attr]
+
+
+def test_cancel_stops_a_job_and_its_unstarted_transforms(state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1), exclusive=True)
+    state.complete_chunk(result("j", 0))
+    state.finish_aggregation("j", "completed", [request("j", "r1"), request("j", "r2")], {})
+    assert state.claim_request("r1", 60) == 1  # r1 started already
+    assert state.cancel_job("j", "operator said so")
+    assert not state.cancel_job("j", "twice")
+    job = state.job("j")
+    assert job is not None and job.status == "cancelled"
+    assert {r.request.request_id: r.status for r in state.requests("j")} == {
+        "r1": "running", "r2": "cancelled"}
+    assert state.claim_request("r2", 0) is None
+    assert state.active_job("p", "acme") is None
+    assert [e.kind for e in state.events("j")] == ["cancelled"]
+    with pytest.raises(UnknownJob):
+        state.cancel_job("nope", "x")
+
+
+def test_a_tenant_that_cannot_be_planned_is_a_failed_job_with_its_reason(
+        state: StateStore) -> None:
+    state.record_failed_job("j", "acme", "p", "aggregated", "HTTP 401 token=abc12345")
+    job = state.job("j")
+    assert job is not None and (job.status, job.outcome) == ("failed", "failed")
+    assert job.report["error"] == "HTTP 401 token=***"
+
+
+# -- attempts, leases and holders ---------------------------------------------------------------
+def test_a_failure_before_the_claim_uses_up_an_attempt(state: StateStore) -> None:
+    assert state.enqueue_request(request(None, "r"))
+    for _ in range(2):
+        assert state.claim_for_dispatch() != []
+        assert state.retry_later("r", "store busy", max_attempts=3)
+    assert state.claim_for_dispatch() != []
+    assert not state.retry_later("r", "store busy", max_attempts=3)
+    assert state.request("r").status == "failed"  # type: ignore[union-attr]
+
+
+def test_the_sweeper_fails_a_request_that_used_every_attempt(state: StateStore) -> None:
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1))
+    state.complete_chunk(result("j", 0))
+    state.finish_aggregation("j", "completed", [request("j", "r")], {})
+    for attempt in (1, 2, 3):
+        assert state.claim_request("r", lease_seconds=0) == attempt  # each worker "died"
+    assert state.claim_for_dispatch(lease_seconds=0, max_attempts=3) == []
+    record = state.request("r")
+    assert record is not None and record.status == "failed"
+    assert "gave up after 3 attempt(s)" in (record.error or "")
+    assert state.job("j").status == "failed"  # type: ignore[union-attr]
+
+
+def test_a_request_of_a_dead_holder_is_taken_over_before_its_lease_expires(
+        state: StateStore) -> None:
+    assert state.enqueue_request(request(None, "r"))
+    assert state.claim_request("r", 60, holder="h1") == 1
+    assert state.claim_request("r", 60, holder="h2", holder_dead=lambda h: False) is None
+    assert state.claim_request("r", 60, holder="h2", holder_dead=lambda h: h == "h1") == 2
+    assert state.request("r").holder == "h2"  # type: ignore[union-attr]
+    assert state.touch_request("r", "h2") and not state.touch_request("r", "h1")
+
+
+def test_a_lease_of_a_dead_holder_can_be_taken_over(state: StateStore) -> None:
+    assert state.acquire_lock("t", "a", ttl=60)
+    assert not state.acquire_lock("t", "b", ttl=60)
+    assert state.lock_holder("t")[0] == "a"  # type: ignore[index]
+    assert not state.acquire_lock("t", "b", ttl=60, steal_from="c")
+    assert state.acquire_lock("t", "b", ttl=60, steal_from="a")
+    assert state.live_locks(["t", "u"]) == {"t": "b"}
+
+
+def test_activity_lists_only_what_changed_since(state: StateStore) -> None:
+    import time
+
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 2))
+    first = state.activity(["j"], 0.0)
+    assert [j.job_id for j in first.jobs] == ["j"] and first.chunk_results == []
+    time.sleep(0.01)
+    state.complete_chunk(result("j", 0))
+    later = state.activity(["j"], first.as_of)
+    assert [r.chunk_id for r in later.chunk_results] == ["c0"]
+    assert state.activity(["j"], later.as_of + 0.001).chunk_results == []
