@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from canonflow.connectors.pagination import PageRequest
+from canonflow.connectors.rest import storable
 from canonflow.errors import error_payload
 from canonflow.model import (
     ChunkError,
@@ -119,7 +120,9 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             page += 1
             if not sequential:
                 writer.add(fetched.records)
-            elif writer.add_page(fetched.records):
+            elif writer.add_page(fetched.records) and (nxt is None or storable(nxt)):
+                # a next request the API signed with a secret of its own is never stored:
+                # a retry then resumes from an earlier checkpoint, or from the start
                 rt.state.save_checkpoint(spec.job_id, spec.chunk_id, {
                     "files": writer.files, "records": records, "page": page,
                     "final_page": final_page, "next": asdict(nxt) if nxt else None,

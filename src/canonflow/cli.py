@@ -581,6 +581,11 @@ def main() -> None:
     memory.tune()
     try:
         app()
-    except CanonflowError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(3 if exc.retryable else 2)
+    except Exception as exc:  # one line, never a traceback that could carry a secret
+        if isinstance(exc, CanonflowError):
+            text, code = str(exc), 3 if exc.retryable else 2
+        else:
+            text, code = f"{type(exc).__name__}: {exc}", 1
+        console.print(f"[red]error:[/red] {escape(redact(text))}", highlight=False,
+                      soft_wrap=True)
+        sys.exit(code)

@@ -1,6 +1,9 @@
 """Pipeline configuration (YAML), typed; credentials are secrets and never printed.
 
 ``${NAME}`` in a credential value is read from the environment when the file is loaded.
+Validating settings — from a file, in code, or from a worker's JSON in another process —
+registers every secret they hold with :mod:`canonflow.redact`: each credential value, the
+passwords (and secret query parameters) of the store, dispatcher and source base URLs.
 """
 
 from __future__ import annotations
@@ -11,12 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from canonflow import jsonio
 from canonflow.connectors.spec import ConnectorSpec, builtin_specs, load_spec
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName, TableName, TenantId, TriggerMode
+from canonflow.redact import register_secret, register_url_secrets
 
 DEFAULT_DATA = "./canonflow-data"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -33,6 +45,11 @@ class SourceConfig(_Cfg):
     tables: list[TableName] | None = None
     page_size: int | None = Field(default=None, gt=0)
     pages_per_chunk: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> SourceConfig:
+        register_url_secrets([self.base_url])
+        return self
 
 
 class TenantConfig(_Cfg):
@@ -56,6 +73,16 @@ class TenantConfig(_Cfg):
                         raise ValueError(f"environment variable {name} is not set")
                 out[service][key] = _ENV.sub(lambda m: os.environ[m.group(1)], text)
         return out
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> TenantConfig:
+        self.register_secrets()
+        return self
+
+    def register_secrets(self) -> None:
+        """Every credential value becomes a known secret of :mod:`canonflow.redact`."""
+        register_secret(*(value.get_secret_value() for creds in self.credentials.values()
+                          for value in creds.values()))
 
 
 class Settings(_Cfg):
@@ -97,6 +124,15 @@ class Settings(_Cfg):
     mapping_dirs: list[str] = Field(default_factory=list)
     sources: list[SourceConfig] = Field(default_factory=list)
     tenants: list[TenantConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """In every process that validates settings (workers too), before any message."""
+        register_url_secrets([self.object_store, self.state_store, self.canonical_store,
+                              self.dispatcher, *(src.base_url for src in self.sources)])
+        for tenant in self.tenants:  # instances passed in are not validated again
+            tenant.register_secrets()
+        return self
 
     def to_worker_json(self) -> str:
         """The settings for a worker process: secrets revealed (they travel only to the

@@ -14,17 +14,29 @@
 
 Adapters convert library exceptions into these at their edge (``raise ... from exc``), so the
 CLI can print one line and the dispatchers can decide whether to retry.
+
+Every message is redacted (:func:`canonflow.redact.redact`) when the error is created and
+again when it is shown, so no secret reaches a chunk result, a report, a log or the CLI.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from canonflow.redact import redact
+
 
 class CanonflowError(Exception):
     """Base of every error canonflow raises on purpose."""
 
     retryable: bool = False
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+    def __str__(self) -> str:
+        # again: a secret registered after the error was created is masked too
+        return redact(super().__str__())
 
     def to_payload(self) -> dict[str, Any]:
         """The ``error`` field of a chunk result."""
@@ -97,4 +109,5 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     """Describe any exception as a chunk-result error; unknown ones count as retryable."""
     if isinstance(exc, CanonflowError):
         return exc.to_payload()
-    return {"type": type(exc).__name__, "message": str(exc) or repr(exc), "retryable": True}
+    return {"type": type(exc).__name__, "message": redact(str(exc) or repr(exc)),
+            "retryable": True}

@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 MASK = "***"
 _SECRET_NAMES = (
@@ -27,6 +28,10 @@ _PARAM = re.compile(rf"(?P<pre>(?:^|[?&;\s,(\"'])(?:{_SECRET_NAMES})=)[^&\s;,\"'
 # name: value / "name": "value" in headers and JSON-ish text
 _FIELD = re.compile(rf"(?P<pre>[\"']?(?:{_SECRET_NAMES})[\"']?\s*[:=]\s*[\"']?)"
                     r"(?!\*\*\*)[^\s\"',}&]+", re.IGNORECASE)
+# a mapping key whose value is a secret whatever it looks like (log extras, documents)
+_SECRET_KEY = re.compile(r"(?:.*[_\-])?(?:password|passwd|secret|token|api[_\-]?key|apikey|"
+                         r"authorization|credentials?|(?:access|secret)[_\-]?key)",
+                         re.IGNORECASE)
 _SCHEME_CRED = re.compile(r"(?P<pre>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]+",
                           re.IGNORECASE)
 
@@ -49,15 +54,18 @@ def register_secret(*values: str | None) -> None:
 
 
 def register_url_secrets(urls: Iterable[str | None]) -> None:
-    """The password in each URL's userinfo (state store, broker) becomes a known secret."""
+    """The password in each URL's userinfo (state store, broker, base URL) and the values of
+    its query parameters with secret-looking names become known secrets."""
     for url in urls:
         if not url:
             continue
         m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:([^\s@/]+)@", url)
         if m:
-            from urllib.parse import unquote
-
             register_secret(m.group(1), unquote(m.group(1)))
+        query = urlsplit(url).query if "?" in url else ""
+        for name, value in parse_qsl(query, keep_blank_values=False):
+            if _SECRET_KEY.fullmatch(name) or re.fullmatch(_SECRET_NAMES, name, re.IGNORECASE):
+                register_secret(value)
 
 
 def redact(text: str) -> str:
@@ -74,11 +82,15 @@ def redact(text: str) -> str:
 
 
 def redact_value(value: Any) -> Any:
-    """Redact every string inside a JSON-compatible value (dicts, lists, strings)."""
+    """Redact every string inside a JSON-compatible value (dicts, lists, strings); the value
+    of a key named like a secret (``password``, ``client_secret``, ``api_key``...) is masked
+    whole."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: MASK if isinstance(k, str) and v not in (None, "")
+                and _SECRET_KEY.fullmatch(k) else redact_value(v)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value

@@ -81,3 +81,153 @@ def test_a_total_of_the_wrong_type_is_malformed() -> None:
     body = b'{"results": [], "total": "many"}'
     with pytest.raises(MalformedPage, match="expected a record count at 'total'"):
         client(lambda r: httpx.Response(200, content=body)).fetch_page("contacts", 1)
+
+
+def test_userinfo_in_the_base_url_never_reaches_an_http_error() -> None:
+    def rest(handler) -> RestClient:
+        return RestClient(SPEC, {"token": "s3cret-token"},
+                          base_url="http://svc:UrlPass-404@api.test/crm/v1",
+                          transport=httpx.MockTransport(handler), backoff_base=0.001)
+
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected", request=request)
+
+    for handler, error in ((lambda r: httpx.Response(403), HttpTerminal),
+                           (lambda r: httpx.Response(503), HttpRetryable),
+                           (drop, HttpRetryable),
+                           (lambda r: httpx.Response(200, content=b"{"), MalformedPage)):
+        with pytest.raises(error) as info:
+            rest(handler).fetch_page("contacts", 2)
+        assert "UrlPass-404" not in str(info.value) and "svc:" not in str(info.value)
+        assert "api.test/crm/v1/contacts" in str(info.value)
+
+
+KEYED = """
+service: keyed
+base_url: http://api.test/v1
+auth: {type: api_key, name: api_key, location: query, credential: key}
+max_retries: 1
+tables:
+  items:
+    path: /items
+    records_path: data
+    primary_key: id
+    pagination: {type: next_url, next_path: links.next, size_param: limit, page_size: 2}
+    chunking: {type: sequential}
+"""
+
+
+def keyed_api(key: str, drop_after: int | None = None):
+    """Pages of 2 of 6 records; the next link echoes the key; requests without it get 401."""
+    seen: list[httpx.URL] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        if request.url.params.get("api_key") != key:
+            return httpx.Response(401)
+        after = int(request.url.params.get("after", "0"))
+        if drop_after is not None and after >= drop_after:
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        rows = [{"id": i} for i in range(after, min(after + 2, 6))]
+        nxt = f"http://api.test/v1/items?after={after + 2}&limit=2&api_key={key}" \
+            if after + 2 < 6 else None
+        return httpx.Response(200, json={"data": rows, "links": {"next": nxt}})
+
+    return handler, seen
+
+
+def test_a_key_echoed_in_next_links_stays_out_of_errors_and_next_requests() -> None:
+    from canonflow.connectors.spec import parse_spec
+
+    spec = parse_spec(KEYED, "keyed.yaml")
+    handler, _ = keyed_api("EchoedKey-8080", drop_after=4)
+    rest = RestClient(spec, {"key": "EchoedKey-8080"}, transport=httpx.MockTransport(handler),
+                      backoff_base=0.001)
+    nexts = []
+    with pytest.raises(HttpRetryable, match=r"after=4.*RemoteProtocolError") as info:
+        for _, nxt in rest.walk("items"):
+            nexts.append(nxt)
+    assert "EchoedKey-8080" not in str(info.value)
+    assert nexts[0] is not None and nexts[0].url is not None
+    assert "EchoedKey-8080" not in repr(nexts)  # what a checkpoint would store
+    assert "after=2" in nexts[0].url
+
+
+def test_a_stored_next_request_resumes_with_the_clients_own_key() -> None:
+    from canonflow.connectors.spec import parse_spec
+
+    spec = parse_spec(KEYED, "keyed.yaml")
+    handler, _ = keyed_api("ResumeKey-2024", drop_after=4)
+    first = RestClient(spec, {"key": "ResumeKey-2024"},
+                       transport=httpx.MockTransport(handler), backoff_base=0.001)
+    walked = []
+    with pytest.raises(HttpRetryable):
+        for page, nxt in first.walk("items"):
+            walked.append((page, nxt))
+    stored = walked[-1][1]  # the request a checkpoint saved: the page after=4
+    assert stored is not None and "ResumeKey-2024" not in repr(stored)
+    handler, seen = keyed_api("ResumeKey-2024")  # the API is back
+    again = RestClient(spec, {"key": "ResumeKey-2024"},
+                       transport=httpx.MockTransport(handler), backoff_base=0.001)
+    pages = [p for p, _ in again.walk("items", resume=stored)]
+    assert [r for p in pages for r in p.records] == [b'{"id":4}', b'{"id":5}']
+    assert seen[0].params["api_key"] == "ResumeKey-2024"  # its own auth, restored
+
+
+def test_http_retries_go_through_the_shared_policy_and_are_logged() -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("canonflow.retry")
+    keep = Keep(logging.DEBUG)
+    logger.addHandler(keep)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        statuses = iter([503, 429, 200])
+
+        def handler(req: httpx.Request) -> httpx.Response:
+            code = next(statuses)
+            return httpx.Response(code, headers={"Retry-After": "0"},
+                                  content=OK if code == 200 else b"")
+
+        assert client(handler).fetch_page("contacts", 1).total == 1
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(old)
+    retries = [r for r in records if r.getMessage() == "retrying"]
+    assert [(r.retry_kind, r.attempt) for r in retries] == [("http", 1), ("http", 2)]
+    assert "HTTP 503" in retries[0].error and "HTTP 429" in retries[1].error
+
+
+def test_a_clamped_page_number_is_an_error_not_an_endless_walk() -> None:
+    # an API that answers every page past the last with the last page again
+    calls = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(req)
+        assert len(calls) < 20, "the walk does not end"
+        page = min(int(req.url.params["page"]), 3)
+        rows = ",".join(f'{{"id": "{page}-{i}"}}' for i in range(2))
+        return httpx.Response(200, content=f'{{"results": [{rows}], "total": 4}}'.encode())
+
+    with pytest.raises(MalformedPage, match="page 4 repeats page 3"):
+        list(client(handler).pages("contacts", 1, None, page_size=2))
+
+
+def test_only_next_requests_without_secrets_are_storable() -> None:
+    from canonflow.connectors.pagination import PageRequest
+    from canonflow.connectors.rest import storable
+    from canonflow.redact import register_secret
+
+    register_secret("Registered-Value-1")
+    assert storable(PageRequest(2, {"cursor": "abc", "limit": 10}))
+    assert storable(PageRequest(2, url="http://api.test/v1/items?after=20&limit=10"))
+    assert not storable(PageRequest(2, url="http://api.test/v1/items?after=2&sig=Zm9v"))
+    assert not storable(PageRequest(2, url="http://u:pw@api.test/v1/items?after=2"))
+    assert not storable(PageRequest(2, {"cursor": "Registered-Value-1"}))

@@ -137,6 +137,11 @@ class LinkHeader:
         return PageRequest(prev.index + 1, url=url)
 
 
+def positional(strategy: Paginator) -> bool:
+    """Pages addressed by position: an API may answer any position, even past its end."""
+    return isinstance(strategy, _Positional)
+
+
 def paginator(spec: Pagination) -> Paginator:
     if isinstance(spec, PageNumberPagination):
         return PageNumbers(spec)

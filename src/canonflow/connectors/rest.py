@@ -1,28 +1,33 @@
 """The declarative REST engine: fetch one page of one table, with retries and typed errors.
 
 httpx errors never leave this module: 429/5xx/timeouts become :class:`HttpRetryable` (retried
-here with exponential backoff and jitter, honouring ``Retry-After``), other 4xx become
-:class:`HttpTerminal`, and a body that is not the JSON the spec describes is
-:class:`MalformedPage`. Messages carry the URL without query secrets, never credentials.
+by the shared policy :func:`canonflow.retry.http`: exponential backoff with jitter, honouring
+``Retry-After``, every retry logged), other 4xx become :class:`HttpTerminal`, and a body that
+is not the JSON the spec describes is :class:`MalformedPage`.
+
+Secrets stay inside the client: messages show URLs without userinfo or auth query parameters
+(and redacted), and a next-page request handed out by :meth:`RestClient.walk` never carries
+the client's own query key — the auth adds it again when the request is sent, so a
+checkpoint can store the request and a resumed chunk still authenticates.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from canonflow import jsonio
+from canonflow import jsonio, retry
 from canonflow.connectors.auth import build_auth
-from canonflow.connectors.pagination import PageRequest, paginator
+from canonflow.connectors.pagination import PageRequest, paginator, positional
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
 from canonflow.errors import HttpRetryable, HttpTerminal, MalformedPage
+from canonflow.redact import redact, register_secret, register_url_secrets
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,13 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def storable(request: PageRequest) -> bool:
+    """True if a next-page request holds no secret (by name or known value), so a checkpoint
+    may store it; a request the API signed with a secret of its own is not stored."""
+    texts = [request.url or "", *(str(v) for v in request.params.values())]
+    return all(redact(text) == text for text in texts)
 
 
 class RateLimit:
@@ -81,9 +93,12 @@ class RestClient:
         backoff_base: float = 0.2,
     ) -> None:
         self.spec = spec
+        register_secret(*credentials.values())  # also for clients built outside a pipeline
+        url = (base_url or spec.base_url).rstrip("/")
+        register_url_secrets([url])
         auth, self._secret_params = build_auth(spec, credentials, transport)
         self._client = httpx.Client(
-            base_url=(base_url or spec.base_url).rstrip("/"),
+            base_url=url,
             headers={"Accept": "application/json", **spec.headers},
             auth=auth,
             timeout=spec.timeout_seconds,
@@ -120,12 +135,14 @@ class RestClient:
              params: Mapping[str, str] | None = None,
              ) -> Iterator[tuple[Page, PageRequest | None]]:
         """Each page with the request for the next one (None after the last): a checkpoint
-        saves that request, and ``resume`` starts from it."""
+        saves that request, and ``resume`` starts from it. The next request never carries
+        the client's own credentials (see :meth:`_without_credentials`)."""
         tspec = self.spec.table(table)
         size = page_size or tspec.pagination.page_size
         strategy = paginator(tspec.pagination)
         request: PageRequest | None = resume or strategy.first(start_page, size)
         seen: set[tuple[Any, ...]] = set()
+        previous: list[bytes] = []
         while request is not None and (end_page is None or request.index <= end_page):
             if request.identity() in seen:
                 raise MalformedPage(f"{self.spec.service}.{table}: the API sent page "
@@ -134,47 +151,60 @@ class RestClient:
             query = request.params if request.url else {**request.params, **(params or {})}
             body, url, response = self._get(request.url or tspec.path, query)
             page = self._parse(tspec, body, url)
+            if positional(strategy) and page.records and page.records == previous:
+                # an API that clamps page numbers answers every page past its last with the
+                # last one again: an open-ended range would never end
+                raise MalformedPage(f"GET {url}: page {request.index} repeats page "
+                                    f"{request.index - 1} (the API clamps page numbers?)")
+            previous = page.records
             nxt = strategy.next(request, page.records, size, body, response)
             if nxt is not None and end_page is not None and nxt.index > end_page:
                 nxt = None
+            if nxt is not None and nxt.url is not None:
+                nxt = replace(nxt, url=str(self._without_credentials(httpx.URL(nxt.url))))
             yield page, nxt
             request = nxt
+
+    def _without_credentials(self, url: httpx.URL) -> httpx.URL:
+        """``url`` without userinfo and without the auth's query parameters (an API may echo
+        the key in its next links): the auth adds its own again on every request."""
+        if url.userinfo:
+            url = url.copy_with(userinfo=b"")
+        for name in self._secret_params:
+            if name in url.params:
+                url = url.copy_remove_param(name)
+        return url
+
+    def _shown(self, url: httpx.URL, query: bool = True) -> str:
+        """A URL as a message may show it: no credentials, no query if asked, redacted."""
+        url = self._without_credentials(url)
+        return redact(str(url if query else url.copy_with(query=None)))
 
     def _get(self, path: str, params: dict[str, Any]) -> tuple[bytes, str, httpx.Response]:
         if "://" in path and httpx.URL(path).host != self._client.base_url.host:
             raise MalformedPage(f"next page URL points to another host: {httpx.URL(path).host}")
-        attempt = 0
-        while True:
-            if self._limit is not None:
-                self._limit.wait()
-            try:
-                # no params for a full next URL: an empty mapping would drop its query
-                resp = self._client.get(path, params=params or None)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                error: HttpRetryable = HttpRetryable(
-                    f"GET {self._client.base_url}{path}: {type(exc).__name__}"
-                )
-            else:
-                url = str(resp.url.copy_with(query=None))
-                if resp.status_code < 300:
-                    shown = resp.url
-                    for secret in self._secret_params:  # never in a message
-                        shown = shown.copy_remove_param(secret)
-                    return resp.content, f"{url}?{shown.query.decode()}", resp
-                if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
-                    error = HttpRetryable(
-                        f"GET {url}: HTTP {resp.status_code}",
-                        _retry_after(resp.headers.get("Retry-After")),
-                    )
-                else:
-                    raise HttpTerminal(f"GET {url}: HTTP {resp.status_code}")
-            if attempt >= self.spec.max_retries:
-                raise error
-            delay = error.retry_after
-            if delay is None:
-                delay = self._backoff_base * (2**attempt) * (0.5 + random.random())
-            time.sleep(min(delay, 60.0))
-            attempt += 1
+        policy = retry.http((HttpRetryable,), self.spec.max_retries, self._backoff_base,
+                            context={"service": self.spec.service})
+        result: tuple[bytes, str, httpx.Response] = policy(self._get_once, path, params)
+        return result
+
+    def _get_once(self, path: str, params: dict[str, Any]) -> tuple[bytes, str, httpx.Response]:
+        """One try: the body, the URL to show, the response; typed errors otherwise."""
+        if self._limit is not None:
+            self._limit.wait()
+        try:
+            # no params for a full next URL: an empty mapping would drop its query
+            resp = self._client.get(path, params=params or None)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            target = self._client.build_request("GET", path, params=params or None).url
+            raise HttpRetryable(f"GET {self._shown(target)}: {type(exc).__name__}") from None
+        if resp.status_code < 300:
+            return resp.content, self._shown(resp.url), resp
+        shown = self._shown(resp.url, query=False)
+        if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
+            raise HttpRetryable(f"GET {shown}: HTTP {resp.status_code}",
+                                _retry_after(resp.headers.get("Retry-After")))
+        raise HttpTerminal(f"GET {shown}: HTTP {resp.status_code}")
 
     @staticmethod
     def _parse(tspec: TableSpec, body: bytes, url: str) -> Page:
