@@ -54,6 +54,9 @@ def read_raw(key: str, compressed: bytes, paths: Iterable[str]) -> RawFile:
         return RawFile(key, PathColumns({}, 0), [], data)
     try:
         table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=_BLOCK))
+        # pyarrow.json can build an invalid list column (a list whose first elements are
+        # nulls, e.g. [null, "a"]); reading it later fails the whole file: take the slow path
+        table.validate()
         return RawFile(key, StructColumns(table), None, data)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return _read_slow(key, data, list(paths))
