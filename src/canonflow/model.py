@@ -188,6 +188,7 @@ class TransformResult(Contract):
     records_quarantined: int = 0
     records_merged: int = 0
     child_rows_written: int = 0
+    child_rows_rejected: int = 0  # child rows that failed their mapping (quarantined)
     files_skipped: int = 0  # time_based: already canonicalized, per the ledger
     high_water: str | None = None  # newest ordering value written (ISO UTC)
     skipped: bool = False

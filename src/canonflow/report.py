@@ -14,7 +14,8 @@ def _table_row(**counts: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "chunks": 0, "chunks_failed": 0, "records_extracted": 0, "files_written": 0,
         "transforms_triggered": 0, "files_read": 0, "records_read": 0,
-        "records_canonical": 0, "records_quarantined": 0, "records_merged": 0, "errors": [],
+        "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
+        "child_rows_written": 0, "child_rows_rejected": 0, "errors": [],
     }
     row.update(counts)
     return row
@@ -41,7 +42,7 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             "processing_mode": req.processing_mode.value, "status": rec.status,
             "attempts": rec.attempts, "error": rec.error,
             **({k: v for k, v in rec.result.model_dump(mode="json").items()
-                if k.startswith(("records_", "files_"))} if rec.result else {}),
+                if k.startswith(("records_", "files_", "child_rows_"))} if rec.result else {}),
         })
     for label, recs in per_table.items():
         row = tables.setdefault(label, _table_row())
@@ -54,6 +55,8 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             row["records_canonical"] += rec.result.records_written
             row["records_quarantined"] += rec.result.records_quarantined
             row["records_merged"] += rec.result.records_merged
+            row["child_rows_written"] += rec.result.child_rows_written
+            row["child_rows_rejected"] += rec.result.child_rows_rejected
     return {
         "job_id": job.job_id, "tenant_id": job.tenant_id, "pipeline": job.pipeline,
         "status": job.status, "outcome": job.outcome, "trigger_mode": job.trigger_mode,
@@ -78,5 +81,6 @@ def _runner_state(state: StateStore, job: JobRecord) -> str | None:
 
 def totals(report: dict[str, Any]) -> dict[str, int]:
     keys = ("chunks", "records_extracted", "files_written", "transforms_triggered",
-            "records_read", "records_canonical", "records_quarantined", "records_merged")
+            "records_read", "records_canonical", "records_quarantined", "records_merged",
+            "child_rows_written", "child_rows_rejected")
     return {k: sum(t.get(k, 0) for t in report.get("tables", {}).values()) for k in keys}

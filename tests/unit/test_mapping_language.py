@@ -127,11 +127,12 @@ def test_explode_into_a_child_entity_keeps_only_good_parents() -> None:
         record(labels=[{"name": "x", "weight": 1}, {"name": "y", "weight": 2}]),
         record(id="2", labels=[]), record(id="bad", updated_at="never",
                                           labels=[{"name": "z", "weight": 3}]))
-    ((child, rows, parents),) = compiled.apply_children(source, mapped.kept)
-    assert child.name == "thing_tag"
-    assert rows.select(["thing_id", "tag", "weight"]).to_pylist() == [
+    (child,) = compiled.apply_children(source, mapped.kept)
+    assert child.entity.name == "thing_tag"
+    assert child.rows.select(["thing_id", "tag", "weight"]).to_pylist() == [
         {"thing_id": "1", "tag": "x", "weight": 1}, {"thing_id": "1", "tag": "y", "weight": 2}]
-    assert parents.to_pylist() == [0, 0]
+    assert child.parents.to_pylist() == [0, 0]
+    assert len(child.rejected_parents) == 0  # the bad parent's child is not even mapped
 
 
 def test_a_rule_needs_exactly_one_source() -> None:

@@ -108,6 +108,26 @@ class ChildMapping(_Model):
     entity: str
     explode: str = Field(description="dotted path of the array to explode")
     fields: dict[str, FieldRule]
+    parent_key: dict[str, str] | None = Field(
+        default=None,
+        description="child field -> parent key field it holds (default: the child fields "
+                    "read from the same path as the parent's key fields)")
+
+    def parent_link(self, parent: MappingSpec, parent_entity: Entity) -> dict[str, str]:
+        """Child field -> parent key field: how a child row names its parent (the
+        per-parent replace of children deletes by it)."""
+        if self.parent_key is not None:
+            return dict(self.parent_key)
+        link: dict[str, str] = {}
+        for key in parent_entity.keys:
+            rule = parent.fields.get(key)
+            path = rule.paths if rule is not None and rule.path is not None else None
+            match = [name for name, r in self.fields.items() if path and r.paths == path]
+            if len(match) != 1:
+                raise ValueError(f"cannot tell which field of {self.entity!r} holds the parent "
+                                 f"key {key!r}; name it with parent_key")
+            link[match[0]] = key
+        return link
 
 
 class MappingSpec(_Model):
@@ -212,6 +232,15 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
                 raise ConfigError(_validation_message(origin, exc)) from None
             _check_fields(origin, spec.entity, spec.fields, entities)
             for i, child in enumerate(spec.children):
-                _check_fields(f"{origin}: children[{i}]", child.entity, child.fields, entities)
+                where = f"{origin}: children[{i}]"
+                _check_fields(where, child.entity, child.fields, entities)
+                try:
+                    link = child.parent_link(spec, entities[spec.entity])
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                if sorted(link.values()) != sorted(entities[spec.entity].keys) or any(
+                        f not in entities[child.entity].fields for f in link):
+                    raise ConfigError(f"{where}: parent_key must map fields of "
+                                      f"{child.entity!r} to every key field of {spec.entity!r}")
             mappings[(spec.source.service, spec.source.table)] = spec
     return Catalog(entities, mappings)

@@ -130,6 +130,29 @@ class Mapped:
     reasons: pa.Array  # reason per rejected row
     fields: pa.Array  # field per rejected row
     kept: pa.Array  # indices of the good rows in the source
+    keys: pa.Array  # key text per rejected row (null when the key is missing or bad)
+
+
+@dataclass
+class ChildMapped:
+    """The child rows of the kept parent rows, good and rejected."""
+
+    entity: Entity
+    rows: pa.Table  # good child rows, entity schema without lineage
+    parents: pa.Array  # source index of each good row's parent
+    rejected_parents: pa.Array  # source index of each rejected row's parent
+    reasons: pa.Array  # reason per rejected row
+    fields: pa.Array  # field per rejected row
+    keys: pa.Array  # child key text per rejected row (null when missing or bad)
+    items: pa.Array  # the array element each rejected row came from
+
+
+def key_column(rows: pa.Table, keys: list[str]) -> pa.Array:
+    """One comparable value per row for a (possibly composite) key; null when a part is."""
+    if len(keys) == 1:
+        return pc.cast(rows.column(keys[0]), pa.string()).combine_chunks()
+    parts = [pc.cast(rows.column(k), pa.string()).combine_chunks() for k in keys]
+    return pc.binary_join_element_wise(*parts, "\x1f")
 
 
 def constant(value: object, n: int, type_: pa.DataType | None = None) -> pa.Array:
@@ -345,12 +368,14 @@ class CompiledMapping:
                                  for n, d in entity.fields.items()])
         self.children: list[tuple[str, CompiledMapping]] = []
         self.paths: list[str] = []
+        self.parent_key: dict[str, str] = {}  # a child's: child field -> parent key field
         if isinstance(spec, MappingSpec):
             for child in spec.children:
                 if entities is None or child.entity not in entities:
                     raise ValueError(f"unknown child entity {child.entity!r}")
-                self.children.append(
-                    (child.explode, CompiledMapping(child, entities[child.entity])))
+                compiled = CompiledMapping(child, entities[child.entity])
+                compiled.parent_key = child.parent_link(spec, entity)
+                self.children.append((child.explode, compiled))
         paths = {p for r in spec.fields.values() for p in r.paths}
         for explode, compiled in self.children:
             paths.add(explode)
@@ -407,24 +432,31 @@ class CompiledMapping:
         good = table.filter(pc.invert(bad))
         idx = pc.indices_nonzero(bad)
         kept = pc.indices_nonzero(pc.invert(bad))
-        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept)
+        keys = pc.take(key_column(table, self.entity.keys), idx)
+        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys)
 
-    def apply_children(self, source: SourceColumns,
-                       kept: pa.Array) -> list[tuple[Entity, pa.Table, pa.Array]]:
-        """Child rows of the kept parent rows: (entity, rows, parent index per row).
-        A child row that fails its own mapping is dropped with its parent kept; the
-        counts report it (``child_rows_rejected``)."""
+    def apply_children(self, source: SourceColumns, kept: pa.Array) -> list[ChildMapped]:
+        """Child rows of the kept parent rows, per child entity. A child row that fails
+        its own mapping is returned as rejected (to quarantine, counted as
+        ``child_rows_rejected``) with its parent kept."""
         out = []
-        keep = set(kept.to_pylist()) if len(kept) != source.num_rows else None
+        whole = len(kept) == source.num_rows
         for explode, child in self.children:
             cols = ChildColumns.explode(source, explode)
             mapped = child.apply(cols)
             parents = pc.take(cols.parents, mapped.kept)
-            rows = mapped.canonical
-            if keep is not None:
-                mask = pc.is_in(parents, value_set=pa.array(sorted(keep), pa.int64()))
+            rejected_parents = pc.take(cols.parents, mapped.rejected)
+            items = pc.take(cols.elements, mapped.rejected)
+            rows, reasons, fields, keys = (
+                mapped.canonical, mapped.reasons, mapped.fields, mapped.keys)
+            if not whole:
+                mask = pc.is_in(parents, value_set=kept)
                 rows, parents = rows.filter(mask), parents.filter(mask)
-            out.append((child.entity, rows, parents))
+                bad = pc.is_in(rejected_parents, value_set=kept)
+                rejected_parents, reasons, fields, keys, items = (
+                    a.filter(bad) for a in (rejected_parents, reasons, fields, keys, items))
+            out.append(ChildMapped(child.entity, rows, parents, rejected_parents, reasons,
+                                   fields, keys, items))
         return out
 
     @staticmethod

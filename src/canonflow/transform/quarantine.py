@@ -1,8 +1,12 @@
 """The quarantine: list what was rejected, and replay it through the current mappings.
 
-A replay re-maps the raw text of unresolved quarantine rows. Rows that now pass are upserted
-(keyed, newest wins: a repeated replay cannot duplicate them) and marked resolved; rows that
-still fail stay, with their original reason.
+An entry is one bad record (or one bad child row of a record): its identity is (tenant,
+service, source table, entity, ``record_key``), ``record_key`` being the record's key, or a
+hash of its raw text when it has none. Meeting the record again updates the open entry
+(last seen, request, occurrences). A replay re-maps the raw text of open entries. Records
+that now pass are upserted (keyed, newest wins: a repeated replay cannot duplicate them)
+and their entries resolved, kept as history; those that still fail stay open, with their
+original reason.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from canonflow.transform.mapping import CompiledMapping, constant, sequence
+from canonflow.transform.mapping import CompiledMapping, constant, key_column, sequence
 from canonflow.transform.reader import read_raw
-from canonflow.transform.run import _SEQ, dedupe_newest
+from canonflow.transform.run import (
+    _PARENT,
+    _SEQ,
+    child_record_keys,
+    record_keys,
+    write_family,
+)
 from canonflow.transform.writer import QUARANTINE_TABLE
 
 if TYPE_CHECKING:
@@ -83,6 +93,10 @@ def replay(rt: Runtime, tenant: str | None = None, service: str | None = None,
 
 def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table: str,
                   replay_id: str) -> int:
+    """Re-map ``part`` (one source table's open entries), write what passes the way a
+    transform does (newest wins, children replaced per parent), resolve what landed: a
+    record entry once its record maps, a child-row entry once its parent maps and that
+    child row no longer fails."""
     spec = rt.catalog.mapping_for(service, table)
     entity = rt.catalog.entities[spec.entity]
     mapping = CompiledMapping(spec, entity, rt.catalog.entities)
@@ -93,9 +107,8 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
     mapped = mapping.apply(raw.columns)
     origin = pa.array(parsed, pa.int64())
     landed_positions = pc.take(origin, mapped.kept)
-    writer = rt.canonical
 
-    def lineage(rows: pa.Table, positions: pa.Array) -> pa.Table:
+    def lineage(rows: pa.Table, positions: pa.Array, first: int) -> pa.Table:
         n = rows.num_rows
         src = part.take(positions)
         rows = rows.append_column("_tenant_id", constant(tenant, n, pa.string()))
@@ -105,18 +118,32 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
         rows = rows.append_column("_job_id", src.column("_job_id"))
         rows = rows.append_column("_request_id", constant(replay_id, n, pa.string()))
         rows = rows.append_column("_extracted_at", src.column("quarantined_at"))
-        return rows.append_column(_SEQ, sequence(0, n))
+        return rows.append_column(_SEQ, sequence(first, n))
 
+    still_failing: set[str] = set()
+    children: dict[str, list[pa.Table]] = {}
     if mapped.canonical.num_rows:
-        rows = dedupe_newest(lineage(mapped.canonical, landed_positions), entity.keys,
-                             entity.ordering)
-        writer.upsert(entity, tenant, service, rows.drop_columns([_SEQ]), replay_id, 0)
-    for child, rows, parents in mapping.apply_children(raw.columns, mapped.kept):
-        if rows.num_rows:
-            child_rows = dedupe_newest(lineage(rows, pc.take(origin, parents)), child.keys,
-                                       child.ordering)
-            writer.upsert(child, tenant, service, child_rows.drop_columns([_SEQ]),
-                          replay_id, 0)
-    landed = part.take(landed_positions)
-    writer.resolve_quarantined(landed, replay_id)
+        parents = lineage(mapped.canonical, landed_positions, 0)
+        parent_keys = key_column(mapped.canonical, entity.keys)
+        first = parents.num_rows
+        for child in mapping.apply_children(raw.columns, mapped.kept):
+            position = pc.cast(pc.index_in(child.parents, value_set=mapped.kept), pa.int64())
+            rows = lineage(child.rows, pc.take(origin, child.parents), first)
+            children.setdefault(child.entity.name, []).append(
+                rows.append_column(_PARENT, position))
+            first += rows.num_rows
+            of = pc.take(parent_keys, pc.index_in(child.rejected_parents,
+                                                  value_set=mapped.kept))
+            still_failing |= {f"{child.entity.name}\x1f{k}" for k in child_record_keys(
+                record_keys(of, [""] * len(of)), child)}
+        write_family(rt.canonical, mapping, tenant, service, parents, children, replay_id, 0,
+                     lambda _table: set())
+    maps = pc.is_in(pa.array(range(part.num_rows), pa.int64()), value_set=landed_positions)
+    names = part.column("entity").to_pylist()
+    idents = (part.column("record_key").to_pylist() if "record_key" in part.column_names
+              else [None] * part.num_rows)
+    ok = [bool(m) and (name == entity.name or f"{name}\x1f{ident}" not in still_failing)
+          for m, name, ident in zip(maps.to_pylist(), names, idents, strict=True)]
+    landed = part.filter(pa.array(ok, pa.bool_()))
+    rt.canonical.resolve_quarantined(landed, replay_id)
     return int(landed.num_rows)

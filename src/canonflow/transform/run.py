@@ -7,6 +7,7 @@ groups its commits already carry in the Delta log.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -20,18 +21,25 @@ from typing import TYPE_CHECKING, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from canonflow import memory
+from canonflow import jsonio, memory
 from canonflow.errors import RequestRejected, TerminalError
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.transform.discovery import resolve_files
-from canonflow.transform.mapping import CompiledMapping, constant, sequence
+from canonflow.transform.mapping import (
+    ChildMapped,
+    CompiledMapping,
+    constant,
+    entity_schema,
+    key_column,
+    sequence,
+)
 from canonflow.transform.reader import RawFile, read_raw
 from canonflow.transform.writer import (
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
+    CanonicalWriter,
     canonical_path,
-    key_column,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("canonflow.transform")
 _SEQ = "_seq"
+_PARENT = "_parent_seq"  # a child row's parent: its _SEQ
 T = TypeVar("T")
 
 
@@ -56,6 +65,64 @@ def dedupe_newest(rows: pa.Table, keys: str | list[str], order: str) -> pa.Table
     nxt = pa.concat_arrays([ids.slice(1), pa.nulls(1, ids.type)])
     keep = pc.fill_null(pc.not_equal(ids, nxt), True)
     return rows.filter(keep).drop_columns(["_key"])
+
+
+def record_keys(keys: pa.Array, raw: list[str]) -> list[str]:
+    """The identity of each quarantined record: its key when it has one, else a hash of its
+    raw text (the same bad record meets the same open entry on every re-sync)."""
+    return [f"key:{k}" if k is not None else "raw:sha256:" + hashlib.sha256(
+        text.encode()).hexdigest() for k, text in zip(keys.to_pylist(), raw, strict=True)]
+
+
+def child_record_keys(parent_keys: list[str], child: ChildMapped) -> list[str]:
+    """A rejected child row's identity: its parent's key and its own key, or (no key) a
+    hash of the array element it came from."""
+    own = record_keys(child.keys, [jsonio.dumps_str(v) for v in child.items.to_pylist()])
+    return [f"{parent}/{mine}" for parent, mine in zip(parent_keys, own, strict=True)]
+
+
+@dataclass
+class Written:
+    written: int = 0  # parent rows whose key is new to this request
+    merged: int = 0  # parent rows that were a duplicate within the request
+    children: int = 0  # child rows written
+
+
+def write_family(writer: CanonicalWriter, mapping: CompiledMapping, tenant_id: str,
+                 service: str, parents: pa.Table, children: dict[str, list[pa.Table]],
+                 request_id: str, group: int, done: Callable[[str], set[str]]) -> Written:
+    """Upsert one group's parent rows (``_SEQ``) and, for the parents whose version won,
+    their children (``_PARENT``: the parent's ``_SEQ``), replacing the children each
+    such parent had. Children of a version that lost (older than the table's, or than a
+    duplicate in the group) are not written."""
+    entity = mapping.entity
+    unique = dedupe_newest(parents, entity.keys, entity.ordering)
+    out = Written(merged=parents.num_rows - unique.num_rows)
+    upserted = writer.upsert(entity, tenant_id, service, unique.drop_columns([_SEQ]),
+                             request_id, group, done=done(canonical_path(entity.name)))
+    out.written = unique.num_rows - upserted.repeated
+    out.merged += upserted.repeated
+    won = unique.filter(upserted.won)
+    if won.num_rows == 0:
+        return out
+    for _, child in mapping.children:
+        name = child.entity.name
+        tables = children.get(name, [])
+        rows = pa.concat_tables(tables) if tables else None
+        if rows is not None:
+            rows = rows.filter(pc.is_in(rows.column(_PARENT), value_set=won.column(_SEQ)))
+            rows = dedupe_newest(rows, child.entity.keys, child.entity.ordering)
+            out.children += rows.num_rows
+        link = {c: won.column(p) for c, p in child.parent_key.items()}
+        writer.upsert(child.entity, tenant_id, service,
+                      _empty(child.entity) if rows is None else rows.drop_columns([_SEQ]),
+                      request_id, group, done=done(canonical_path(name)),
+                      parents=pa.table(link))
+    return out
+
+
+def _empty(entity: Entity) -> pa.Table:
+    return entity_schema(entity).empty_table()
 
 
 @dataclass
@@ -82,13 +149,10 @@ class _Run:
         self.group_index = 0
         self.seq = 0
         self.read = self.written = self.quarantined = self.merged = 0
-        self.child_rows = 0
+        self.child_rows = self.child_rejected = 0
         self.high_water: object = None
-        self.entities = {entity.name: entity}
-        self.entities.update({child.entity.name: child.entity for _, child in mapping.children})
 
-    def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime,
-                 source_file: pa.Array | None = None) -> pa.Table:
+    def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime) -> pa.Table:
         r, n = self.request, rows.num_rows
         consts = {
             "_tenant_id": r.tenant_id, "_service_name": r.service_name,
@@ -96,51 +160,78 @@ class _Run:
             "_job_id": r.job_id or _job_of(key), "_request_id": r.request_id,
         }
         for name, value in consts.items():
-            if name == "_source_file" and source_file is not None:
-                rows = rows.append_column(name, source_file)
-            else:
-                rows = rows.append_column(name, constant(value, n, pa.string()))
-        rows = rows.append_column("_extracted_at", constant(
+            rows = rows.append_column(name, constant(value, n, pa.string()))
+        return rows.append_column("_extracted_at", constant(
             extracted_at, n, pa.timestamp("us", tz="UTC")))
-        rows = rows.append_column(_SEQ, sequence(self.seq, n))
-        self.seq += n
-        return rows
 
     def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
         mapped = self.mapping.apply(raw.columns)
         self.read += raw.columns.num_rows + len(raw.broken)
+        first = self.seq
         if mapped.canonical.num_rows:
+            n = mapped.canonical.num_rows
             self.group.canonical.setdefault(self.entity.name, []).append(
-                self._lineage(mapped.canonical, raw.key, extracted_at))
-        for child, rows, _parents in self.mapping.apply_children(raw.columns, mapped.kept):
-            if rows.num_rows:
-                self.child_rows += rows.num_rows
-                self.group.canonical.setdefault(child.name, []).append(
-                    self._lineage(rows, raw.key, extracted_at))
+                self._lineage(mapped.canonical, raw.key, extracted_at).append_column(
+                    _SEQ, sequence(first, n)))
+            self.seq += n
+        texts = [raw.raw_line(row).decode("utf-8", "replace")
+                 for row in mapped.rejected.to_pylist()]
         rejected = [
-            (raw.line_number(row), raw.raw_line(row), why, fld)
-            for row, why, fld in zip(mapped.rejected.to_pylist(), mapped.reasons.to_pylist(),
-                                     mapped.fields.to_pylist(), strict=True)
-        ] + [(line, text, why, None) for line, text, why in raw.broken]
+            _Rejected(raw.line_number(row), text, why, fld, self.entity.name, ident)
+            for row, text, why, fld, ident in zip(
+                mapped.rejected.to_pylist(), texts, mapped.reasons.to_pylist(),
+                mapped.fields.to_pylist(), record_keys(mapped.keys, texts), strict=True)
+        ] + [_Rejected(line, text.decode("utf-8", "replace"), why, None, self.entity.name,
+                       record_keys(pa.nulls(1, pa.string()),
+                                   [text.decode("utf-8", "replace")])[0])
+             for line, text, why in raw.broken]
+        if self.mapping.children and mapped.canonical.num_rows:
+            parent_keys = key_column(mapped.canonical, self.entity.keys)
+            for child in self.mapping.apply_children(raw.columns, mapped.kept):
+                # the parent's position among the kept rows is its offset from ``first``
+                if child.rows.num_rows:
+                    position = pc.index_in(child.parents, value_set=mapped.kept)
+                    self.group.canonical.setdefault(child.entity.name, []).append(
+                        self._lineage(child.rows, raw.key, extracted_at)
+                        .append_column(_SEQ, sequence(self.seq, child.rows.num_rows))
+                        .append_column(_PARENT, pc.add(pc.cast(position, pa.int64()), first)))
+                    self.seq += child.rows.num_rows
+                if len(child.rejected_parents):
+                    self.child_rejected += len(child.rejected_parents)
+                    rows = child.rejected_parents.to_pylist()
+                    of = pc.take(parent_keys, pc.index_in(child.rejected_parents,
+                                                          value_set=mapped.kept))
+                    ids = child_record_keys(
+                        record_keys(of, [""] * len(rows)), child)
+                    rejected += [
+                        _Rejected(raw.line_number(row), raw.raw_line(row).decode(
+                            "utf-8", "replace"), why, fld, child.entity.name, ident)
+                        for row, why, fld, ident in zip(
+                            rows, child.reasons.to_pylist(), child.fields.to_pylist(), ids,
+                            strict=True)]
         if rejected:
             self.group.quarantine.append(self._quarantine_rows(raw.key, rejected))
         self.group.rows += raw.columns.num_rows
         if self.group.rows >= self.rt.settings.transform_group_records:
             self.flush()
 
-    def _quarantine_rows(self, key: str,
-                         rows: list[tuple[int, bytes, str, str | None]]) -> pa.Table:
+    def _quarantine_rows(self, key: str, rows: list[_Rejected]) -> pa.Table:
         r, n = self.request, len(rows)
         now = datetime.now(UTC)
         return pa.table({
             "_tenant_id": [r.tenant_id] * n, "_service_name": [r.service_name] * n,
-            "_source_table": [r.table_name] * n, "entity": [self.entity.name] * n,
-            "_source_file": [key] * n, "line": [line for line, *_ in rows],
+            "_source_table": [r.table_name] * n, "entity": [q.entity for q in rows],
+            "_source_file": [key] * n, "line": [q.line for q in rows],
             "_job_id": [r.job_id or _job_of(key)] * n, "_request_id": [r.request_id] * n,
-            "field": [f for *_, f in rows], "reason": [why for _, _, why, _ in rows],
-            "raw": [text.decode("utf-8", "replace") for _, text, _, _ in rows],
+            "field": [q.field for q in rows], "reason": [q.reason for q in rows],
+            "raw": [q.raw for q in rows],
             "quarantined_at": [now] * n, "resolved_at": [None] * n, "resolved_by": [None] * n,
+            "record_key": [q.record_key for q in rows], "last_seen_at": [now] * n,
+            "occurrences": [1] * n,
         }, schema=QUARANTINE_SCHEMA)
+
+    def done(self, table: str) -> set[str]:
+        return {label for t, label in self.skip if t == table}
 
     def flush(self) -> None:
         group, index = self.group, self.group_index
@@ -148,25 +239,34 @@ class _Run:
         writer = self.rt.canonical
         if group.quarantine:
             q = pa.concat_tables(group.quarantine)
-            self.quarantined += q.num_rows
+            self.quarantined += int(pc.sum(pc.equal(q.column("entity"), self.entity.name))
+                                    .as_py() or 0)
             if (QUARANTINE_TABLE, str(index)) not in self.skip:
                 writer.quarantine(q, self.request.request_id, index)
-        for name, tables in group.canonical.items():
-            entity = self.entities[name]
-            rows = pa.concat_tables(tables)
-            unique = dedupe_newest(rows, entity.keys, entity.ordering)
-            if entity is self.entity:
-                self.merged += rows.num_rows - unique.num_rows
-                self.written += unique.num_rows
-                newest = pc.max(unique.column(entity.ordering)).as_py()
-                if newest is not None and (self.high_water is None or newest > self.high_water):
-                    self.high_water = newest
-            table = canonical_path(name)
-            writer.upsert(entity, self.request.tenant_id, self.request.service_name,
-                          unique.drop_columns([_SEQ]), self.request.request_id, index,
-                          done={label for t, label in self.skip if t == table})
+        parents = group.canonical.pop(self.entity.name, [])
+        if parents:
+            rows = pa.concat_tables(parents)
+            newest = pc.max(rows.column(self.entity.ordering)).as_py()
+            if newest is not None and (self.high_water is None or newest > self.high_water):
+                self.high_water = newest
+            out = write_family(writer, self.mapping, self.request.tenant_id,
+                               self.request.service_name, rows, group.canonical,
+                               self.request.request_id, index, self.done)
+            self.written += out.written
+            self.merged += out.merged
+            self.child_rows += out.children
         del group
         memory.release()
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    line: int
+    raw: str
+    reason: str
+    field: str | None
+    entity: str
+    record_key: str
 
 
 def _iso(value: object) -> str | None:
@@ -229,6 +329,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
             records_written=base.records_written if base else 0,
             records_quarantined=base.records_quarantined if base else 0,
             records_merged=base.records_merged if base else 0,
+            child_rows_written=base.child_rows_written if base else 0,
+            child_rows_rejected=base.child_rows_rejected if base else 0,
         )
 
     log.info("canonical transform starting", extra={
@@ -264,6 +366,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         processing_mode=mode, files_read=len(files), records_read=run.read,
         records_written=run.written, records_quarantined=run.quarantined,
         records_merged=run.merged, child_rows_written=run.child_rows,
+        child_rows_rejected=run.child_rejected,
         files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
         high_water=_iso(run.high_water),
     )

@@ -7,22 +7,23 @@ writers (two tenants' transforms into one entity table) retry on a commit confli
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Field, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from tenacity import Retrying
 
+from canonflow import retry
 from canonflow.errors import CommitConflict, StoreUnavailable
 from canonflow.mappings import Entity
 from canonflow.stores.object_store import ObjectStore
-from canonflow.transform.mapping import constant, entity_schema
+from canonflow.transform.mapping import constant, entity_schema, key_column, sequence
 
 QUARANTINE_TABLE = "quarantine"
 QUARANTINE_SCHEMA = pa.schema([
@@ -33,7 +34,12 @@ QUARANTINE_SCHEMA = pa.schema([
     ("quarantined_at", pa.timestamp("us", tz="UTC")),
     ("resolved_at", pa.timestamp("us", tz="UTC")),
     ("resolved_by", pa.string()),
+    # the entry's identity with tenant, service, source table and entity (see quarantine())
+    ("record_key", pa.string()),
+    ("last_seen_at", pa.timestamp("us", tz="UTC")),
+    ("occurrences", pa.int64()),
 ])
+QUARANTINE_IDENTITY = ["_tenant_id", "_service_name", "_source_table", "entity", "record_key"]
 _REQ = "canonflow.request_id"
 _GROUP = "canonflow.group"
 T = TypeVar("T")
@@ -51,19 +57,39 @@ def _no_lock(_name: str) -> Iterator[None]:
     yield None
 
 
-def key_column(rows: pa.Table, keys: list[str]) -> pa.Array:
-    """One comparable value per row for a (possibly composite) key."""
-    if len(keys) == 1:
-        return pc.cast(rows.column(keys[0]), pa.string()).combine_chunks()
-    parts = [pc.cast(rows.column(k), pa.string()).combine_chunks() for k in keys]
-    return pc.binary_join_element_wise(*parts, "\x1f")
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _commit_policy(what: str, attempts: int) -> Retrying:
+    def retryable(exc: BaseException) -> bool:
+        # a concurrent commit won, or creating a table raced with another writer creating it
+        return isinstance(exc, CommitFailedError) or (
+            isinstance(exc, DeltaError) and "already exists" in str(exc))
+    return retry.commit(retryable, attempts=attempts, context={"operation": what})
+
+
+@dataclass(frozen=True)
+class Upserted:
+    """What one upsert did, per input row."""
+
+    won: pa.Array  # bool: the row's version is the table's now (a new key, or newest wins)
+    repeated: int  # rows whose key an earlier group of the same request had written
+
+
+@dataclass(frozen=True)
+class _Held:
+    held: pa.Array  # bool per row: the table holds the key
+    won: pa.Array  # bool per row: new key, or ordering >= the held one (the merge's rule)
+    mine: pa.Array  # bool per row: the held key was written by this request
 
 
 class CanonicalWriter:
     """Upserts go in two commits under a per-(entity, tenant) lock: rows whose key is new to
     the table are appended (no file rewritten), rows whose key exists are merged (newest
     wins). The lock makes "is this key new?" and the append one step against other writers
-    of the same tenant's entity, on any machine."""
+    of the same tenant's entity, on any machine. Quarantine entries are upserted on their
+    identity under the same kind of lock (``quarantine/{tenant}``)."""
 
     def __init__(self, store: ObjectStore, attempts: int = 12,
                  lock: TableLock | None = None) -> None:
@@ -75,20 +101,13 @@ class CanonicalWriter:
         return self._store.delta_uri(name)
 
     def _retry(self, what: str, op: Callable[[], T]) -> T:
-        delay = 0.05
-        for attempt in range(self._attempts):
-            try:
-                return op()
-            except CommitFailedError as exc:
-                if attempt == self._attempts - 1:
-                    raise CommitConflict(f"{what}: concurrent commits kept winning") from exc
-            except DeltaError as exc:
-                # creating a table races with another writer creating it
-                if "already exists" not in str(exc) or attempt == self._attempts - 1:
-                    raise StoreUnavailable(f"{what}: {exc}") from exc
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+        """``op`` under the shared commit policy; typed errors when it gives up."""
+        try:
+            return _commit_policy(what, self._attempts)(op)
+        except CommitFailedError as exc:
+            raise CommitConflict(f"{what}: concurrent commits kept winning") from exc
+        except DeltaError as exc:
+            raise StoreUnavailable(f"{what}: {exc}") from exc
 
     def _table(self, name: str, schema: pa.Schema) -> DeltaTable:
         uri, opts = self.uri(name)
@@ -100,49 +119,120 @@ class CanonicalWriter:
                 storage_options=opts or None,
             )
 
+    def _open(self, name: str) -> DeltaTable | None:
+        uri, opts = self.uri(name)
+        try:
+            return DeltaTable(uri, storage_options=opts or None)
+        except TableNotFoundError:
+            return None
+
+    def _history(self, name: str, request_id: str, depth: int) -> list[dict[str, Any]]:
+        table = self._open(name)
+        if table is None:
+            return []
+        return [h for h in table.history(depth) if h.get(_REQ) == request_id and _GROUP in h]
+
     def committed_groups(self, name: str, request_id: str, depth: int = 200) -> set[str]:
         """Commit labels (``3``, ``3/append``, ``3/merge``) of ``request_id`` already in
         table ``name`` (recent history)."""
-        uri, opts = self.uri(name)
-        try:
-            history = DeltaTable(uri, storage_options=opts or None).history(depth)
-        except TableNotFoundError:
-            return set()
-        return {str(h[_GROUP]) for h in history if h.get(_REQ) == request_id and _GROUP in h}
+        return {str(h[_GROUP]) for h in self._history(name, request_id, depth)}
 
-    def _existing(self, table: DeltaTable, entity: Entity, tenant_id: str, service: str,
-                  rows: pa.Table, request_id: str) -> pa.Array:
-        """Which rows' keys the table already holds for this tenant and service, from
-        other requests (rows an earlier attempt of this request appended do not count)."""
-        none = constant(False, rows.num_rows)
+    def _before_group(self, name: str, table: DeltaTable, request_id: str, group: int,
+                      done: set[str]) -> DeltaTable:
+        """The table as this group's first attempt saw it: a resumed group whose steps
+        partly committed decides "new or held?" exactly as the first attempt did."""
+        if not any(label.split("/")[0] == str(group) for label in done):
+            return table
+        versions = [int(h["version"]) for h in self._history(name, request_id, 1000)
+                    if str(h[_GROUP]).split("/")[0] == str(group) and "version" in h]
+        if not versions:
+            return table
+        uri, opts = self.uri(name)
+        return DeltaTable(uri, version=min(versions) - 1, storage_options=opts or None)
+
+    @staticmethod
+    def _scan(table: DeltaTable, tenant_id: str, service: str, column: str,
+              values: pa.Array, columns: list[str]) -> pa.Table:
+        """This tenant's and service's rows whose ``column`` is one of ``values``: memory
+        bounded by the group, not the table."""
         if table.version() == 0 and not table.file_uris():
-            return none
+            return pa.table({})
         dataset = table.to_pyarrow_dataset(
             file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
-        held = dataset.to_table(columns=[*entity.keys, "_service_name", "_request_id"])
+        wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
+        found: list[pa.Table] = []
+        # filtered batch by batch here (a pushed-down filter trips over the string_view
+        # columns delta-rs reads): only the matching rows are kept
+        for batch in dataset.to_batches(columns=list(dict.fromkeys(
+                [*columns, column, "_service_name"]))):
+            part = pa.Table.from_batches([batch])
+            plain = pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type)
+                               or pa.types.is_large_string(f.type) else f
+                               for f in part.schema])
+            part = part.cast(plain)
+            match = pc.and_(pc.equal(part.column("_service_name"), service),
+                            pc.is_in(pc.cast(part.column(column), pa.string()),
+                                     value_set=wanted))
+            if pc.any(match).as_py():
+                found.append(part.filter(match).select(columns))
+        if not found:
+            return pa.table({})
+        return pa.concat_tables(found)
+
+    def _held(self, table: DeltaTable, entity: Entity, tenant_id: str, service: str,
+              rows: pa.Table, request_id: str) -> _Held:
+        """Which rows' keys the table holds for this tenant and service, whether each
+        row's version wins against the held one, and whether the held one was written by
+        this request (an earlier group)."""
+        n = rows.num_rows
+        none = constant(False, n)
+        order = entity.ordering
+        held = self._scan(table, tenant_id, service, entity.keys[0], rows.column(entity.keys[0]),
+                          [*entity.keys, order, "_request_id"])
         if held.num_rows == 0:
-            return none
-        same = pc.and_(
-            pc.equal(pc.cast(held.column("_service_name"), pa.string()), service),
-            pc.not_equal(pc.cast(held.column("_request_id"), pa.string()), request_id))
-        held_keys = key_column(held.filter(same), entity.keys)
-        return pc.is_in(key_column(rows, entity.keys), value_set=held_keys)
+            return _Held(none, constant(True, n), none)
+        by_key = pa.table({
+            "_key": key_column(held, entity.keys), "_order": held.column(order),
+            "_mine": pc.equal(pc.cast(held.column("_request_id"), pa.string()), request_id),
+            "_held": constant(True, held.num_rows),
+        }).group_by("_key").aggregate([("_order", "max"), ("_mine", "any"), ("_held", "any")])
+        mine_rows = pa.table({"_key": key_column(rows, entity.keys),
+                              "_row": sequence(0, n), "_new": rows.column(order)})
+        joined = mine_rows.join(by_key, "_key", join_type="left outer").sort_by("_row")
+        is_held = pc.fill_null(joined.column("_held_any"), False).combine_chunks()
+        theirs = joined.column("_order_max")
+        won = pc.fill_null(pc.or_kleene(pc.invert(is_held), pc.or_kleene(
+            pc.is_null(theirs), pc.greater_equal(joined.column("_new"), theirs))), False)
+        mine = pc.fill_null(joined.column("_mine_any"), False)
+        return _Held(is_held, won.combine_chunks(), mine.combine_chunks())
 
     def upsert(self, entity: Entity, tenant_id: str, service: str, rows: pa.Table,
-               request_id: str, group: int, done: set[str] | None = None) -> None:
+               request_id: str, group: int, done: set[str] | None = None,
+               parents: pa.Table | None = None) -> Upserted:
         """Append rows with new keys, merge the rest; ``done`` lists the steps of this group
-        an earlier attempt already committed."""
+        an earlier attempt already committed. ``parents`` (child entities): the keys, in
+        child column names, of the parent rows whose version this group wrote; their
+        children the table holds and ``rows`` does not are deleted first (per-parent
+        replace), so the children are exactly the ones of the winning version."""
         done = done or set()
         name = canonical_path(entity.name)
         schema = entity_schema(entity)
         rows = rows.select(schema.names).cast(schema)
         with self._lock(f"{name}/{tenant_id}"):
+            if rows.num_rows == 0 and self._open(name) is None:
+                return Upserted(constant(False, 0), 0)  # nothing to write, nothing held
             table = self._retry(f"open {name}", lambda: self._table(name, schema))
-            existing = self._existing(table, entity, tenant_id, service, rows, request_id)
-            if not pc.any(existing).as_py():  # a first load: no copies
+            seen = self._before_group(name, table, request_id, group, done)
+            if parents is not None and parents.num_rows and f"{group}/replace" not in done:
+                self._replace(name, seen, entity, tenant_id, service, rows, parents,
+                              f"{group}/replace", request_id)
+            if rows.num_rows == 0:
+                return Upserted(constant(False, 0), 0)
+            held = self._held(seen, entity, tenant_id, service, rows, request_id)
+            if not pc.any(held.held).as_py():  # a first load: no copies
                 fresh, known = rows, rows.slice(0, 0)
             else:
-                fresh, known = rows.filter(pc.invert(existing)), rows.filter(existing)
+                fresh, known = rows.filter(pc.invert(held.held)), rows.filter(held.held)
             if fresh.num_rows and f"{group}/append" not in done:
                 props = CommitProperties(
                     custom_metadata={_REQ: request_id, _GROUP: f"{group}/append"})
@@ -152,16 +242,48 @@ class CanonicalWriter:
             if known.num_rows and f"{group}/merge" not in done:
                 self._merge(name, schema, entity, tenant_id, service, known,
                             f"{group}/merge", request_id)
+            return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
+
+    def _replace(self, name: str, table: DeltaTable, entity: Entity, tenant_id: str,
+                 service: str, rows: pa.Table, parents: pa.Table, label: str,
+                 request_id: str) -> None:
+        """Delete the children of ``parents`` that ``rows`` (their new children) lacks."""
+        links = parents.column_names
+        held = self._scan(table, tenant_id, service, links[0], parents.column(links[0]),
+                          list(dict.fromkeys([*links, *entity.keys])))
+        if held.num_rows == 0:
+            return
+        of_parents = pc.is_in(key_column(held, links),
+                              value_set=key_column(parents, links))
+        kept = key_column(rows, entity.keys)
+        stale = held.filter(pc.and_(of_parents, pc.invert(
+            pc.is_in(key_column(held, entity.keys), value_set=kept))))
+        if stale.num_rows == 0:
+            return
+        stale = stale.select(entity.keys).append_column(
+            "_tenant_id", constant(tenant_id, stale.num_rows, pa.string())).append_column(
+            "_service_name", constant(service, stale.num_rows, pa.string()))
+        props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
+        keys = " AND ".join(f"t.{k} = s.{k}" for k in entity.keys)
+        predicate = (f"t._tenant_id = {_lit(tenant_id)} AND t._service_name = {_lit(service)}"
+                     f" AND t._tenant_id = s._tenant_id AND t._service_name = s._service_name"
+                     f" AND {keys}")
+
+        def op() -> None:
+            (self._table(name, entity_schema(entity))
+             .merge(stale, predicate=predicate, source_alias="s", target_alias="t",
+                    commit_properties=props)
+             .when_matched_delete().execute())
+
+        self._retry(f"replace children in {name}", op)
 
     def _merge(self, name: str, schema: pa.Schema, entity: Entity, tenant_id: str,
                service: str, rows: pa.Table, label: str, request_id: str) -> dict[str, Any]:
         order = entity.ordering
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
-        tenant_lit = tenant_id.replace("'", "''")
-        service_lit = service.replace("'", "''")
         keys = " AND ".join(f"t.{k} = s.{k}" for k in entity.keys)
         predicate = (
-            f"t._tenant_id = '{tenant_lit}' AND t._service_name = '{service_lit}' "
+            f"t._tenant_id = {_lit(tenant_id)} AND t._service_name = {_lit(service)} "
             f"AND {keys} AND t._tenant_id = s._tenant_id "
             f"AND t._service_name = s._service_name"
         )
@@ -180,35 +302,106 @@ class CanonicalWriter:
 
         return self._retry(f"upsert into {name}", op)
 
+    def _quarantine_table(self) -> DeltaTable:
+        """The quarantine table, with the identity columns added to one written before
+        they existed."""
+        table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
+        have = set(table.schema().to_arrow().names)
+        missing = [f for f in QUARANTINE_SCHEMA if f.name not in have]
+        if missing:
+            table.alter.add_columns([Field.from_arrow(f) for f in missing])
+            table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
+        return table
+
     def resolve_quarantined(self, rows: pa.Table, replay_id: str) -> int:
-        """Mark quarantine rows (by request, file and line) resolved by a replay."""
+        """Mark open quarantine entries resolved by a replay: by identity, or (entries
+        written before identities existed) by request, file and line."""
         if rows.num_rows == 0:
             return 0
         now = datetime.now(UTC).isoformat()
-        keys = rows.select(["_request_id", "_source_file", "line"])
-        replay_lit = replay_id.replace("'", "''")
+        names = [*QUARANTINE_IDENTITY, "_request_id", "_source_file", "line"]
+        keys = rows.select([n for n in names if n in rows.column_names])
+        if "record_key" not in keys.column_names:
+            keys = keys.append_column("record_key", pa.nulls(keys.num_rows, pa.string()))
+        identity = " AND ".join(f"t.{c} = s.{c}" for c in QUARANTINE_IDENTITY)
+        predicate = (
+            f"t.resolved_at IS NULL AND ((s.record_key IS NOT NULL AND {identity}) OR "
+            "(s.record_key IS NULL AND t._request_id = s._request_id AND "
+            "t._source_file = s._source_file AND t.line = s.line))")
+        updated = 0
+        for tenant in pc.unique(keys.column("_tenant_id")).to_pylist():
+            part = keys.filter(pc.equal(keys.column("_tenant_id"), tenant))
 
-        def op() -> int:
-            table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
-            metrics = table.merge(
-                keys, predicate="t._request_id = s._request_id AND "
-                "t._source_file = s._source_file AND t.line = s.line",
-                source_alias="s", target_alias="t",
-            ).when_matched_update({
-                "resolved_at": f"CAST('{now}' AS TIMESTAMP)",
-                "resolved_by": f"'{replay_lit}'",
-            }).execute()
-            return int(metrics.get("num_target_rows_updated", 0))
+            def op(part: pa.Table = part) -> int:
+                metrics = self._quarantine_table().merge(
+                    part, predicate=predicate, source_alias="s", target_alias="t",
+                ).when_matched_update({
+                    "resolved_at": f"CAST('{now}' AS TIMESTAMP)",
+                    "resolved_by": _lit(replay_id),
+                }).execute()
+                return int(metrics.get("num_target_rows_updated", 0))
 
-        return self._retry("resolve quarantined rows", op)
+            with self._lock(f"{QUARANTINE_TABLE}/{tenant}"):
+                updated += self._retry("resolve quarantined rows", op)
+        return updated
 
     def quarantine(self, rows: pa.Table, request_id: str, group: int) -> None:
+        """Upsert quarantine entries on their identity (tenant, service, source table,
+        entity, ``record_key``): a record quarantined again updates its open entry (last
+        seen, job, request, file, line, raw text, reason, occurrences); resolved entries
+        stay as history. Entries without a ``record_key`` have no identity: each is new.
+        Under a per-tenant lock, so concurrent transforms cannot both insert one entry."""
+        rows = _one_per_identity(_with_identity_columns(rows))
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: str(group)})
+        identity = " AND ".join(f"t.{c} = s.{c}" for c in QUARANTINE_IDENTITY)
+        latest = ["_source_file", "line", "_job_id", "_request_id", "field", "reason", "raw",
+                  "last_seen_at"]
+        updates = {c: f"s.{c}" for c in latest}
+        updates["occurrences"] = "coalesce(t.occurrences, 1) + s.occurrences"
+        for tenant in pc.unique(rows.column("_tenant_id")).to_pylist():
+            part = rows.filter(pc.equal(rows.column("_tenant_id"), tenant))
+            predicate = (f"t._tenant_id = {_lit(str(tenant))} AND t.resolved_at IS NULL "
+                         f"AND {identity}")
 
-        def op() -> None:
-            table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
+            def op(part: pa.Table = part, predicate: str = predicate) -> None:
+                (self._quarantine_table()
+                 .merge(part, predicate=predicate, source_alias="s", target_alias="t",
+                        commit_properties=props)
+                 .when_matched_update(updates).when_not_matched_insert_all().execute())
 
-            write_deltalake(table, rows.cast(QUARANTINE_SCHEMA), mode="append",
-                            commit_properties=props)
+            with self._lock(f"{QUARANTINE_TABLE}/{tenant}"):
+                self._retry("upsert into quarantine", op)
 
-        self._retry("append to quarantine", op)
+
+def _with_identity_columns(rows: pa.Table) -> pa.Table:
+    """Rows in the quarantine schema: missing identity columns added (no identity, seen
+    once, last seen when quarantined)."""
+    n = rows.num_rows
+    for name in ("record_key", "last_seen_at", "occurrences"):
+        if name not in rows.column_names:
+            rows = rows.append_column(name, pa.nulls(n, QUARANTINE_SCHEMA.field(name).type))
+    rows = rows.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+    filled = {"last_seen_at": pc.coalesce(rows.column("last_seen_at"),
+                                          rows.column("quarantined_at")),
+              "occurrences": pc.fill_null(rows.column("occurrences"), 1)}
+    for name, value in filled.items():
+        rows = rows.set_column(rows.column_names.index(name), name, value)
+    return rows
+
+
+def _one_per_identity(rows: pa.Table) -> pa.Table:
+    """One source row per identity (its last occurrence, with the count of all and the
+    first time seen): a merge needs each target row matched by at most one source row.
+    Rows without an identity stay as they are."""
+    keyed = pc.is_valid(rows.column("record_key"))
+    if not pc.any(keyed).as_py():
+        return rows
+    loose, rows = rows.filter(pc.invert(keyed)), rows.filter(keyed)
+    last = rows.append_column("_row", sequence(0, rows.num_rows)).group_by(
+        QUARANTINE_IDENTITY, use_threads=False).aggregate(
+        [("_row", "max"), ("occurrences", "sum"), ("quarantined_at", "min")])
+    picked = rows.take(last.column("_row_max"))
+    for name, total in (("occurrences", "occurrences_sum"),
+                        ("quarantined_at", "quarantined_at_min")):
+        picked = picked.set_column(picked.column_names.index(name), name, last.column(total))
+    return pa.concat_tables([picked, loose])
