@@ -7,8 +7,8 @@ Three services on 127.0.0.1, ten records a page, records that carry no secret:
   next link of every page (``links.next``), as some APIs do;
 - ``/basic/items?page=&per_page=``: HTTP Basic.
 
-``drop`` lists ``(service, page)`` pairs whose request is answered by closing the connection
-(``drop_times`` times each, then served normally; -1: always).
+``drop`` maps ``(service, page)`` pairs to how many times their request is answered by
+closing the connection before it is served normally (-1: always).
 """
 
 from __future__ import annotations
@@ -34,18 +34,16 @@ class SecretApi:
     username: str
     password: str
     records: int = 35
-    drop: set[tuple[str, int]] = field(default_factory=set)
-    drop_times: int = -1
+    drop: dict[tuple[str, int], int] = field(default_factory=dict)
     dropped: dict[tuple[str, int], int] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def should_drop(self, service: str, page: int) -> bool:
         with self._lock:
-            if (service, page) not in self.drop:
-                return False
+            times = self.drop.get((service, page), 0)
             n = self.dropped.get((service, page), 0)
-            if self.drop_times >= 0 and n >= self.drop_times:
+            if times >= 0 and n >= times:
                 return False
             self.dropped[(service, page)] = n + 1
             return True

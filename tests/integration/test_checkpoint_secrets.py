@@ -21,7 +21,7 @@ def test_a_checkpointed_next_url_drops_the_key_and_the_resume_restores_it(
     spec_file = tmp_path / "keyed.yaml"
     spec_file.write_text(KEYED_SPEC.format(service="keyed"))
     api = SecretApi(token="unused-token", api_key=KEY, username="u", password="unused-pw",
-                    records=35, drop={("keyed", 3)})
+                    records=35, drop={("keyed", 3): -1})
     with serve_secret_api(api) as server:
         settings = Settings(
             object_store=f"file://{tmp_path}/data",
