@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from functools import cache
@@ -24,15 +25,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("canonflow.lease")
 
 
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), or None if unknown."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 on (Linux), or None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             stat = f.read()
     except OSError:
         return None
-    # field 22; the command name (field 2) may hold spaces and parentheses
-    return stat.rsplit(")", 1)[-1].split()[19]
+    # the command name (field 2) may hold spaces and parentheses
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22), or None."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 @cache
@@ -63,8 +70,27 @@ def holder_dead(holder: str) -> bool:
         return True
     except PermissionError:
         return False  # alive, another user's
-    now_start = _start_ticks(pid)
-    return now_start is not None and start != "0" and now_start != start  # pid reused
+    fields = _stat(pid)
+    if fields is None:
+        return False
+    if fields[0] in ("Z", "X"):
+        return True  # killed, not yet reaped
+    return start != "0" and fields[19] != start  # the pid now belongs to a newer process
+
+
+def exit_with(parent: str, interval: float = 1.0) -> None:
+    """Exit this process soon after ``parent`` (a holder id of the process that started
+    it) is gone: pool workers of a killed run must not linger; the work they held is
+    taken over as a dead holder's."""
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if holder_dead(parent):
+                log.warning("the process that started this worker is gone; exiting",
+                            extra={"parent": parent})
+                os._exit(70)
+
+    threading.Thread(target=watch, name="canonflow-parent-watch", daemon=True).start()
 
 
 def runner_lock(holder: str) -> str:

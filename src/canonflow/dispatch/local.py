@@ -17,6 +17,7 @@ from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome, url_options
 from canonflow.dispatch.tasks import init_worker, ping, run_chunk, run_transform_task
 from canonflow.errors import ConfigError
+from canonflow.lease import holder_id
 from canonflow.model import ChunkSpec, TransformRequest
 
 
@@ -39,7 +40,7 @@ class LocalDispatcher:
         context.set_forkserver_preload(["canonflow.dispatch.tasks", "canonflow.stores.sqlite"])
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context,
-            initializer=init_worker, initargs=(self._settings_json,),
+            initializer=init_worker, initargs=(self._settings_json, holder_id()),
         )
         # start every worker now: their imports and store set-up overlap with planning
         for _ in range(self.workers):

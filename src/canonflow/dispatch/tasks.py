@@ -14,7 +14,7 @@ from canonflow.chunk import process_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome
 from canonflow.errors import CanonflowError
-from canonflow.lease import Heartbeat
+from canonflow.lease import Heartbeat, exit_with
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.redact import redact
 from canonflow.runtime import Runtime
@@ -24,9 +24,12 @@ log = logging.getLogger("canonflow.tasks")
 _runtime: Runtime | None = None
 
 
-def init_worker(settings_json: str) -> None:
-    """Build the worker's runtime and open its stores now, while the parent plans."""
+def init_worker(settings_json: str, parent: str | None = None) -> None:
+    """Build the worker's runtime and open its stores now, while the parent plans; with
+    ``parent`` (its holder id), exit when that process is gone."""
     global _runtime
+    if parent is not None:
+        exit_with(parent)
     memory.tune()
     _runtime = Runtime(Settings.model_validate_json(settings_json))
     _runtime.warm_up()
