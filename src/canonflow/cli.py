@@ -15,7 +15,7 @@ from rich.table import Table
 from canonflow import jsonio, log, memory
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
-from canonflow.dispatch import open_dispatcher
+from canonflow.dispatch import Dispatcher, open_dispatcher
 from canonflow.errors import CanonflowError, ConfigError, UnknownJob
 from canonflow.lease import runner_alive
 from canonflow.model import TERMINAL, TransformRequest, TriggerMode
@@ -88,9 +88,10 @@ def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
     stay resumable); errors exit 2 (terminal) or 3 (retryable, a wait limit)."""
     started = time.perf_counter()
     rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    dispatcher: Dispatcher | None = None
     runner: JobRunner | None = None
     try:
+        dispatcher = open_dispatcher(settings.dispatcher, settings)
         if as_json:
             runner = JobRunner(settings, rt, dispatcher, full_refresh=full_refresh,
                                wait_limit=wait_limit)
@@ -102,13 +103,15 @@ def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
                 job_ids = runner.run(tenants)
         reports = [job_report(rt.state, j) for j in job_ids]
     except KeyboardInterrupt:
-        left = [j.job_id for j in rt.state.unfinished_jobs(runner._job_ids)] if runner else []
+        left = [j.job_id for j in rt.state.unfinished_jobs()
+                if runner is not None and j.runner == runner.holder]
         console.print(f"interrupted; unfinished job(s) {', '.join(left) or '(none)'} can be "
                       "resumed: run the same command again, or `canonflow recover`",
                       highlight=False, soft_wrap=True)
         return 130
     finally:
-        dispatcher.close()
+        if dispatcher is not None:
+            dispatcher.close()
         rt.close()
     seconds = time.perf_counter() - started
     refused = runner.refused if runner else {}
