@@ -117,7 +117,9 @@ class Settings(_Cfg):
     run_wait_limit_seconds: float = Field(
         default=86_400.0, gt=0,
         description="`canonflow run` stops waiting after this long (exit code 3)")
-    celery_queue: str = Field(default="canonflow", description="Celery queue of this pipeline")
+    celery_queue: str | None = Field(
+        default=None, description="Celery queue of this pipeline; default canonflow.NAME, so "
+        "pipelines sharing a broker never take each other's tasks")
     celery_visibility_timeout: float = Field(
         default=3600.0, gt=0,
         description="Redis broker: seconds before an unacknowledged task is redelivered")
@@ -133,6 +135,21 @@ class Settings(_Cfg):
         for tenant in self.tenants:  # instances passed in are not validated again
             tenant.register_secrets()
         return self
+
+    @model_validator(mode="after")
+    def _unique_tenants(self) -> Settings:
+        seen: set[str] = set()
+        for tenant in self.tenants:
+            if tenant.tenant_id in seen:
+                raise ValueError(f"duplicate tenant_id {tenant.tenant_id}: each tenant is "
+                                 "listed once (one job per tenant and run)")
+            seen.add(tenant.tenant_id)
+        return self
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue of this pipeline's tasks."""
+        return self.celery_queue or f"canonflow.{self.name}"
 
     def to_worker_json(self) -> str:
         """The settings for a worker process: secrets revealed (they travel only to the

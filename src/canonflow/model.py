@@ -204,10 +204,10 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+TERMINAL = frozenset({JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
+
+
 class JobOutcome(StrEnum):
     COMPLETED = "completed"
     PARTIAL_SUCCESS = "partial_success"
     FAILED = "failed"
-TERMINAL = frozenset({JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
-
-

@@ -13,9 +13,11 @@ sends each row once.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
 
 from canonflow.config import Settings
@@ -37,6 +39,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 _settings_json: str | None = None
+_pipeline: str | None = None
 
 
 def broker_url(url: str) -> str:
@@ -45,11 +48,12 @@ def broker_url(url: str) -> str:
 
 def configure(settings: Settings) -> None:
     """Point the app at the pipeline's broker and queue (client and worker alike)."""
-    global _settings_json
+    global _settings_json, _pipeline
     _settings_json = settings.to_worker_json()
+    _pipeline = settings.name
     app.conf.update(
         broker_url=broker_url(settings.dispatcher),
-        task_default_queue=settings.celery_queue,
+        task_default_queue=settings.queue,
         broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout},
     )
 
@@ -65,27 +69,41 @@ def relay(rt: Runtime) -> int:
     """Send every committed, unsent outbox row as a transform task."""
     requests = rt.state.claim_for_dispatch()
     for request in requests:
-        transform_task.apply_async(args=[request.model_dump_json()])
+        transform_task.apply_async(args=[request.model_dump_json()],
+                                   kwargs={"pipeline": _pipeline})
     return len(requests)
+
+
+def _ours(pipeline: str | None, task: str) -> None:
+    """A task of another pipeline (two pipelines given one queue) goes back to the queue
+    for that pipeline's workers, loudly, instead of running with the wrong settings."""
+    if pipeline is not None and _pipeline is not None and pipeline != _pipeline:
+        log.error("task of another pipeline refused: give each pipeline its own "
+                  "celery_queue", extra={"task": task, "task_pipeline": pipeline,
+                                         "worker_pipeline": _pipeline})
+        time.sleep(1.0)  # do not spin on it
+        raise Reject(f"task of pipeline {pipeline!r}", requeue=True)
 
 
 @app.task(name="canonflow.chunk", autoretry_for=(RetryableError,), retry_backoff=True,
           max_retries=5)
-def chunk_task(spec_json: str) -> None:
+def chunk_task(spec_json: str, pipeline: str | None = None) -> None:
+    _ours(pipeline, "chunk")
     outcome = tasks.run_chunk(spec_json)
     if outcome["aggregated"]:
         relay(tasks.current_runtime())
 
 
 @app.task(name="canonflow.transform")
-def transform_task(request_json: str) -> None:
+def transform_task(request_json: str, pipeline: str | None = None) -> None:
+    _ours(pipeline, "transform")
     tasks.run_transform_task(request_json)
 
 
 def run_worker(settings: Settings, concurrency: int, name: str | None) -> None:
     configure(settings)
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork",
-            f"--queues={settings.celery_queue}", "--loglevel=WARNING", "--without-gossip",
+            f"--queues={settings.queue}", "--loglevel=WARNING", "--without-gossip",
             "--without-mingle"]
     if name:
         argv.append(f"--hostname={name}")
@@ -98,10 +116,11 @@ class CeleryDispatcher:
         configure(settings)
 
     def submit_chunk(self, spec: ChunkSpec) -> None:
-        chunk_task.apply_async(args=[spec.model_dump_json()])
+        chunk_task.apply_async(args=[spec.model_dump_json()], kwargs={"pipeline": _pipeline})
 
     def submit_transform(self, request: TransformRequest) -> None:
-        transform_task.apply_async(args=[request.model_dump_json()])
+        transform_task.apply_async(args=[request.model_dump_json()],
+                                   kwargs={"pipeline": _pipeline})
 
     def close(self) -> None:
         app.pool.force_close_all()

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from canonflow import jsonio, memory
 from canonflow.errors import RequestRejected, TerminalError
+from canonflow.lease import holder_dead
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.transform.discovery import resolve_files
@@ -314,7 +315,9 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         files_skipped, files = len(files) - len(fresh), fresh
 
     state.enqueue_request(request)
-    attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds)
+    # a request running under a holder known dead (a killed worker) is taken over at once
+    attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds,
+                                  holder=rt.holder, holder_dead=holder_dead)
     if attempt is None:
         record = state.request(request.request_id)
         log.info("transform request already claimed or done; skipped", extra={

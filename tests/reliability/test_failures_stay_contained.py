@@ -1,0 +1,248 @@
+"""Failures stay where they belong: a tenant that cannot be planned fails alone, a second
+run of the same tenant does not extract twice, bad settings stop a run before any job
+exists, brief errors are retried (bounded), and a dead worker's locks and requests are
+taken over at once."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import pytest
+
+from canonflow.config import TenantConfig
+from canonflow.dispatch import open_dispatcher
+from canonflow.errors import ConfigError, StoreUnavailable
+from canonflow.lease import holder_id, runner_lock
+from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.report import job_report
+from canonflow.runner import JobRunner
+from canonflow.runtime import Runtime
+from canonflow.stores.obstore_backend import ObstoreObjectStore
+
+TABLES = {"crm": ["companies"], "helpdesk": ["users"]}
+
+
+def test_a_tenant_with_bad_credentials_fails_alone(make_settings) -> None:
+    settings = make_settings(tenants=("acme", "globex", "initech"), tables=TABLES)
+    bad = TenantConfig.model_validate({"tenant_id": "globex", "credentials": {
+        svc: {"token": "not-the-token"} for svc in TABLES}})
+    settings = settings.model_copy(update={"tenants": [
+        bad if t.tenant_id == "globex" else t for t in settings.tenants]})
+    rt = Runtime(settings)
+    job_ids = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    reports = {r["tenant_id"]: r for r in (job_report(rt.state, j) for j in job_ids)}
+    assert set(reports) == {"acme", "globex", "initech"}
+    for tenant in ("acme", "initech"):
+        assert (reports[tenant]["status"], reports[tenant]["outcome"]) == ("done", "completed")
+    globex = reports["globex"]
+    assert (globex["status"], globex["outcome"]) == ("failed", "failed")
+    assert "HTTP 401" in globex["error"] and "not-the-token" not in globex["error"]
+    assert [j.tenant_id for j in rt.state.jobs() if j.status == "failed"] == ["globex"]
+
+
+def test_unknown_tenants_and_duplicate_runs_are_refused_before_extracting(
+        make_settings) -> None:
+    settings = make_settings(tenants=("acme", "globex"), tables=TABLES)
+    rt = Runtime(settings)
+    with pytest.raises(ConfigError, match=r"tenant\(s\) nobody not in pipeline"):
+        JobRunner(settings, rt, open_dispatcher("inline://", settings)).run(["nobody"])
+    # acme's job is being driven by a live runner elsewhere
+    other = holder_id()
+    rt.state.acquire_lock(runner_lock(other), other, ttl=60)
+    rt.state.create_job("job-elsewhere", "acme", settings.name, "aggregated", [],
+                        runner=other, exclusive=True)
+    requests_before = _api_requests(rt)
+    runner = JobRunner(settings, rt, open_dispatcher("inline://", settings))
+    job_ids = runner.run()
+    assert list(runner.refused) == ["acme"]
+    assert "job-elsewhere is already running" in runner.refused["acme"]
+    assert [rt.state.job(j).tenant_id for j in job_ids] == ["globex"]  # type: ignore[union-attr]
+    assert _api_requests(rt) == requests_before  # nothing of acme was fetched
+
+
+def _api_requests(rt: Runtime) -> int:
+    return sum(c._client.__dict__.get("_requests", 0) for c in rt._clients.values())
+
+
+def test_two_runs_at_once_start_one_job_per_tenant(make_settings) -> None:
+    settings = make_settings(tenants=("acme", "globex"), tables=TABLES)
+    barrier = threading.Barrier(2)
+    outcomes: list[tuple[list[str], dict[str, str]]] = []
+
+    def run() -> None:
+        rt = Runtime(settings)
+        runner = JobRunner(settings, rt, open_dispatcher("inline://", settings))
+        runner.validate()
+        barrier.wait()
+        outcomes.append((runner.run(), runner.refused))
+        rt.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    rt = Runtime(settings)
+    jobs = rt.state.jobs()
+    assert sorted(j.tenant_id for j in jobs) == ["acme", "globex"]  # never two per tenant
+    refused = [tenant for _, r in outcomes for tenant in r]
+    started = [j for ids, _ in outcomes for j in ids]
+    assert len(started) + len(refused) == 4 and len(set(started)) == len(started)
+    assert all(j.status == "done" for j in jobs)
+
+
+def test_duplicate_tenant_ids_are_a_config_error(make_settings) -> None:
+    with pytest.raises(ValueError, match="duplicate tenant_id acme"):
+        make_settings(tenants=("acme", "acme"), tables=TABLES)
+
+
+def test_a_store_that_cannot_open_stops_the_run_before_any_job(make_settings) -> None:
+    settings = make_settings(tables=TABLES, dispatcher="local://?workers=1")
+    good = Runtime(settings)
+    broken = settings.model_copy(update={"object_store": "nosuch://bucket"})
+    dispatcher = open_dispatcher(broken.dispatcher, broken)
+    try:
+        with pytest.raises(ConfigError, match="nosuch://"):
+            JobRunner(broken, Runtime(broken), dispatcher).run()
+    finally:
+        dispatcher.close()
+    assert good.state.jobs() == []
+
+
+def test_a_chunk_that_fails_with_a_retryable_error_is_retried(
+        make_settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tables={"crm": ["companies"]}, chunk_attempts=3)
+    real_put = ObstoreObjectStore.put
+    failed: set[str] = set()
+
+    def flaky_put(self: ObstoreObjectStore, key: str, data: bytes, **kw: Any) -> None:
+        if key.startswith("raw/") and key.endswith("part-00000.jsonl.zst") and key not in failed:
+            failed.add(key)  # every chunk's first write fails once
+            raise StoreUnavailable("object store briefly unavailable")
+        real_put(self, key, data, **kw)
+
+    monkeypatch.setattr(ObstoreObjectStore, "put", flaky_put)
+    rt = Runtime(settings)
+    with caplog.at_level(logging.WARNING, logger="canonflow.retry"):
+        (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    report = job_report(rt.state, job_id)
+    assert (report["status"], report["outcome"]) == ("done", "completed")
+    (table,) = report["tables"].values()
+    assert table["records_extracted"] == 1200 and table["records_canonical"] > 0
+    retries = [r for r in caplog.records if getattr(r, "retry_kind", None) == "chunk"]
+    assert len(retries) == len(failed) == table["chunks"]
+
+
+def test_a_transform_that_keeps_failing_unexpectedly_fails_visibly_after_its_attempts(
+        make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tables={"crm": ["companies"]}, transform_max_attempts=3)
+
+    def broken(request: TransformRequest, rt: Runtime) -> Any:
+        rt.state.claim_request(request.request_id, 60.0)
+        raise RuntimeError("a bug in a transform")
+
+    monkeypatch.setattr("canonflow.dispatch.tasks.run_transform", broken)
+    rt = Runtime(settings)
+    (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()
+    report = job_report(rt.state, job_id)
+    assert report["status"] == "failed"
+    (transform,) = report["transforms"]
+    assert transform["status"] == "failed" and transform["attempts"] == 3
+    assert transform["error"] == ("gave up after 3 attempt(s); last error: "
+                                  "RuntimeError: a bug in a transform")
+
+
+class LosesFirstTransform:
+    """The first transform's worker dies (a broken pool), as a killed worker does."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.url, self.lost = inner, inner.url, 0
+
+    def submit_chunk(self, spec: ChunkSpec) -> Any:
+        return self.inner.submit_chunk(spec)
+
+    def submit_transform(self, request: TransformRequest) -> Any:
+        if self.lost == 0:
+            self.lost += 1
+            future: Future[Any] = Future()
+            future.set_exception(BrokenProcessPool("a worker died"))
+            return future
+        return self.inner.submit_transform(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_transform_whose_worker_died_is_retried_not_failed(make_settings) -> None:
+    settings = make_settings(tables={"crm": ["companies"]})
+    rt = Runtime(settings)
+    dispatcher = LosesFirstTransform(open_dispatcher("inline://", settings))
+    (job_id,) = JobRunner(settings, rt, dispatcher).run()
+    report = job_report(rt.state, job_id)
+    assert dispatcher.lost == 1
+    assert (report["status"], report["outcome"]) == ("done", "completed")
+    (transform,) = report["transforms"]
+    assert transform["status"] == "done" and transform["records_written"] > 0
+
+
+HOLD = """
+import sys, time
+from canonflow.config import Settings
+from canonflow.runtime import Runtime
+rt = Runtime(Settings.model_validate_json(sys.argv[1]))
+what = sys.argv[2]
+if what == "lock":
+    with rt.table_lock("canonical/company/acme"):
+        print("held", flush=True)
+        time.sleep(600)
+else:
+    print(rt.state.claim_request(what, 600.0, holder=rt.holder), flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_then_die(settings_json: str, what: str) -> None:
+    """A worker process takes a lock or a request, then is killed (SIGKILL)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, settings_json, what],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() in ("held", "1")
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_dead_holders_table_lock_is_taken_over_at_once(make_settings) -> None:
+    settings = make_settings(tables=TABLES)
+    _hold_then_die(settings.to_worker_json(), "lock")
+    rt = Runtime(settings)
+    started = time.monotonic()
+    with rt.table_lock("canonical/company/acme", wait=10.0):
+        pass
+    assert time.monotonic() - started < 5.0  # not the lock's expiry
+
+
+def test_a_request_whose_worker_died_is_taken_over_at_once(make_settings) -> None:
+    from canonflow.transform import run_transform
+
+    settings = make_settings(tables={"crm": ["companies"]})
+    rt = Runtime(settings)
+    runner = JobRunner(settings, rt, open_dispatcher("inline://", settings))
+    (plan,) = runner.plan()
+    from canonflow.aggregate import complete_chunk
+    from canonflow.chunk import process_chunk
+    for spec in plan.chunks:
+        complete_chunk(rt, process_chunk(spec, rt))
+    (request,) = rt.state.claim_for_dispatch()
+    _hold_then_die(settings.to_worker_json(), request.request_id)
+    result = run_transform(request, rt)  # lease of 120 s not expired: its holder is dead
+    assert not result.skipped and result.records_written > 0
+    assert rt.state.request(request.request_id).attempts == 2  # type: ignore[union-attr]
+    assert rt.state.job(plan.job_id).status == "done"  # type: ignore[union-attr]
