@@ -19,7 +19,6 @@ import pytest
 from canonflow.config import TenantConfig
 from canonflow.dispatch import open_dispatcher
 from canonflow.errors import ConfigError, StoreUnavailable
-from canonflow.lease import holder_id, runner_lock
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.report import job_report
 from canonflow.runner import JobRunner
@@ -54,6 +53,8 @@ def test_unknown_tenants_and_duplicate_runs_are_refused_before_extracting(
     with pytest.raises(ConfigError, match=r"tenant\(s\) nobody not in pipeline"):
         JobRunner(settings, rt, open_dispatcher("inline://", settings)).run(["nobody"])
     # acme's job is being driven by a live runner elsewhere
+    from canonflow.lease import holder_id, runner_lock
+
     other = holder_id()
     rt.state.acquire_lock(runner_lock(other), other, ttl=60)
     rt.state.create_job("job-elsewhere", "acme", settings.name, "aggregated", [],
