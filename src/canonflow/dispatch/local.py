@@ -7,6 +7,7 @@ connections, and starting one costs a fork, not a second round of imports.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,7 +41,9 @@ class LocalDispatcher:
         context.set_forkserver_preload(["canonflow.dispatch.tasks", "canonflow.stores.sqlite"])
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context,
-            initializer=init_worker, initargs=(self._settings_json, holder_id()),
+            initializer=init_worker,
+            initargs=(self._settings_json, holder_id(),
+                      logging.getLogger("canonflow").getEffectiveLevel()),
         )
         # start every worker now: their imports and store set-up overlap with planning
         for _ in range(self.workers):

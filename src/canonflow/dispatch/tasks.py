@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from canonflow import memory, retry
+from canonflow import log, memory, retry
 from canonflow.aggregate import complete_chunk
 from canonflow.chunk import process_chunk
 from canonflow.config import Settings
@@ -20,14 +20,18 @@ from canonflow.redact import redact
 from canonflow.runtime import Runtime
 from canonflow.transform import run_transform
 
-log = logging.getLogger("canonflow.tasks")
+logger = logging.getLogger("canonflow.tasks")
 _runtime: Runtime | None = None
 
 
-def init_worker(settings_json: str, parent: str | None = None) -> None:
+def init_worker(settings_json: str, parent: str | None = None,
+                log_level: int | None = None) -> None:
     """Build the worker's runtime and open its stores now, while the parent plans; with
-    ``parent`` (its holder id), exit when that process is gone."""
+    ``parent`` (its holder id), exit when that process is gone; with ``log_level``, log
+    as the parent does (structured, redacted) instead of Python's bare fallback."""
     global _runtime
+    if log_level is not None:
+        log.configure(log_level)
     if parent is not None:
         exit_with(parent)
     memory.tune()
@@ -76,10 +80,10 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
         again = retryable and rt.state.retry_later(
             request.request_id, message, rt.settings.transform_max_attempts)
         if not isinstance(exc, CanonflowError):
-            log.exception("transform failed unexpectedly", extra={
+            logger.exception("transform failed unexpectedly", extra={
                 "request_id": request.request_id, "will_retry": again})
         else:
-            log.error("transform failed", extra={"request_id": request.request_id,
+            logger.error("transform failed", extra={"request_id": request.request_id,
                                                  "error": message, "will_retry": again})
         return {"request_id": request.request_id, "error": message, "retryable": retryable,
                 "will_retry": again}
