@@ -533,7 +533,8 @@ def recover_cmd(
     rt = Runtime(settings)
     dispatcher = open_dispatcher(settings.dispatcher, settings)
     try:
-        swept: dict[str, Any] = dict(recover(rt, dispatcher, older_than))
+        swept: dict[str, Any] = dict(recover(
+            rt, dispatcher, older_than, pipeline=settings.name if pipeline else None))
         if pipeline is not None:
             resumed = JobRunner(settings, rt, dispatcher).resume(older_than=older_than)
             swept["jobs_resumed"] = len(resumed)

@@ -101,6 +101,10 @@ class ActiveJobExists(TerminalError):
         self.job_id = job_id
 
 
+class RunnerLeaseLost(RetryableError):
+    """A run stalled past its lease; another run may have adopted its jobs."""
+
+
 class RunTimeout(RetryableError):
     """``canonflow run`` waited longer than its limit; the jobs go on without it."""
 

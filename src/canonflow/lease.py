@@ -1,9 +1,11 @@
 """Who holds what: holder ids, liveness of a holder, and heartbeats that keep leases fresh.
 
-A holder id names one process: ``host:pid:start:token``. On the same host a holder whose
-process is gone (or whose pid now belongs to a newer process) is known dead at once, so its
-leases are taken over without waiting for them to expire; on another host a lease lapses
-when its heartbeat stops (a few seconds, not a fixed long expiry).
+A holder id names one process: ``host:space:pid:start:token``, where ``space`` is the boot
+id and the pid namespace of the process (two containers that share a hostname see other
+pids). A holder of this host *and* this pid space whose process is gone (or whose pid now
+belongs to a newer process) is known dead at once, so its leases are taken over without
+waiting for them to expire; any other holder is dead only when its lease lapses, because
+its heartbeat stopped (seconds, not a fixed long expiry).
 """
 
 from __future__ import annotations
@@ -42,27 +44,47 @@ def _start_ticks(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
+def _pid_space() -> str:
+    """This boot and this pid namespace: pids mean the same only within one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip().replace("-", "")[:12]
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "unknown"
+    return f"{boot}-{namespace}"
+
+
 @cache
-def _process_id() -> tuple[str, int, str]:
-    return socket.gethostname(), os.getpid(), _start_ticks(os.getpid()) or "0"
+def _process_id() -> tuple[str, str, int, str]:
+    pid = os.getpid()
+    return socket.gethostname(), _pid_space(), pid, _start_ticks(pid) or "0"
 
 
 def holder_id() -> str:
     """A new holder id for this process (unique per call: one per lease or runner)."""
-    if _process_id()[1] != os.getpid():  # forked since the cache was filled
+    if _process_id()[2] != os.getpid():  # forked since the cache was filled
         _process_id.cache_clear()
-    host, pid, start = _process_id()
-    return f"{host}:{pid}:{start}:{uuid.uuid4().hex[:8]}"
+    host, space, pid, start = _process_id()
+    return f"{host}:{space}:{pid}:{start}:{uuid.uuid4().hex[:8]}"
+
+
+def pid_gone(pid: int) -> bool:
+    """A process of this pid space that no longer runs (gone, or killed and not reaped)."""
+    fields = _stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def holder_dead(holder: str) -> bool:
-    """True only when ``holder`` is known dead: a process of this host that is gone."""
-    parts = holder.rsplit(":", 3)
-    if len(parts) != 4:
+    """True only when ``holder`` is known dead: a process of this host and pid space that
+    is gone (or whose pid was reused)."""
+    parts = holder.rsplit(":", 4)
+    if len(parts) != 5:
         return False
-    host, pid_text, start, _ = parts
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine: only its lease's expiry tells
+    host, space, pid_text, start, _ = parts
+    if host != socket.gethostname() or space == "unknown" or space != _process_id()[1] \
+            or not pid_text.isdigit():
+        return False  # another machine or container: only its lease's expiry tells
     pid = int(pid_text)
     try:
         os.kill(pid, 0)
@@ -106,24 +128,32 @@ def runner_alive(state: StateStore, job: JobRecord) -> bool:
 
 
 class Heartbeat:
-    """Call ``beat`` every ``interval`` seconds on a daemon thread until stopped; a failed
-    beat is logged and retried at the next interval."""
+    """Call ``beat`` every ``interval`` seconds on a daemon thread until stopped. A beat
+    that raises is logged and tried again at the next interval; a beat that returns False
+    means the lease is gone (taken over): ``lost`` is set and beating stops."""
 
     def __init__(self, interval: float, beat: Callable[[], object], what: str) -> None:
         self._interval = interval
         self._beat = beat
         self._what = what
         self._stop = threading.Event()
+        self.lost = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{what}",
                                         daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._beat()
+                renewed = self._beat()
             except Exception as exc:  # the next beat may succeed; the lease lapses if not
                 log.warning("heartbeat failed", extra={"lease": self._what,
                                                        "error": f"{type(exc).__name__}"})
+                continue
+            if renewed is False:
+                log.error("lease lost: another holder has taken it over",
+                          extra={"lease": self._what})
+                self.lost.set()
+                return
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -25,11 +25,12 @@ from typing import Any, Protocol
 
 from canonflow.aggregate import aggregate_job, complete_chunk
 from canonflow.config import Settings
-from canonflow.dispatch.base import Dispatcher, TaskOutcome
+from canonflow.dispatch.base import Dispatcher, TaskOutcome, chunk_key, transform_key
 from canonflow.errors import (
     ActiveJobExists,
     CanonflowError,
     ConfigError,
+    RunnerLeaseLost,
     RunTimeout,
     error_payload,
 )
@@ -41,6 +42,7 @@ from canonflow.stores.state import JobRecord
 
 log = logging.getLogger("canonflow.runner")
 ACTIVITY_MARGIN = 5.0  # seconds of overlap between polls: clocks of other machines differ
+FULL_CHECK_SECONDS = 15.0  # and a full look at the unfinished jobs this often
 
 
 class ProgressSink(Protocol):
@@ -72,13 +74,14 @@ def reclaim_lost_transforms(rt: Runtime, job_ids: Collection[str] | None = None)
         for rec in state.requests(job.job_id):
             if rec.status == "running" and rec.holder and holder_dead(rec.holder):
                 state.retry_later(rec.request.request_id, "the worker running it was lost",
-                                  rt.settings.transform_max_attempts)
+                                  rt.settings.transform_max_attempts, holder=rec.holder)
                 reclaimed += 1
     return reclaimed
 
 
 def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
-            job_ids: Collection[str] | None = None) -> dict[str, int]:
+            job_ids: Collection[str] | None = None,
+            pipeline: str | None = None) -> dict[str, int]:
     """The sweeper: settle jobs whose transforms all finished, give requests of dead workers
     back, aggregate jobs stuck after their last chunk, re-send outbox rows left pending or
     abandoned (failing those that used every attempt), wait for what it sent. Everything
@@ -96,30 +99,34 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
     requests = state.claim_for_dispatch(
         limit=10_000, redispatch_after=older_than,
         lease_seconds=max(older_than, rt.settings.transform_lease_seconds), job_ids=job_ids,
-        max_attempts=rt.settings.transform_max_attempts,
+        max_attempts=rt.settings.transform_max_attempts, pipeline=pipeline,
     )
     futures = [(r, dispatcher.submit_transform(r)) for r in requests]
     wait([f for _, f in futures if f is not None])
     for request, future in futures:
         if future is not None:
-            _settle_transform(rt, request, future)
+            _settle_transform(rt, dispatcher, request, future)
     settled += len(state.settle_jobs(job_ids))
     return {"jobs_reaggregated": reaggregated, "transforms_redispatched": len(requests),
             "transforms_reclaimed": reclaimed, "jobs_settled": settled}
 
 
-def _settle_transform(rt: Runtime, request: TransformRequest,
-                      future: Future[TaskOutcome]) -> None:
+def _settle_transform(rt: Runtime, dispatcher: Dispatcher, request: TransformRequest,
+                      future: Future[TaskOutcome]) -> bool:
     """A transform whose worker died goes back to the outbox (a retryable failure) until
-    its attempts run out; then it fails and its job settles."""
+    its attempts run out; then it fails and its job settles. One that only waited behind
+    a task that killed the pool never ran: True, send it again as it is."""
     exc = future.exception()
     if exc is None:
-        return
+        return False
+    if not dispatcher.lost_in_worker(transform_key(request)):
+        return True
     again = rt.state.retry_later(request.request_id,
                                  f"worker lost: {type(exc).__name__}: {exc}",
                                  rt.settings.transform_max_attempts)
     log.warning("transform worker lost", extra={"request_id": request.request_id,
                                                 "will_retry": again})
+    return False
 
 
 @dataclass
@@ -161,6 +168,7 @@ class JobRunner:
         self._pending: dict[Future[TaskOutcome], _Pending] = {}
         self._started = time.monotonic()
         self._job_ids: list[str] = []
+        self._lease = Heartbeat(1.0, lambda: True, "unused")  # replaced while running
 
     # -- starting ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -180,8 +188,9 @@ class JobRunner:
         state, name = self.rt.state, runner_lock(self.holder)
         ttl = self.settings.runner_lease_seconds
         state.acquire_lock(name, self.holder, ttl)
+        self._lease = Heartbeat(ttl / 3, lambda: state.renew_lock(name, self.holder, ttl), name)
         try:
-            with Heartbeat(ttl / 3, lambda: state.acquire_lock(name, self.holder, ttl), name):
+            with self._lease:
                 yield
         finally:
             state.release_lock(name, self.holder)
@@ -323,9 +332,15 @@ class JobRunner:
         return False
 
     def _check_wait(self, job_ids: Collection[str]) -> None:
+        if self._lease.lost.is_set():
+            raise RunnerLeaseLost(
+                "this run lost its lease (it stalled longer than runner_lease_seconds); "
+                "another run may have taken its jobs over: see `canonflow status`")
         waited = time.monotonic() - self._started
         if waited > self.wait_limit:
             left = [j.job_id for j in self.rt.state.unfinished_jobs(job_ids)]
+            if not left:
+                return
             raise RunTimeout(
                 f"stopped waiting after {waited:.0f} s (limit {self.wait_limit:.0f} s); "
                 f"unfinished jobs: {', '.join(left) or 'none'} — they go on without this "
@@ -340,18 +355,23 @@ class JobRunner:
                 pending = self._pending.pop(future)
                 if pending.kind == "chunk":
                     self._chunk_finished(pending, future)
+                elif _settle_transform(self.rt, self.dispatcher, pending.payload, future):
+                    self._submit_transform(pending.payload)
                 else:
-                    _settle_transform(self.rt, pending.payload, future)
                     self.progress.transform_done(pending.payload)
             self._relay()
             self._check_wait(self._job_ids)
 
     def _relay(self) -> None:
-        for request in self.rt.state.claim_for_dispatch():
-            future = self.dispatcher.submit_transform(request)
-            if future is not None:
-                self._pending[future] = _Pending("transform", request)
-                self.progress.transform_submitted(request)
+        """Send this run's committed outbox rows (never another pipeline's or run's)."""
+        for request in self.rt.state.claim_for_dispatch(job_ids=self._job_ids):
+            self._submit_transform(request)
+            self.progress.transform_submitted(request)
+
+    def _submit_transform(self, request: TransformRequest) -> None:
+        future = self.dispatcher.submit_transform(request)
+        if future is not None:
+            self._pending[future] = _Pending("transform", request)
 
     def _watch(self, job_ids: list[str]) -> None:
         """Remote workers: follow what changed in the jobs since the last look (one read
@@ -363,7 +383,7 @@ class JobRunner:
         unfinished = set(job_ids)
         since = 0.0
         poll = 0.25
-        last_change = time.monotonic()
+        last_change = last_full = time.monotonic()
         stall = max(30.0, self.settings.celery_visibility_timeout)
         while True:
             self._relay()
@@ -376,6 +396,12 @@ class JobRunner:
             if not unfinished:
                 return
             now = time.monotonic()
+            if now - last_full > FULL_CHECK_SECONDS:
+                # a commit later than the margin, or a clock further off, is never missed
+                unfinished = {j.job_id for j in state.unfinished_jobs(unfinished)}
+                last_full = now
+                if not unfinished:
+                    return
             if moved:
                 last_change, poll = now, 0.25
             elif now - last_change > stall:
@@ -417,8 +443,11 @@ class JobRunner:
         if exc is None:
             self.progress.chunk_done(spec, future.result()["result"])
             return
-        # the worker died before recording the chunk: run it again (bounded), then record
-        # its failure so the job ends
+        if not self.dispatcher.lost_in_worker(chunk_key(spec)):
+            self._submit_chunk(spec, pending.tries)  # it never ran: no attempt used
+            return
+        # the worker died running the chunk: run it again (bounded), then record its
+        # failure so the job ends
         if pending.tries < self.settings.chunk_attempts:
             log.warning("chunk task lost; running it again", extra={
                 "job_id": spec.job_id, "chunk_id": spec.chunk_id, "attempt": pending.tries,

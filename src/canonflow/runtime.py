@@ -63,8 +63,11 @@ class Runtime:
         if not retry.lock(wait, {"lock": name})(take):
             raise CommitConflict(f"{name} stayed locked for {wait:.0f} s")
         try:
-            with Heartbeat(ttl / 4, lambda: self.state.acquire_lock(name, me, ttl), name):
+            with Heartbeat(ttl / 4, lambda: self.state.renew_lock(name, me, ttl),
+                           name) as beat:
                 yield
+            if beat.lost.is_set():  # another writer may have written meanwhile: redo
+                raise CommitConflict(f"{name}: the lock was lost while held")
         finally:
             self.state.release_lock(name, me)
 

@@ -66,6 +66,9 @@ class DuplicatingDispatcher:
         self.inner.submit_transform(request)
         return self.inner.submit_transform(request)
 
+    def lost_in_worker(self, key: str) -> bool:
+        return True
+
     def close(self) -> None:
         self.inner.close()
 

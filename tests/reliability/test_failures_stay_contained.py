@@ -18,7 +18,7 @@ import pytest
 
 from canonflow.config import TenantConfig
 from canonflow.dispatch import open_dispatcher
-from canonflow.errors import ConfigError, StoreUnavailable
+from canonflow.errors import CommitConflict, ConfigError, StoreUnavailable
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.report import job_report
 from canonflow.runner import JobRunner
@@ -146,7 +146,7 @@ def test_a_transform_that_keeps_failing_unexpectedly_fails_visibly_after_its_att
     settings = make_settings(tables={"crm": ["companies"]}, transform_max_attempts=3)
 
     def broken(request: TransformRequest, rt: Runtime) -> Any:
-        rt.state.claim_request(request.request_id, 60.0)
+        rt.state.claim_request(request.request_id, 60.0, holder=rt.holder)
         raise RuntimeError("a bug in a transform")
 
     monkeypatch.setattr("canonflow.dispatch.tasks.run_transform", broken)
@@ -176,6 +176,9 @@ class LosesFirstTransform:
             future.set_exception(BrokenProcessPool("a worker died"))
             return future
         return self.inner.submit_transform(request)
+
+    def lost_in_worker(self, key: str) -> bool:
+        return True
 
     def close(self) -> None:
         self.inner.close()
@@ -209,12 +212,13 @@ else:
 """
 
 
-def _hold_then_die(settings_json: str, what: str) -> None:
+def _hold_then_die(settings_json: str, what: str, script: str = HOLD) -> None:
     """A worker process takes a lock or a request, then is killed (SIGKILL)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, settings_json, what],
+    proc = subprocess.Popen([sys.executable, "-c", script, settings_json, what],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() in ("held", "1")
+        said = proc.stdout.readline().strip() if proc.stdout else ""
+        assert said == "held" or said.isdigit(), said
     finally:
         proc.kill()
         proc.wait(10)
@@ -247,3 +251,145 @@ def test_a_request_whose_worker_died_is_taken_over_at_once(make_settings) -> Non
     assert not result.skipped and result.records_written > 0
     assert rt.state.request(request.request_id).attempts == 2  # type: ignore[union-attr]
     assert rt.state.job(plan.job_id).status == "done"  # type: ignore[union-attr]
+
+
+def test_a_worker_killed_mid_chunk_costs_only_its_own_chunk_an_attempt(
+        tmp_path, make_settings) -> None:
+    """Killing one pool worker breaks the whole local pool: every queued task fails with
+    it. Only the chunk that was running counts an attempt; the others just run again."""
+    import os
+    import signal
+
+    from canonflow.connectors.demo_api import DemoApi, serve
+
+    with serve(DemoApi(1200, page_delay=0.05)) as slow:
+        settings = make_settings(
+            tenants=("acme", "globex"), tables={"crm": ["companies", "deals"]},
+            dispatcher="local://?workers=2", chunk_attempts=1)
+        settings = settings.model_copy(update={"sources": [
+            s.model_copy(update={"base_url": s.base_url.replace(
+                s.base_url.split("/crm")[0], slow.base_url)}) for s in settings.sources]})
+        rt = Runtime(settings)
+        dispatcher = open_dispatcher(settings.dispatcher, settings)
+        runner = JobRunner(settings, rt, dispatcher)
+        job_ids: list[str] = []
+        thread = threading.Thread(target=lambda: job_ids.extend(runner.run()))
+        thread.start()
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline:
+            for mark in dispatcher._marks.iterdir():  # type: ignore[attr-defined]
+                key = mark.read_text() if mark.exists() else ""
+                if key.startswith("chunk:"):
+                    killed = key
+                    os.kill(int(mark.name), signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        thread.join(180)
+        dispatcher.close()
+    assert killed is not None and not thread.is_alive()
+    failed = [(j, r.chunk_id) for j in job_ids for r in rt.state.chunk_results(j)
+              if not r.completed]
+    charged = [f"chunk:{j}:{c}" for j, c in failed]
+    # the killed chunk, and at most the one other chunk running when the pool broke (the
+    # pool stops its other workers too); none of the 20-odd chunks queued behind them
+    assert killed in charged and len(charged) <= 2, charged
+    total = sum(len(rt.state.chunk_specs(j)) for j in job_ids)
+    assert total == 24 and sum(len(rt.state.chunk_results(j)) for j in job_ids) == total
+    for job_id in job_ids:
+        assert job_report(rt.state, job_id)["status"] in ("done", "failed")
+
+
+HOLD_AGAIN = """
+import sys, time
+from canonflow.config import Settings
+from canonflow.lease import holder_dead
+from canonflow.runtime import Runtime
+rt = Runtime(Settings.model_validate_json(sys.argv[1]))
+print(rt.state.claim_request(sys.argv[2], 600.0, holder=rt.holder, holder_dead=holder_dead),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_poison_request_that_kills_every_worker_fails_after_its_attempts(
+        make_settings) -> None:
+    """Redelivered again and again (Celery after each lost worker), a request whose worker
+    dies each time fails at its attempt cap and its job settles."""
+    from canonflow.lease import holder_dead
+
+    settings = make_settings(tables={"crm": ["companies"]}, transform_max_attempts=3)
+    rt = Runtime(settings)
+    (plan,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).plan()
+    from canonflow.aggregate import complete_chunk
+    from canonflow.chunk import process_chunk
+    for spec in plan.chunks:
+        complete_chunk(rt, process_chunk(spec, rt))
+    (request,) = rt.state.claim_for_dispatch()
+    for _ in range(3):  # three workers take it and die
+        _hold_then_die(settings.to_worker_json(), request.request_id, HOLD_AGAIN)
+    claim = rt.state.claim_request(request.request_id, 600.0, holder=rt.holder,
+                                   holder_dead=holder_dead, max_attempts=3)
+    assert claim is None
+    record = rt.state.request(request.request_id)
+    assert record is not None and record.status == "failed" and record.attempts == 3
+    assert rt.state.job(plan.job_id).status == "failed"  # type: ignore[union-attr]
+
+
+
+
+def test_a_worker_whose_request_was_taken_over_cannot_finish_it(make_settings) -> None:
+    settings = make_settings(tables={"crm": ["companies"]})
+    rt = Runtime(settings)
+    assert rt.state.enqueue_request(TransformRequest(
+        tenant_id="acme", service_name="crm", table_name="companies", request_id="r",
+        source_files=[]))
+    assert rt.state.claim_request("r", 0.0, holder="old-worker") == 1
+    assert rt.state.claim_request("r", 0.0, holder="new-worker") == 2  # lease lapsed
+    assert not rt.state.finish_request("r", None, error="late", holder="old-worker")
+    assert not rt.state.retry_later("r", "late", 3, holder="old-worker")
+    record = rt.state.request("r")
+    assert record is not None and (record.status, record.holder) == ("running", "new-worker")
+    assert rt.state.finish_request("r", None, error="its own", holder="new-worker")
+
+
+def test_a_job_cancelled_during_aggregation_gets_no_transform(make_settings) -> None:
+    settings = make_settings(tables={"crm": ["companies"]})
+    rt = Runtime(settings)
+    (plan,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).plan()
+    from canonflow.aggregate import table_outcomes, transform_requests
+    from canonflow.chunk import process_chunk
+    results = [process_chunk(spec, rt) for spec in plan.chunks]
+    claims = [rt.state.complete_chunk(r).claimed for r in results]
+    assert claims[-1]  # claimed: the aggregator is about to write its outbox rows...
+    requests = transform_requests(rt, plan.job_id,
+                                  table_outcomes(plan.chunks, results))
+    assert rt.state.cancel_job(plan.job_id, "operator")  # ...when the job is cancelled
+    assert not rt.state.finish_aggregation(plan.job_id, "completed", requests, {})
+    assert rt.state.requests(plan.job_id) == []
+    assert rt.state.claim_for_dispatch() == []
+
+
+def test_a_lost_lease_is_never_renewed_and_the_holder_hears_of_it(make_settings) -> None:
+    rt = Runtime(make_settings(tables=TABLES))
+    assert rt.state.acquire_lock("t", "a", ttl=0.0)
+    assert rt.state.acquire_lock("t", "b", ttl=60)  # a's lapsed: b takes it
+    rt.state.release_lock("t", "b")
+    assert not rt.state.renew_lock("t", "a", ttl=60)  # not re-created for a
+    assert rt.state.lock_holder("t") is None
+    with pytest.raises(CommitConflict, match="lost while held"), \
+            rt.table_lock("canonical/company/acme", ttl=0.2):
+        rt.state.release_lock("canonical/company/acme",
+                              rt.state.lock_holder("canonical/company/acme")[0])  # type: ignore[index]
+        rt.state.acquire_lock("canonical/company/acme", "intruder", ttl=60)
+        time.sleep(0.4)
+
+
+def test_holders_of_another_pid_space_are_never_judged_dead_by_pid() -> None:
+    from canonflow.lease import holder_dead, holder_id
+
+    mine = holder_id().split(":")
+    gone = [mine[0], mine[1], "999999999", "1", "x"]
+    assert holder_dead(":".join(gone))
+    other_space = [mine[0], "0123456789ab-4026531999", "999999999", "1", "x"]
+    assert not holder_dead(":".join(other_space))

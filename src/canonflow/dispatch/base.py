@@ -26,7 +26,20 @@ class Dispatcher(Protocol):
 
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome] | None: ...
 
+    def lost_in_worker(self, key: str) -> bool:
+        """After a task's future failed: True if the task itself was running when its
+        worker died (or failed on its own), False if it only waited behind a task that
+        killed the pool (it never ran; run it again without counting an attempt)."""
+
     def close(self) -> None: ...
+
+
+def chunk_key(spec: ChunkSpec) -> str:
+    return f"chunk:{spec.job_id}:{spec.chunk_id}"
+
+
+def transform_key(request: TransformRequest) -> str:
+    return f"transform:{request.request_id}"
 
 
 _SCHEMES = {

@@ -65,9 +65,9 @@ def _init_pool_process(**_: Any) -> None:
         tasks.init_worker(_settings_json)
 
 
-def relay(rt: Runtime) -> int:
-    """Send every committed, unsent outbox row as a transform task."""
-    requests = rt.state.claim_for_dispatch()
+def relay(rt: Runtime, job_id: str) -> int:
+    """Send the job's committed, unsent outbox rows as transform tasks."""
+    requests = rt.state.claim_for_dispatch(job_ids=[job_id])
     for request in requests:
         transform_task.apply_async(args=[request.model_dump_json()],
                                    kwargs={"pipeline": _pipeline})
@@ -91,7 +91,7 @@ def chunk_task(spec_json: str, pipeline: str | None = None) -> None:
     _ours(pipeline, "chunk")
     outcome = tasks.run_chunk(spec_json)
     if outcome["aggregated"]:
-        relay(tasks.current_runtime())
+        relay(tasks.current_runtime(), outcome["result"]["job_id"])
 
 
 @app.task(name="canonflow.transform")
@@ -121,6 +121,9 @@ class CeleryDispatcher:
     def submit_transform(self, request: TransformRequest) -> None:
         transform_task.apply_async(args=[request.model_dump_json()],
                                    kwargs={"pipeline": _pipeline})
+
+    def lost_in_worker(self, key: str) -> bool:
+        return True  # no pool to break: a failed task failed itself
 
     def close(self) -> None:
         app.pool.force_close_all()

@@ -31,5 +31,8 @@ class InlineDispatcher:
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
         return _done(run_transform_task, request.model_dump_json(), self._rt)
 
+    def lost_in_worker(self, key: str) -> bool:
+        return True  # no pool to break: a failed task failed itself
+
     def close(self) -> None:
         self._rt.close()

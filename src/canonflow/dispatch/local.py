@@ -10,15 +10,24 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from canonflow.config import Settings
-from canonflow.dispatch.base import TaskOutcome, url_options
-from canonflow.dispatch.tasks import init_worker, ping, run_chunk, run_transform_task
+from canonflow.dispatch.base import TaskOutcome, chunk_key, transform_key, url_options
+from canonflow.dispatch.tasks import (
+    init_worker,
+    ping,
+    run_chunk,
+    run_marked,
+    run_transform_task,
+)
 from canonflow.errors import ConfigError
-from canonflow.lease import holder_id
+from canonflow.lease import holder_id, pid_gone
 from canonflow.model import ChunkSpec, TransformRequest
 
 
@@ -34,6 +43,7 @@ class LocalDispatcher:
             raise ConfigError(f"dispatcher URL {url!r}: workers must be at least 1")
         self.workers = workers
         self._settings_json = settings.to_worker_json()
+        self._marks = Path(tempfile.mkdtemp(prefix="canonflow-running-"))
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -50,21 +60,37 @@ class LocalDispatcher:
             pool.submit(ping)
         return pool
 
-    def _submit(self, fn: Any, payload: str) -> Future[TaskOutcome]:
+    def _submit(self, fn: Any, key: str, payload: str) -> Future[TaskOutcome]:
         """A worker that died breaks the whole pool: start a new one and submit again (the
-        tasks that were in the broken pool fail, and their callers retry them)."""
+        tasks that were in the broken pool fail; ``lost_in_worker`` tells their callers
+        which one was running in the dead worker and which only waited behind it)."""
         try:
-            return self._pool.submit(fn, payload)
+            return self._pool.submit(run_marked, str(self._marks), key, fn, payload)
         except BrokenProcessPool:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._start()
-            return self._pool.submit(fn, payload)
+            return self._pool.submit(run_marked, str(self._marks), key, fn, payload)
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
-        return self._submit(run_chunk, spec.model_dump_json())
+        return self._submit(run_chunk, chunk_key(spec), spec.model_dump_json())
 
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
-        return self._submit(run_transform_task, request.model_dump_json())
+        return self._submit(run_transform_task, transform_key(request),
+                            request.model_dump_json())
+
+    def lost_in_worker(self, key: str) -> bool:
+        """Was the task ``key`` running in a worker that died (its mark is left behind)?"""
+        for mark in self._marks.iterdir():
+            if mark.name.isdigit() and pid_gone(int(mark.name)):
+                try:
+                    running = mark.read_text()
+                except OSError:
+                    continue
+                if running == key:
+                    mark.unlink(missing_ok=True)
+                    return True
+        return False
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._marks, ignore_errors=True)

@@ -7,6 +7,9 @@ task arguments and return values are plain JSON-compatible payloads.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 from canonflow import log, memory, retry
 from canonflow.aggregate import complete_chunk
@@ -41,6 +44,18 @@ def init_worker(settings_json: str, parent: str | None = None,
 
 def ping() -> bool:
     return True
+
+
+def run_marked(marks: str, key: str, fn: Callable[[str], TaskOutcome],
+               payload: str) -> TaskOutcome:
+    """Run a task with a mark naming it in ``marks/PID``: if this worker dies, the mark
+    left behind tells which task died with it (the others only waited behind it)."""
+    mark = Path(marks) / str(os.getpid())
+    mark.write_text(key)
+    try:
+        return fn(payload)
+    finally:
+        mark.unlink(missing_ok=True)
 
 
 def current_runtime() -> Runtime:
@@ -78,7 +93,7 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
         message = redact(str(exc) if isinstance(exc, CanonflowError)
                          else f"{type(exc).__name__}: {exc}")
         again = retryable and rt.state.retry_later(
-            request.request_id, message, rt.settings.transform_max_attempts)
+            request.request_id, message, rt.settings.transform_max_attempts, holder=rt.holder)
         if not isinstance(exc, CanonflowError):
             logger.exception("transform failed unexpectedly", extra={
                 "request_id": request.request_id, "will_retry": again})

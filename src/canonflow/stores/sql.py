@@ -404,6 +404,9 @@ class SqlStateStore:
         now = _now()
 
         def step(conn: Connection) -> bool:
+            job = self._lock_job(conn, job_id)  # a cancel in between must win: no rows
+            if job is None or job.status != JobStatus.AGGREGATING.value:
+                return False
             if requests:
                 conn.execute(
                     self._insert(outbox).on_conflict_do_nothing(), self._rows_for(requests, now)
@@ -519,7 +522,7 @@ class SqlStateStore:
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
         lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
-        max_attempts: int | None = None,
+        max_attempts: int | None = None, pipeline: str | None = None,
     ) -> list[TransformRequest]:
         now = _now()
         conds = [outbox.c.status == "pending"]
@@ -533,6 +536,9 @@ class SqlStateStore:
         where = sa.or_(*conds)
         if job_ids is not None:
             where = sa.and_(where, outbox.c.job_id.in_(list(job_ids)))
+        if pipeline is not None:  # only this pipeline's jobs (and manual requests)
+            where = sa.and_(where, sa.or_(outbox.c.job_id.is_(None), outbox.c.job_id.in_(
+                sa.select(jobs.c.job_id).where(jobs.c.pipeline == pipeline))))
 
         def step(conn: Connection) -> list[TransformRequest]:
             rows = conn.execute(
@@ -566,15 +572,30 @@ class SqlStateStore:
 
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None, holder_dead: Callable[[str], bool] | None = None,
-                      ) -> int | None:
+                      max_attempts: int | None = None) -> int | None:
         """Take a request for running: pending or dispatched, or running under a lease that
         expired or whose holder is known dead (``holder_dead``). The attempt number, or
-        None if it is not claimable now."""
+        None if it is not claimable now. A request taken over after ``max_attempts`` (a
+        poison request that kills its workers) fails instead, and its job settles."""
         now = _now()
 
         def step(conn: Connection) -> int | None:
-            current = conn.execute(sa.select(outbox.c.status, outbox.c.holder).where(
-                outbox.c.request_id == request_id)).one_or_none()
+            self._lock_request_job(conn, request_id)
+            current = conn.execute(sa.select(
+                outbox.c.status, outbox.c.holder, outbox.c.attempts, outbox.c.job_id,
+                outbox.c.updated_at).where(outbox.c.request_id == request_id)).one_or_none()
+            if (current is not None and max_attempts is not None
+                    and current.attempts >= max_attempts and current.status == "running"
+                    and (current.updated_at < now - lease_seconds or (
+                        current.holder is not None and holder_dead is not None
+                        and holder_dead(current.holder)))):
+                conn.execute(outbox.update().where(outbox.c.request_id == request_id).values(
+                    status="failed", updated_at=now, holder=None,
+                    error=f"gave up after {current.attempts} attempt(s); the worker running "
+                          "it was lost each time"))
+                if current.job_id is not None:
+                    self._settle_job(conn, current.job_id, now)
+                return None
             takeover = (current is not None and current.status == "running"
                         and current.holder is not None and holder_dead is not None
                         and holder_dead(current.holder))
@@ -595,6 +616,14 @@ class SqlStateStore:
         attempt: int | None = self._run(step)
         return attempt
 
+    def _lock_request_job(self, conn: Connection, request_id: str) -> None:
+        """Lock the job row of a request before its outbox row: every step that touches
+        both takes them in this order (a cancel does too), so none waits on the other."""
+        job_id = conn.execute(sa.select(outbox.c.job_id).where(
+            outbox.c.request_id == request_id)).scalar_one_or_none()
+        if job_id is not None:
+            self._lock_job(conn, job_id)
+
     def touch_request(self, request_id: str, holder: str | None = None) -> bool:
         """Heartbeat of a running transform: its lease stays fresh while it works."""
         now = _now()
@@ -605,13 +634,20 @@ class SqlStateStore:
             outbox.update().where(*cond).values(updated_at=now)).rowcount == 1))
 
     def finish_request(
-        self, request_id: str, result: TransformResult | None, error: str | None = None
-    ) -> None:
+        self, request_id: str, result: TransformResult | None, error: str | None = None,
+        holder: str | None = None,
+    ) -> bool:
+        """Record a request's end (and settle its job). With ``holder``: only while that
+        holder still has it; False when another one took it over meanwhile."""
         now = _now()
 
-        def step(conn: Connection) -> None:
+        def step(conn: Connection) -> bool:
+            self._lock_request_job(conn, request_id)
+            cond = [outbox.c.request_id == request_id]
+            if holder is not None:
+                cond += [outbox.c.status == "running", outbox.c.holder == holder]
             row = conn.execute(
-                outbox.update().where(outbox.c.request_id == request_id).values(
+                outbox.update().where(*cond).values(
                     status="failed" if error else "done",
                     result=result.model_dump_json() if result else None,
                     error=redact(error) if error else None, updated_at=now,
@@ -619,18 +655,25 @@ class SqlStateStore:
             ).one_or_none()
             if row is not None and row.job_id is not None:
                 self._settle_job(conn, row.job_id, now)
+            return row is not None
 
-        self._run(step)
+        finished: bool = self._run(step)
+        return finished
 
-    def retry_later(self, request_id: str, error: str, max_attempts: int) -> bool:
+    def retry_later(self, request_id: str, error: str, max_attempts: int,
+                    holder: str | None = None) -> bool:
         """Give a request back to the outbox after a retryable failure or a lost worker
         (running or dispatched), or fail it for good once it has had ``max_attempts``;
-        True if it will be retried."""
+        True if it will be retried. With ``holder``: only while that holder has it."""
         now = _now()
         error = redact(error)
 
         def step(conn: Connection) -> bool:
-            taken = outbox.c.status.in_(["running", "dispatched"])
+            self._lock_request_job(conn, request_id)
+            taken: sa.ColumnElement[bool] = outbox.c.status.in_(["running", "dispatched"])
+            if holder is not None:  # not a row another holder runs now
+                taken = sa.or_(outbox.c.status == "dispatched", sa.and_(
+                    outbox.c.status == "running", outbox.c.holder == holder))
             # a failure before the claim (still "dispatched") uses up an attempt too
             attempts = outbox.c.attempts + sa.case(
                 (outbox.c.status == "dispatched", 1), else_=0)
@@ -758,6 +801,13 @@ class SqlStateStore:
 
         acquired: bool = self._run(step)
         return acquired
+
+    def renew_lock(self, name: str, holder: str, ttl: float) -> bool:
+        """Extend a lease this holder still holds; False if it was lost (never re-taken)."""
+        now = _now()
+        return bool(self._run(lambda c: c.execute(locks.update().where(
+            locks.c.name == name, locks.c.holder == holder).values(expires_at=now + ttl)
+        ).rowcount == 1))
 
     def lock_holder(self, name: str) -> tuple[str, float] | None:
         """Who holds a lease and until when (epoch seconds), expired or not."""

@@ -119,7 +119,7 @@ class StateStore(Protocol):
     def claim_for_dispatch(
         self, limit: int = 100, redispatch_after: float | None = None,
         lease_seconds: float | None = None, job_ids: Collection[str] | None = None,
-        max_attempts: int | None = None,
+        max_attempts: int | None = None, pipeline: str | None = None,
     ) -> list[TransformRequest]:
         """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones;
         ``job_ids`` limits the sweep to those jobs; stale rows that used ``max_attempts``
@@ -127,17 +127,22 @@ class StateStore(Protocol):
 
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None,
-                      holder_dead: Callable[[str], bool] | None = None) -> int | None:
+                      holder_dead: Callable[[str], bool] | None = None,
+                      max_attempts: int | None = None) -> int | None:
         """Take a request for running; the attempt number, or None if it is not claimable."""
 
     def touch_request(self, request_id: str, holder: str | None = None) -> bool: ...
 
     def finish_request(
-        self, request_id: str, result: TransformResult | None, error: str | None = None
-    ) -> None: ...
+        self, request_id: str, result: TransformResult | None, error: str | None = None,
+        holder: str | None = None,
+    ) -> bool:
+        """Record a request's end; with ``holder``, only while that holder has it."""
 
-    def retry_later(self, request_id: str, error: str, max_attempts: int) -> bool:
-        """After a retryable failure: back to pending, or failed after ``max_attempts``."""
+    def retry_later(self, request_id: str, error: str, max_attempts: int,
+                    holder: str | None = None) -> bool:
+        """After a retryable failure: back to pending, or failed after ``max_attempts``;
+        with ``holder``, only while that holder has it."""
 
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
         """Ledger: these raw files were canonicalized by this request."""
@@ -175,6 +180,9 @@ class StateStore(Protocol):
                      steal_from: str | None = None) -> bool:
         """Take or renew a named lease for ``ttl`` seconds; False while another holds it
         (unless that holder is ``steal_from``, known dead)."""
+
+    def renew_lock(self, name: str, holder: str, ttl: float) -> bool:
+        """Extend a lease still held by ``holder``; False if it was lost."""
 
     def lock_holder(self, name: str) -> tuple[str, float] | None: ...
 

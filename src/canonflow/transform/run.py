@@ -317,7 +317,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
     state.enqueue_request(request)
     # a request running under a holder known dead (a killed worker) is taken over at once
     attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds,
-                                  holder=rt.holder, holder_dead=holder_dead)
+                                  holder=rt.holder, holder_dead=holder_dead,
+                                  max_attempts=rt.settings.transform_max_attempts)
     if attempt is None:
         record = state.request(request.request_id)
         log.info("transform request already claimed or done; skipped", extra={
@@ -361,7 +362,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
             run.add_file(raw, modified)
         run.flush()
     except TerminalError as exc:
-        state.finish_request(request.request_id, None, error=str(exc))
+        state.finish_request(request.request_id, None, error=str(exc), holder=rt.holder)
         raise
     result = TransformResult(
         request_id=request.request_id, tenant_id=request.tenant_id,
@@ -379,6 +380,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
     if request.trigger == "aggregated" and result.high_water is not None:
         # incremental sync moves on only once the table's transform has succeeded
         state.advance_cursor(request.table, result.high_water, request.job_id)
-    state.finish_request(request.request_id, result)
+    if not state.finish_request(request.request_id, result, holder=rt.holder):
+        log.warning("transform finished after another worker took its request over; "
+                    "that worker's outcome stands", extra={"request_id": request.request_id})
     log.info("canonical transform finished", extra=result.model_dump(mode="json"))
     return result
