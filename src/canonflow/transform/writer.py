@@ -160,6 +160,15 @@ class CanonicalWriter:
         dataset = table.to_pyarrow_dataset(
             file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
+        # first the key column alone, read in one go (keys only, as before): a load of keys
+        # the table does not hold yet (the common case) never reads the other columns
+        keys = dataset.to_table(columns=[column, "_service_name"])
+        if not pc.any(pc.and_(
+                pc.equal(pc.cast(keys.column("_service_name"), pa.string()), service),
+                pc.is_in(pc.cast(keys.column(column), pa.string()), value_set=wanted),
+        )).as_py():
+            return pa.table({})
+        del keys
         found: list[pa.Table] = []
         # filtered batch by batch here (a pushed-down filter trips over the string_view
         # columns delta-rs reads): only the matching rows are kept
