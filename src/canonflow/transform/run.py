@@ -103,7 +103,11 @@ def write_family(writer: CanonicalWriter, mapping: CompiledMapping, tenant_id: s
                              request_id, group, done=done(canonical_path(entity.name)))
     out.written = unique.num_rows - upserted.repeated
     out.merged += upserted.repeated
-    won = unique.filter(upserted.won)
+    # the winners' sequence numbers and parent keys only: a copy of the whole group's
+    # parent rows (every column) would raise the transform's peak memory
+    links = list(dict.fromkeys(p for _, child in mapping.children
+                               for p in child.parent_key.values()))
+    won = unique.select(list(dict.fromkeys([_SEQ, *links]))).filter(upserted.won)
     if won.num_rows == 0:
         return out
     for _, child in mapping.children:
@@ -111,7 +115,9 @@ def write_family(writer: CanonicalWriter, mapping: CompiledMapping, tenant_id: s
         tables = children.get(name, [])
         rows = pa.concat_tables(tables) if tables else None
         if rows is not None:
-            rows = rows.filter(pc.is_in(rows.column(_PARENT), value_set=won.column(_SEQ)))
+            of_won = pc.is_in(rows.column(_PARENT), value_set=won.column(_SEQ))
+            if not pc.all(of_won).as_py():  # every parent won (a first load): no copy
+                rows = rows.filter(of_won)
             rows = dedupe_newest(rows, child.entity.keys, child.entity.ordering)
             out.children += rows.num_rows
         link = {c: won.column(p) for c, p in child.parent_key.items()}
