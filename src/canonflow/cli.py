@@ -42,7 +42,45 @@ DataDirOpt = Annotated[Path, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for machines.")]
 MappingDirOpt = Annotated[list[Path] | None, typer.Option(
     "--mapping-dir", help="Extra mapping YAML folder (repeatable); wins over built-ins.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs at INFO on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Logs at INFO (--log-level info).")]
+LOG_OPTIONS = ("--log-level", "--log-format")
+
+
+@app.callback()
+def _logging(
+    log_level: Annotated[str, typer.Option(
+        "--log-level", envvar="CANONFLOW_LOG_LEVEL",
+        help="debug, info, warning or error, for this process and the workers it starts "
+        "(accepted before or after the command).")] = "warning",
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="CANONFLOW_LOG_FORMAT",
+        help="json (one object per line), text, or auto: text on a terminal, else JSON.")
+    ] = "auto",
+) -> None:
+    """Sync many tenants' SaaS data into one canonical model: parallel chunks,
+    exactly-once canonical processing, nothing lost."""
+    log.configure(log_level, log_format)
+
+
+def _hoist_log_options(argv: list[str]) -> list[str]:
+    """``--log-level``/``--log-format`` are accepted anywhere on the line: they move to the
+    front, where the app's callback reads them for every command."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in LOG_OPTIONS and i + 1 < len(argv):
+            front += [arg, argv[i + 1]]
+            i += 2
+            continue
+        if arg.split("=", 1)[0] in LOG_OPTIONS and "=" in arg:
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
 
 
 def _settings(pipeline: Path | None, data_dir: Path, mapping_dir: list[Path] | None = None,
@@ -149,7 +187,8 @@ def demo(
 
     Leaves canonical tables in DATA_DIR that `canonflow query` reads.
     """
-    log.configure(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        log.at_least(logging.INFO)
     names = ["acme", "globex", "initech", "umbrella", "hooli", "stark"]
     tenant_ids = [names[i] if i < len(names) else f"tenant{i}" for i in range(tenants)]
     with serve(DemoApi(records)) as server:
@@ -191,7 +230,8 @@ def run(
     high-water mark, unless --full-refresh. A tenant whose previous job was left unfinished
     by a run that died (killed, Ctrl-C) resumes that job: only its missing chunks run again.
     A tenant whose job another live run is driving is refused."""
-    log.configure(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        log.at_least(logging.INFO)
     raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json, full_refresh,
                                wait_limit))
 
@@ -263,7 +303,8 @@ def transform(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one canonical transform now (a manual trigger)."""
-    log.configure(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        log.at_least(logging.INFO)
     from canonflow.transform import run_transform
 
     rt = Runtime(_settings(pipeline, data_dir, mapping_dir))
@@ -322,7 +363,6 @@ def worker(
     name: Annotated[str | None, typer.Option(help="Worker node name, e.g. w1@host.")] = None,
 ) -> None:
     """Run a Celery worker for PIPELINE's chunk and transform tasks (one per machine)."""
-    log.configure(logging.WARNING)
     settings = load_settings(pipeline)
     if not settings.dispatcher.startswith("celery+"):
         raise ConfigError(f"{pipeline}: dispatcher is {settings.dispatcher!r}; "
@@ -584,7 +624,7 @@ def main() -> None:
 
     memory.tune()
     try:
-        app()
+        app(args=_hoist_log_options(sys.argv[1:]))
     except Exception as exc:  # one line, never a traceback that could carry a secret
         if isinstance(exc, CanonflowError):
             text, code = str(exc), 3 if exc.retryable else 2

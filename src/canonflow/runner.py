@@ -35,6 +35,7 @@ from canonflow.errors import (
     error_payload,
 )
 from canonflow.lease import Heartbeat, holder_dead, holder_id, runner_alive, runner_lock
+from canonflow.log import bind
 from canonflow.model import TERMINAL, ChunkError, ChunkResult, ChunkSpec, TransformRequest
 from canonflow.plan import JobPlan, new_job_id, plan_job
 from canonflow.runtime import Runtime
@@ -204,36 +205,37 @@ class JobRunner:
         """A job per tenant, each on its own: a tenant that cannot be planned is recorded
         as a failed job with its reason and the others go on; a tenant with an unfinished
         job is resumed (its runner is gone) or refused (its runner lives)."""
-        state, name = self.rt.state, self.settings.name
         works: list[_Work] = []
         failed: list[str] = []
         for tenant in tenants:
-            existing = state.active_job(name, tenant)
-            if existing is not None:
-                if (work := self._attach(existing, tenant)) is not None:
-                    works.append(work)
-                continue
-            try:
-                plan = plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
-            except CanonflowError as exc:
-                job_id = new_job_id()
-                state.record_failed_job(job_id, tenant, name,
-                                        self.settings.trigger_mode.value, str(exc))
-                log.error("tenant could not be planned", extra={
-                    "tenant_id": tenant, "job_id": job_id, "error": str(exc)})
-                failed.append(job_id)
-                continue
-            try:
-                state.create_job(plan.job_id, tenant, name, self.settings.trigger_mode.value,
-                                 plan.chunks, runner=self.holder, exclusive=True)
-            except ActiveJobExists as exc:  # another run created it a moment ago
-                if (work := self._attach(exc.job_id, tenant)) is not None:
-                    works.append(work)
-                continue
-            log.info("job planned", extra={"job_id": plan.job_id, "tenant_id": tenant,
-                                           "chunks": len(plan.chunks)})
-            works.append(_Work(plan, list(plan.chunks)))
+            with bind(tenant_id=tenant):
+                work = self._start_one(tenant, failed)
+            if work is not None:
+                works.append(work)
         return works, failed
+
+    def _start_one(self, tenant: str, failed: list[str]) -> _Work | None:
+        state, name = self.rt.state, self.settings.name
+        existing = state.active_job(name, tenant)
+        if existing is not None:
+            return self._attach(existing, tenant)
+        try:
+            plan = plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
+        except CanonflowError as exc:
+            job_id = new_job_id()
+            state.record_failed_job(job_id, tenant, name,
+                                    self.settings.trigger_mode.value, str(exc))
+            log.error("tenant could not be planned", extra={"job_id": job_id,
+                                                            "error": str(exc)})
+            failed.append(job_id)
+            return None
+        try:
+            state.create_job(plan.job_id, tenant, name, self.settings.trigger_mode.value,
+                             plan.chunks, runner=self.holder, exclusive=True)
+        except ActiveJobExists as exc:  # another run created it a moment ago
+            return self._attach(exc.job_id, tenant)
+        log.info("job planned", extra={"job_id": plan.job_id, "chunks": len(plan.chunks)})
+        return _Work(plan, list(plan.chunks))
 
     def _attach(self, job_id: str, tenant: str) -> _Work | None:
         job = self.rt.state.job(job_id)
@@ -272,7 +274,7 @@ class JobRunner:
             raise ConfigError(f"tenant(s) {', '.join(unknown)} not in pipeline "
                               f"{self.settings.name!r} (it has: {', '.join(known)})")
         self.validate()
-        with self._leased():
+        with bind(pipeline=self.settings.name), self._leased():
             works, failed = self._start(list(dict.fromkeys(tenant_ids or known)))
             return self._drive(works) + failed
 
@@ -282,7 +284,7 @@ class JobRunner:
         ``older_than`` seconds) and drive them to the end."""
         state = self.rt.state
         cutoff = time.time() - older_than
-        with self._leased():
+        with bind(pipeline=self.settings.name), self._leased():
             works = []
             for job in state.unfinished_jobs(job_ids):
                 if job.pipeline != self.settings.name or job.runner is None \

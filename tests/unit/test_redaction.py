@@ -108,7 +108,7 @@ def test_the_cli_error_line_is_redacted_for_any_exception(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from canonflow import cli
 
-    def boom() -> None:
+    def boom(**_: object) -> None:
         raise RuntimeError("lost postgresql://app:CliPgPw-6@db:5432/x while reading "
                            "page[after]=7&api_key=CliKey-12")
 

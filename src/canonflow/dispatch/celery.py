@@ -20,6 +20,7 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_process_init
 
+from canonflow import log as logs
 from canonflow.config import Settings
 from canonflow.dispatch import tasks
 from canonflow.errors import RetryableError
@@ -62,7 +63,7 @@ def configure(settings: Settings) -> None:
 def _init_pool_process(**_: Any) -> None:
     """Each pool process builds its own runtime after the fork (no inherited connections)."""
     if _settings_json is not None:
-        tasks.init_worker(_settings_json)
+        tasks.init_worker(_settings_json, logging_as=logs.current())
 
 
 def relay(rt: Runtime, job_id: str) -> int:
@@ -103,7 +104,8 @@ def transform_task(request_json: str, pipeline: str | None = None) -> None:
 def run_worker(settings: Settings, concurrency: int, name: str | None) -> None:
     configure(settings)
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork",
-            f"--queues={settings.queue}", "--loglevel=WARNING", "--without-gossip",
+            f"--queues={settings.queue}",
+            f"--loglevel={logging.getLevelName(logs.current()[0])}", "--without-gossip",
             "--without-mingle"]
     if name:
         argv.append(f"--hostname={name}")

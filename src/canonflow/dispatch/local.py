@@ -7,7 +7,6 @@ connections, and starting one costs a fork, not a second round of imports.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import shutil
@@ -17,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from canonflow import log
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome, chunk_key, transform_key, url_options
 from canonflow.dispatch.tasks import (
@@ -52,8 +52,7 @@ class LocalDispatcher:
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context,
             initializer=init_worker,
-            initargs=(self._settings_json, holder_id(),
-                      logging.getLogger("canonflow").getEffectiveLevel()),
+            initargs=(self._settings_json, holder_id(), log.current()),
         )
         # start every worker now: their imports and store set-up overlap with planning
         for _ in range(self.workers):

@@ -28,13 +28,14 @@ _runtime: Runtime | None = None
 
 
 def init_worker(settings_json: str, parent: str | None = None,
-                log_level: int | None = None) -> None:
+                logging_as: tuple[int, str] | None = None) -> None:
     """Build the worker's runtime and open its stores now, while the parent plans; with
-    ``parent`` (its holder id), exit when that process is gone; with ``log_level``, log
-    as the parent does (structured, redacted) instead of Python's bare fallback."""
+    ``parent`` (its holder id), exit when that process is gone; with ``logging_as`` (level,
+    format), log as the parent does (structured, redacted, with the task's context) instead
+    of Python's bare fallback."""
     global _runtime
-    if log_level is not None:
-        log.configure(log_level)
+    if logging_as is not None:
+        log.configure(*logging_as)
     if parent is not None:
         exit_with(parent)
     memory.tune()
@@ -69,10 +70,11 @@ def run_chunk(spec_json: str, rt: Runtime | None = None) -> TaskOutcome:
     error, then record its result: a brief S3 or database error does not fail its table."""
     rt = rt or current_runtime()
     spec = ChunkSpec.model_validate_json(spec_json)
-    result = retry.chunk(rt.settings.chunk_attempts, {
-        "job_id": spec.job_id, "chunk_id": spec.chunk_id, "table": spec.table.label,
-    })(process_chunk, spec, rt)
-    completion = complete_chunk(rt, result)
+    t = spec.table
+    with log.bind(pipeline=rt.settings.name, tenant_id=t.tenant_id, job_id=spec.job_id,
+                  chunk_id=spec.chunk_id, service=t.service_name, table=t.table_name):
+        result = retry.chunk(rt.settings.chunk_attempts)(process_chunk, spec, rt)
+        completion = complete_chunk(rt, result)
     return {"result": result.model_dump(mode="json"), "new": completion.new,
             "aggregated": completion.claimed}
 
@@ -85,8 +87,12 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
     request = TransformRequest.model_validate_json(request_json)
     lease = rt.settings.transform_lease_seconds
     try:
-        with Heartbeat(lease / 4, lambda: rt.state.touch_request(request.request_id, rt.holder),
-                       request.request_id):
+        with log.bind(pipeline=rt.settings.name, tenant_id=request.tenant_id,
+                      job_id=request.job_id, request_id=request.request_id,
+                      service=request.service_name, table=request.table_name), \
+                Heartbeat(lease / 4, lambda: rt.state.touch_request(request.request_id,
+                                                                    rt.holder),
+                          request.request_id):
             result = run_transform(request, rt)
     except Exception as exc:
         retryable = exc.retryable if isinstance(exc, CanonflowError) else True

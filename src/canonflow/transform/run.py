@@ -345,7 +345,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
 
     log.info("canonical transform starting", extra={
         "request_id": request.request_id, "table": request.table.label,
-        "processing_mode": mode.value, "file_count": len(files), "files_skipped": files_skipped,
+        "processing_mode": mode.value, "source_files_count": len(files),
+        "files_skipped": files_skipped,
         "attempt": attempt})
     mapping = CompiledMapping(spec, entity, rt.catalog.entities)
     skip: set[tuple[str, str]] = set()
