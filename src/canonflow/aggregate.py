@@ -35,6 +35,7 @@ class TableOutcome:
     records_extracted: int = 0
     files: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    chunk_seconds: float = 0.0  # the chunks' own processing time, summed
     announced_total: int | None = None  # what the source said it holds, when it said
 
     @property
@@ -78,6 +79,7 @@ def table_outcomes(specs: Sequence[ChunkSpec],
             t.errors.append(result.error.message if result and result.error else "no result")
         if result is not None:
             t.records_extracted += result.records_processed
+            t.chunk_seconds += result.processing_time
             t.files.extend(result.s3_files_written)
     for ref, t in tables.items():
         t.announced_total = _announced(per_table[ref], by_chunk)
@@ -133,6 +135,7 @@ def aggregate_job(rt: Runtime, job_id: str) -> list[TransformRequest]:
         "table_name": ref.table_name, "chunks": t.chunks, "chunks_failed": t.chunks_failed,
         "records_extracted": t.records_extracted, "files_written": len(set(t.files)),
         "transformed": t.ok and bool(t.files), "errors": t.errors[:5],
+        "chunk_seconds": round(t.chunk_seconds, 3),
     } for ref, t in tables.items()}}
     state.finish_aggregation(job_id, outcome.value, requests, report)
     log.info("job aggregated", extra={

@@ -102,20 +102,27 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
     table = Table(title=f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s",
                   caption=jobs)
     table.add_column("table", no_wrap=True)
-    for col in ("chunks", "records", "files", "transforms", "canonical", "quarantined"):
+    for col in ("chunks", "records", "files", "transforms", "canonical", "quarantined",
+                "read/ext", "chunk s", "trans. s"):
         table.add_column(col, justify="right")
     for rep in reports:
         for label, t in rep["tables"].items():
+            factor = t.get("read_per_extracted")
             table.add_row(label, str(t["chunks"]), str(t["records_extracted"]),
                           str(t["files_written"]), str(t["transforms_triggered"]),
-                          str(t["records_canonical"]), str(t["records_quarantined"]))
+                          str(t["records_canonical"]), str(t["records_quarantined"]),
+                          "" if factor is None else f"{factor:.2f}",
+                          f"{t.get('chunk_seconds', 0.0):.2f}",
+                          f"{t.get('transform_seconds', 0.0):.2f}")
     sums = [totals(r) for r in reports]
     if sums:
         agg = {k: sum(s[k] for s in sums) for k in sums[0]}
         table.add_section()
+        factor = (f"{agg['records_read'] / agg['records_extracted']:.2f}"
+                  if agg["records_extracted"] else "")
         table.add_row("total", str(agg["chunks"]), str(agg["records_extracted"]),
                       str(agg["files_written"]), str(agg["transforms_triggered"]),
-                      str(agg["records_canonical"]), str(agg["records_quarantined"]))
+                      str(agg["records_canonical"]), str(agg["records_quarantined"]), factor)
     return table
 
 

@@ -16,6 +16,7 @@ def _table_row(**counts: Any) -> dict[str, Any]:
         "transforms_triggered": 0, "files_read": 0, "records_read": 0,
         "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
         "child_rows_written": 0, "child_rows_rejected": 0, "errors": [],
+        "chunk_seconds": 0.0, "transform_seconds": 0.0,
     }
     row.update(counts)
     return row
@@ -30,7 +31,7 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
         tables[label] = _table_row(
             chunks=t["chunks"], chunks_failed=t["chunks_failed"],
             records_extracted=t["records_extracted"], files_written=t["files_written"],
-            errors=t.get("errors", []))
+            errors=t.get("errors", []), chunk_seconds=t.get("chunk_seconds", 0.0))
     transforms = []
     per_table: dict[str, list[Any]] = defaultdict(list)
     for rec in state.requests(job_id):
@@ -41,6 +42,7 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             "request_id": req.request_id, "table": label, "trigger": req.trigger,
             "processing_mode": req.processing_mode.value, "status": rec.status,
             "attempts": rec.attempts, "error": rec.error,
+            "seconds": rec.result.seconds if rec.result else None,
             **({k: v for k, v in rec.result.model_dump(mode="json").items()
                 if k.startswith(("records_", "files_", "child_rows_"))} if rec.result else {}),
         })
@@ -57,6 +59,14 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             row["records_merged"] += rec.result.records_merged
             row["child_rows_written"] += rec.result.child_rows_written
             row["child_rows_rejected"] += rec.result.child_rows_rejected
+            row["transform_seconds"] = round(row["transform_seconds"] + rec.result.seconds, 3)
+    for row in tables.values():
+        # the seed's headline: records read by transforms per record extracted (1.00 when
+        # each record is canonicalized once); files per transform
+        row["read_per_extracted"] = (round(row["records_read"] / row["records_extracted"], 3)
+                                     if row["records_extracted"] else None)
+        row["files_per_transform"] = (round(row["files_read"] / row["transforms_triggered"], 1)
+                                      if row["transforms_triggered"] else None)
     return {
         "job_id": job.job_id, "tenant_id": job.tenant_id, "pipeline": job.pipeline,
         "status": job.status, "outcome": job.outcome, "trigger_mode": job.trigger_mode,

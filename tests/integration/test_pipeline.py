@@ -67,6 +67,10 @@ def test_aggregated_mode_one_transform_per_table_with_exactly_its_files(
             assert t["records_quarantined"] == expected_bad((service, table), SIZES[table])
             rows, distinct = canonical_counts(rt, ENTITY[table])
             assert rows == distinct == unique_expected(service, table)
+            # the seed's headline in the report: each record read once, every file once
+            assert t["read_per_extracted"] == 1.0
+            assert t["files_per_transform"] == t["files_written"]
+            assert t["chunk_seconds"] > 0 and t["transform_seconds"] > 0
 
 
 def test_per_batch_rollback_flag_reproduces_the_legacy_trigger_without_duplicates(
@@ -84,6 +88,7 @@ def test_per_batch_rollback_flag_reproduces_the_legacy_trigger_without_duplicate
     extracted = sum(t["records_extracted"] for t in report["tables"].values())
     assert files_read > files_written  # overlapping transforms re-read files
     assert records_read > extracted
+    assert all(t["read_per_extracted"] > 1.0 for t in report["tables"].values())
     for service, tables in TABLES.items():
         for table in tables:
             rows, distinct = canonical_counts(rt, ENTITY[table])
