@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 
+from canonflow.connectors.demo_api import running
+
 PAGE = 10
 
 
@@ -121,15 +123,8 @@ class SecretServer(ThreadingHTTPServer):
 
 @contextmanager
 def serve_secret_api(api: SecretApi) -> Iterator[SecretServer]:
-    server = SecretServer(api)
-    thread = threading.Thread(target=server.serve_forever, name="secret-api", daemon=True)
-    thread.start()
-    try:
+    with running(SecretServer(api), "secret-api") as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 BEARER_SPEC = """

@@ -169,7 +169,7 @@ class JobRunner:
         self._pending: dict[Future[TaskOutcome], _Pending] = {}
         self._started = time.monotonic()
         self._job_ids: list[str] = []
-        self._lease = Heartbeat(1.0, lambda: True, "unused")  # replaced while running
+        self._lease: Heartbeat | None = None  # while driving jobs
 
     # -- starting ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -334,7 +334,7 @@ class JobRunner:
         return False
 
     def _check_wait(self, job_ids: Collection[str]) -> None:
-        if self._lease.lost.is_set():
+        if self._lease is not None and self._lease.lost.is_set():
             raise RunnerLeaseLost(
                 "this run lost its lease (it stalled longer than runner_lease_seconds); "
                 "another run may have taken its jobs over: see `canonflow status`")

@@ -5,7 +5,6 @@ resolved entries stay as history."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from canonflow.model import TransformRequest, TransformResult
 from canonflow.runtime import Runtime
 from canonflow.transform.quarantine import quarantined, replay
 from canonflow.transform.run import run_transform
+from tests.processes import run_together
 
 T1, T2 = "2026-03-01T10:00:00Z", "2026-03-02T10:00:00Z"
 
@@ -111,16 +111,8 @@ def _sync_in_process(settings_json: str, job: str, barrier: Any) -> None:
 
 def test_concurrent_runs_of_one_tenant_keep_one_entry_per_bad_record(tmp_path: Path) -> None:
     rt = make_rt(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_sync_in_process,
-                         args=(rt.settings.to_worker_json(), f"job-{w}", barrier))
-             for w in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_together(_sync_in_process,
+                 [(rt.settings.to_worker_json(), f"job-{w}") for w in range(3)])
     rows = entries(rt)
     assert len(rows) == 4
     assert sum(r["occurrences"] for r in rows) == 12

@@ -3,7 +3,6 @@ at the same instant, from two processes at once, on every backend; every job end
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 
 from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
 from canonflow.stores import open_state_store
+from tests.processes import run_together
 
 JOBS = 40
 TABLES = [TableRef(tenant_id="acme", service_name="crm", table_name=t)
@@ -66,15 +66,7 @@ def test_transforms_finishing_together_settle_every_job(
     url = (request.getfixturevalue("postgres_url") if backend == "postgres"
            else f"sqlite:///{tmp_path}/state.db")
     job_ids = _prepare(url)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(TABLES))
-    procs = [ctx.Process(target=_finish, args=(url, i, job_ids, barrier))
-             for i in range(len(TABLES))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_together(_finish, [(url, i, job_ids) for i in range(len(TABLES))])
     state = open_state_store(url)
     try:
         statuses = {j: state.job(j).status for j in job_ids}  # type: ignore[union-attr]

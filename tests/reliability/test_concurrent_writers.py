@@ -3,7 +3,6 @@ tenant's entity at the same moment; the table still holds one row per key."""
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pytest
 from canonflow.config import Settings
 from canonflow.query import run_query
 from canonflow.runtime import Runtime
+from tests.processes import run_together
 
 N = 3000
 
@@ -53,15 +53,7 @@ def test_concurrent_upserts_of_overlapping_new_keys_keep_one_row_per_key(
     state_url = (request.getfixturevalue("postgres_url") if backend == "postgres"
                  else f"sqlite:///{tmp_path}/state.db")
     settings = Settings(object_store=f"file://{tmp_path}/data", state_store=state_url)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_write, args=(settings.to_worker_json(), w, barrier))
-             for w in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_together(_write, [(settings.to_worker_json(), w) for w in (1, 2)])
     rt = Runtime(settings)
     _, rows = run_query(rt.canonical._store,
                         "SELECT count(*), count(DISTINCT id) FROM company")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from canonflow import jsonio
@@ -396,11 +396,13 @@ class DemoServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
+S = TypeVar("S", bound=ThreadingHTTPServer)
+
+
 @contextmanager
-def serve(api: DemoApi | None = None, port: int = 0) -> Iterator[DemoServer]:
-    """Run the demo API on a background thread for the duration of the block."""
-    server = DemoServer(api or DemoApi(), port)
-    thread = threading.Thread(target=server.serve_forever, name="demo-api", daemon=True)
+def running(server: S, name: str = "demo-api") -> Iterator[S]:
+    """Serve ``server`` on a background thread for the duration of the block."""
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
         yield server
@@ -408,3 +410,10 @@ def serve(api: DemoApi | None = None, port: int = 0) -> Iterator[DemoServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def serve(api: DemoApi | None = None, port: int = 0) -> Iterator[DemoServer]:
+    """Run the demo API on a background thread for the duration of the block."""
+    with running(DemoServer(api or DemoApi(), port)) as server:
+        yield server
