@@ -8,6 +8,7 @@ import pytest
 from canonflow.errors import ConfigError, UnknownJob
 from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
 from canonflow.stores import StateStore, open_state_store
+from canonflow.stores.state import Backlog
 
 T = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
 
@@ -95,6 +96,19 @@ def test_sweeper_claims_abandoned_rows(state: StateStore) -> None:
     assert state.claim_request("r2", lease_seconds=60) == 1
     assert len(state.claim_for_dispatch(lease_seconds=0)) == 1
     assert state.claim_request("r2", lease_seconds=0) == 2  # lease expired: re-claimable
+
+
+def test_the_backlog_counts_requests_waiting_for_a_worker(state: StateStore) -> None:
+    assert state.outbox_backlog() == Backlog(waiting=0, oldest_age=None)
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 1))
+    state.complete_chunk(result("j", 0))
+    state.finish_aggregation("j", "completed", [request("j", "r1"), request("j", "r2")], {})
+    state.claim_for_dispatch(limit=1)  # dispatched still waits for a worker
+    backlog = state.outbox_backlog()
+    assert backlog.waiting == 2 and backlog.oldest_age is not None and backlog.oldest_age >= 0
+    assert state.outbox_backlog(pipeline="other").waiting == 0
+    assert state.claim_request("r1", lease_seconds=60) == 1
+    assert state.outbox_backlog(pipeline="p").waiting == 1
 
 
 def test_failed_job_settles_as_failed(state: StateStore) -> None:

@@ -27,7 +27,7 @@ from canonflow.model import (
     TransformResult,
 )
 from canonflow.redact import redact
-from canonflow.stores.state import Activity, Completion, JobEvent, JobRecord, RequestRecord
+from canonflow.stores.state import Activity, Backlog, Completion, JobEvent, JobRecord, RequestRecord
 
 TERMINAL_JOB = tuple(TERMINAL)
 FINISHED_REQUEST = ("done", "failed", "cancelled")
@@ -565,6 +565,16 @@ class SqlStateStore:
 
         claimed: list[TransformRequest] = self._run(step)
         return claimed
+
+    def outbox_backlog(self, pipeline: str | None = None) -> Backlog:
+        where: sa.ColumnElement[bool] = outbox.c.status.in_(["pending", "dispatched"])
+        if pipeline is not None:
+            where = sa.and_(where, outbox.c.job_id.in_(
+                sa.select(jobs.c.job_id).where(jobs.c.pipeline == pipeline)))
+        row = self._run(lambda c: c.execute(
+            sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(where)).one())
+        oldest = None if row[1] is None else max(0.0, _now() - row[1])
+        return Backlog(waiting=row[0], oldest_age=oldest)
 
     def _lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Backends with row locks skip rows another relay holds (PostgreSQL)."""

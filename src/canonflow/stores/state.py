@@ -66,6 +66,14 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Backlog:
+    """Transform requests waiting for a worker: pending or dispatched, not yet running."""
+
+    waiting: int
+    oldest_age: float | None  # seconds since the oldest waiting request was enqueued
+
+
+@dataclass(frozen=True, slots=True)
 class Activity:
     """What changed in some jobs since a point in time (see ``StateStore.activity``)."""
 
@@ -124,6 +132,9 @@ class StateStore(Protocol):
         """Outbox rows to send now: pending ones, plus (for the sweeper) stale ones;
         ``job_ids`` limits the sweep to those jobs; stale rows that used ``max_attempts``
         are failed instead of sent again."""
+
+    def outbox_backlog(self, pipeline: str | None = None) -> Backlog:
+        """How many requests wait for a worker and how long the oldest has waited."""
 
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None,
