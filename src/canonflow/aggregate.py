@@ -19,6 +19,7 @@ from canonflow.model import (
     aggregated_request_id,
 )
 from canonflow.stores.state import Completion
+from canonflow.telemetry import tracing
 from canonflow.transform.request import manifest_prefix
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def transform_requests(rt: Runtime, job_id: str,
         common: dict[str, Any] = dict(
             tenant_id=ref.tenant_id, service_name=ref.service_name, table_name=ref.table_name,
             job_id=job_id, request_id=aggregated_request_id(job_id, ref), trigger="aggregated",
+            trace_context=tracing.carrier() or None,  # the aggregation's span
         )
         if len(files) > rt.settings.max_inline_files:
             key = f"{manifest_prefix(ref)}{job_id}.json"
@@ -125,24 +127,29 @@ def aggregate_job(rt: Runtime, job_id: str) -> list[TransformRequest]:
     job = state.job(job_id)
     if job is None:
         return []
-    tables = table_outcomes(state.chunk_specs(job_id), state.chunk_results(job_id))
-    outcome = job_outcome(tables)
-    requests: list[TransformRequest] = []
-    if job.trigger_mode == TriggerMode.AGGREGATED.value:
-        requests = transform_requests(rt, job_id, tables)
-    report = {"tables": {ref.label: {
-        "tenant_id": ref.tenant_id, "service_name": ref.service_name,
-        "table_name": ref.table_name, "chunks": t.chunks, "chunks_failed": t.chunks_failed,
-        "records_extracted": t.records_extracted, "files_written": len(set(t.files)),
-        "transformed": t.ok and bool(t.files), "errors": t.errors[:5],
-        "chunk_seconds": round(t.chunk_seconds, 3),
-    } for ref, t in tables.items()}}
-    state.finish_aggregation(job_id, outcome.value, requests, report)
-    log.info("job aggregated", extra={
-        "job_id": job_id, "outcome": outcome.value,
-        "transforms_requested": [r.request_id for r in requests],
-        "not_transformed": [ref.label for ref, t in tables.items() if not t.ok],
-    })
+    specs = state.chunk_specs(job_id)
+    # a child of the job's span (not of the last chunk's): the fan-in of all its chunks
+    with tracing.span("canonflow.aggregate", parent=specs[0].trace_context if specs else None,
+                      job_id=job_id, tenant_id=job.tenant_id, chunks=len(specs)) as span:
+        tables = table_outcomes(specs, state.chunk_results(job_id))
+        outcome = job_outcome(tables)
+        requests: list[TransformRequest] = []
+        if job.trigger_mode == TriggerMode.AGGREGATED.value:
+            requests = transform_requests(rt, job_id, tables)
+        report = {"tables": {ref.label: {
+            "tenant_id": ref.tenant_id, "service_name": ref.service_name,
+            "table_name": ref.table_name, "chunks": t.chunks, "chunks_failed": t.chunks_failed,
+            "records_extracted": t.records_extracted, "files_written": len(set(t.files)),
+            "transformed": t.ok and bool(t.files), "errors": t.errors[:5],
+            "chunk_seconds": round(t.chunk_seconds, 3),
+        } for ref, t in tables.items()}}
+        state.finish_aggregation(job_id, outcome.value, requests, report)
+        tracing.annotate(span, outcome=outcome.value, transforms_requested=len(requests))
+        log.info("job aggregated", extra={
+            "job_id": job_id, "outcome": outcome.value,
+            "transforms_requested": [r.request_id for r in requests],
+            "not_transformed": [ref.label for ref, t in tables.items() if not t.ok],
+        })
     return requests
 
 

@@ -25,6 +25,7 @@ from canonflow.model import (
     TriggerMode,
     raw_key,
 )
+from canonflow.telemetry import tracing
 
 if TYPE_CHECKING:
     from canonflow.runtime import Runtime
@@ -80,6 +81,7 @@ class _BatchWriter:
                 tenant_id=t.tenant_id, service_name=t.service_name, table_name=t.table_name,
                 job_id=spec.job_id, trigger="per_batch", reprocess=True,  # legacy: re-read all
                 request_id=f"{spec.job_id}:{spec.chunk_id}:{len(self.files) - 1:05d}",
+                trace_context=tracing.carrier() or None,  # the chunk's span
             ))
 
 

@@ -25,6 +25,8 @@ from canonflow.report import job_report, totals
 from canonflow.runner import JobRunner, recover
 from canonflow.runtime import Runtime
 from canonflow.stores import open_object_store
+from canonflow.telemetry import metrics
+from canonflow.telemetry import setup as telemetry
 
 app = typer.Typer(
     help="Sync many tenants' SaaS data into one canonical model: parallel chunks, "
@@ -49,6 +51,7 @@ LOG_OPTIONS = ("--log-level", "--log-format")
 
 @app.callback()
 def _logging(
+    ctx: typer.Context,
     log_level: Annotated[str, typer.Option(
         "--log-level", envvar="CANONFLOW_LOG_LEVEL",
         help="debug, info, warning or error, for this process and the workers it starts "
@@ -59,8 +62,14 @@ def _logging(
     ] = "auto",
 ) -> None:
     """Sync many tenants' SaaS data into one canonical model: parallel chunks,
-    exactly-once canonical processing, nothing lost."""
+    exactly-once canonical processing, nothing lost.
+
+    Telemetry: set OTEL_EXPORTER_OTLP_ENDPOINT (with canonflow[otel] installed) and every
+    process sends spans and metrics over OTLP; `canonflow worker --metrics-port` serves
+    Prometheus metrics."""
     log.configure(log_level, log_format)
+    if ctx.invoked_subcommand != "worker":  # a worker's pool processes configure their own
+        telemetry.configure()
 
 
 def _hoist_log_options(argv: list[str]) -> list[str]:
@@ -133,6 +142,8 @@ def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
     stay resumable); errors exit 2 (terminal) or 3 (retryable, a wait limit)."""
     started = time.perf_counter()
     rt = Runtime(settings)
+    if telemetry.enabled():
+        metrics.watch_backlog(lambda: rt.state.outbox_backlog(settings.name), settings.name)
     dispatcher: Dispatcher | None = None
     runner: JobRunner | None = None
     try:
@@ -368,6 +379,11 @@ def worker(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (dispatcher: celery+...).")],
     concurrency: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
     name: Annotated[str | None, typer.Option(help="Worker node name, e.g. w1@host.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics of every worker process on this port (/metrics); "
+        "needs canonflow[otel].", min=0, max=65535)] = None,
+    metrics_host: Annotated[str, typer.Option(
+        help="Address the metrics endpoint listens on.")] = "0.0.0.0",
 ) -> None:
     """Run a Celery worker for PIPELINE's chunk and transform tasks (one per machine)."""
     settings = load_settings(pipeline)
@@ -379,7 +395,7 @@ def worker(
     except ModuleNotFoundError as exc:
         raise ConfigError(f"canonflow worker needs {exc.name!r}: "
                           "pip install 'canonflow[celery]'") from None
-    run_worker(settings, concurrency, name)
+    run_worker(settings, concurrency, name, metrics_port, metrics_host)
 
 
 db_app = typer.Typer(help="State store schema.", no_args_is_help=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from canonflow import jsonio
 from canonflow.redact import redact, redact_value
+from canonflow.telemetry import tracing
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _context: ContextVar[dict[str, Any] | None] = ContextVar("canonflow_log_context",
@@ -51,13 +52,21 @@ def bind(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def bound() -> dict[str, Any]:
+    """The fields bound to the current context (see :func:`bind`)."""
+    return dict(_context.get() or {})
+
+
 class _ContextFilter(logging.Filter):
-    """Puts the bound context on each record; a call's own extras win."""
+    """Puts the bound context on each record (and the trace and span ids inside a span);
+    a call's own extras win."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in (_context.get() or {}).items():
             if not hasattr(record, key):
                 setattr(record, key, value)
+        if (ids := tracing.ids()) is not None and not hasattr(record, "trace_id"):
+            record.trace_id, record.span_id = ids
         return True
 
 

@@ -96,6 +96,9 @@ class ChunkSpec(Contract):
         default=None, ge=0,
         description="records the source announced for the whole table when it was planned "
         "(page 1's total); the aggregator compares what was extracted with it")
+    trace_context: dict[str, str] | None = Field(
+        default=None, description="W3C trace context (traceparent, tracestate) of the job's "
+        "trace: the task's span joins it whichever dispatcher carried the task")
 
 
 class ChunkError(Contract):
@@ -152,6 +155,9 @@ class TransformRequest(Contract):
     trigger: Literal["aggregated", "per_batch", "manual"] = "manual"
     reprocess: bool = Field(
         default=False, description="time_based: also read files the ledger marks as done")
+    trace_context: dict[str, str] | None = Field(
+        default=None, description="W3C trace context (traceparent, tracestate) of the job's "
+        "trace: the task's span joins it whichever dispatcher carried the task")
 
     @property
     def table(self) -> TableRef:

@@ -12,6 +12,7 @@ from canonflow.config import Settings
 from canonflow.connectors.spec import PageRangeChunking, TimeWindowChunking
 from canonflow.errors import ConfigError
 from canonflow.model import ChunkSpec, TableRef, validate_identifier
+from canonflow.telemetry import tracing
 
 if TYPE_CHECKING:
     from canonflow.runtime import Runtime
@@ -106,5 +107,6 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     start_page=first, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
                     params=chunk_params, announced_total=total,
+                    trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)

@@ -33,7 +33,9 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from canonflow import log as logs
 from canonflow.redact import redact
+from canonflow.telemetry import metrics
 
 log = logging.getLogger("canonflow.retry")
 
@@ -52,6 +54,7 @@ def _log_retry(kind: str, context: dict[str, Any] | None,
                level: int = logging.WARNING) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action else 0.0
+        metrics.retried(kind, (context or {}).get("service") or logs.bound().get("service"))
         log.log(level, "retrying", extra={
             **(context or {}), "retry_kind": kind, "attempt": state.attempt_number,
             "wait_seconds": round(wait, 3), "error": _describe(state)})

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry.trace import Span
+
 from canonflow.aggregate import aggregate_job, complete_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import Dispatcher, TaskOutcome, chunk_key, transform_key
@@ -40,6 +42,7 @@ from canonflow.model import TERMINAL, ChunkError, ChunkResult, ChunkSpec, Transf
 from canonflow.plan import JobPlan, new_job_id, plan_job
 from canonflow.runtime import Runtime
 from canonflow.stores.state import JobRecord
+from canonflow.telemetry import metrics, tracing
 
 log = logging.getLogger("canonflow.runner")
 ACTIVITY_MARGIN = 5.0  # seconds of overlap between polls: clocks of other machines differ
@@ -90,11 +93,13 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
     state = rt.state
     settled = len(state.settle_jobs(job_ids))
     reclaimed = reclaim_lost_transforms(rt, job_ids)
+    metrics.taken_over("transform", reclaimed)
     reaggregated = 0
     for job_id in state.stuck_jobs(older_than):
         if job_ids is not None and job_id not in job_ids:
             continue
         if state.reclaim_aggregation(job_id, older_than):
+            metrics.taken_over("aggregation")
             aggregate_job(rt, job_id)
             reaggregated += 1
     requests = state.claim_for_dispatch(
@@ -170,6 +175,7 @@ class JobRunner:
         self._started = time.monotonic()
         self._job_ids: list[str] = []
         self._lease: Heartbeat | None = None  # while driving jobs
+        self._spans: dict[str, Span] = {}  # job id -> its span, ended with the job
 
     # -- starting ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -219,21 +225,31 @@ class JobRunner:
         existing = state.active_job(name, tenant)
         if existing is not None:
             return self._attach(existing, tenant)
+        # the job's span: its chunks, aggregation and transforms join its trace through
+        # the context each chunk spec carries
+        span = tracing.start("canonflow.job", pipeline=name, tenant_id=tenant,
+                             trigger_mode=self.settings.trigger_mode.value)
         try:
-            plan = plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
+            with tracing.current(span):
+                plan = plan_job(self.settings, self.rt, tenant, full_refresh=self.full_refresh)
         except CanonflowError as exc:
             job_id = new_job_id()
             state.record_failed_job(job_id, tenant, name,
                                     self.settings.trigger_mode.value, str(exc))
             log.error("tenant could not be planned", extra={"job_id": job_id,
                                                             "error": str(exc)})
+            tracing.finish(span, error=str(exc), job_id=job_id, status="failed")
             failed.append(job_id)
             return None
         try:
             state.create_job(plan.job_id, tenant, name, self.settings.trigger_mode.value,
                              plan.chunks, runner=self.holder, exclusive=True)
         except ActiveJobExists as exc:  # another run created it a moment ago
+            tracing.finish(span, attached_to=exc.job_id)
             return self._attach(exc.job_id, tenant)
+        span.set_attribute("canonflow.job_id", plan.job_id)
+        span.set_attribute("canonflow.chunks", len(plan.chunks))
+        self._spans[plan.job_id] = span
         log.info("job planned", extra={"job_id": plan.job_id, "chunks": len(plan.chunks)})
         return _Work(plan, list(plan.chunks))
 
@@ -258,6 +274,10 @@ class JobRunner:
         specs = state.chunk_specs(job.job_id)
         done = {r.chunk_id for r in state.chunk_results(job.job_id)}
         missing = [s for s in specs if s.chunk_id not in done]
+        metrics.taken_over("job")
+        self._spans[job.job_id] = tracing.start(
+            "canonflow.job.resume", parent=specs[0].trace_context if specs else None,
+            job_id=job.job_id, tenant_id=job.tenant_id, chunks_missing=len(missing))
         log.warning("resuming a job whose runner is gone", extra={
             "job_id": job.job_id, "tenant_id": job.tenant_id, "status": job.status,
             "chunks_missing": len(missing), "previous_runner": job.runner})
@@ -296,6 +316,29 @@ class JobRunner:
             return self._drive(works)
 
     def _drive(self, works: list[_Work]) -> list[str]:
+        try:
+            return self._drive_jobs(works)
+        finally:
+            self._end_spans()
+
+    def _end_spans(self) -> None:
+        """End each job's span with how the job stands; count the jobs that ended."""
+        for job_id, span in self._spans.items():
+            job = self.rt.state.job(job_id)
+            if job is None:
+                tracing.finish(span, error="job not found")
+                continue
+            if job.status in TERMINAL:
+                transforms = len(self.rt.state.requests(job_id))
+                metrics.job_finished(job.status, job.outcome,
+                                     (job.updated_at - job.created_at).total_seconds(),
+                                     transforms)
+            failed = job.status != "done" or job.outcome not in ("completed", None)
+            tracing.finish(span, error=f"job {job.status}/{job.outcome}" if failed else None,
+                           status=job.status, outcome=job.outcome)
+        self._spans.clear()
+
+    def _drive_jobs(self, works: list[_Work]) -> list[str]:
         self._started = time.monotonic()
         self.progress.planned([w.plan for w in works])
         job_ids = self._job_ids = [w.plan.job_id for w in works]

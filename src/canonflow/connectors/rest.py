@@ -28,6 +28,7 @@ from canonflow.connectors.pagination import PageRequest, paginator, positional
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
 from canonflow.errors import HttpRetryable, HttpTerminal, MalformedPage
 from canonflow.redact import redact, register_secret, register_url_secrets
+from canonflow.telemetry import metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +197,10 @@ class RestClient:
             # no params for a full next URL: an empty mapping would drop its query
             resp = self._client.get(path, params=params or None)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
+            metrics.http_response(self.spec.service, None)
             target = self._client.build_request("GET", path, params=params or None).url
             raise HttpRetryable(f"GET {self._shown(target)}: {type(exc).__name__}") from None
+        metrics.http_response(self.spec.service, resp.status_code)
         if resp.status_code < 300:
             return resp.content, self._shown(resp.url), resp
         shown = self._shown(resp.url, query=False)

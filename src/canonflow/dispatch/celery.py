@@ -13,7 +13,12 @@ sends each row once.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from celery import Celery
@@ -23,9 +28,12 @@ from celery.signals import worker_process_init
 from canonflow import log as logs
 from canonflow.config import Settings
 from canonflow.dispatch import tasks
-from canonflow.errors import RetryableError
+from canonflow.errors import ConfigError, RetryableError
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.runtime import Runtime
+from canonflow.stores import open_state_store
+from canonflow.stores.state import Backlog
+from canonflow.telemetry import metrics, setup
 
 log = logging.getLogger("canonflow.celery")
 app = Celery("canonflow")
@@ -101,8 +109,52 @@ def transform_task(request_json: str, pipeline: str | None = None) -> None:
     tasks.run_transform_task(request_json)
 
 
-def run_worker(settings: Settings, concurrency: int, name: str | None) -> None:
+def run_worker(settings: Settings, concurrency: int, name: str | None,
+               metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> None:
     configure(settings)
+    with ExitStack() as stack:
+        if metrics_port is not None:
+            stack.enter_context(serve_metrics(settings, metrics_port, metrics_host))
+        _worker_main(settings, concurrency, name)
+
+
+@contextmanager
+def serve_metrics(settings: Settings, port: int, host: str) -> Iterator[None]:
+    """The worker's Prometheus endpoint: its pool processes' metrics (each exports
+    snapshots to a directory the endpoint reads) and the outbox backlog, observed here."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from canonflow.telemetry import prometheus
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--metrics-port needs {exc.name!r}: "
+                          "pip install 'canonflow[otel]'") from None
+    directory = tempfile.mkdtemp(prefix="canonflow-metrics-")
+    os.environ[setup.METRICS_DIR] = directory  # read by the pool processes it forks
+    own = InMemoryMetricReader()
+    provider = MeterProvider(resource=setup.resource(), metric_readers=[own])
+
+    def backlog() -> Backlog:
+        # a connection per scrape, never one held open in a process that forks
+        state = open_state_store(settings.state_store)
+        try:
+            return state.outbox_backlog(settings.name)
+        finally:
+            state.close()
+
+    metrics.watch_backlog(backlog, settings.name, provider)
+    server, _ = prometheus.serve(directory, port, host, own)
+    log.info("serving metrics", extra={"address": f"{host}:{server.server_port}"})
+    try:
+        yield
+    finally:
+        server.shutdown()
+        provider.shutdown()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _worker_main(settings: Settings, concurrency: int, name: str | None) -> None:
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork",
             f"--queues={settings.queue}",
             f"--loglevel={logging.getLevelName(logs.current()[0])}", "--without-gossip",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from canonflow.lease import Heartbeat, exit_with
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.redact import redact
 from canonflow.runtime import Runtime
+from canonflow.telemetry import metrics, setup, tracing
 from canonflow.transform import run_transform
 
 logger = logging.getLogger("canonflow.tasks")
@@ -36,6 +38,7 @@ def init_worker(settings_json: str, parent: str | None = None,
     global _runtime
     if logging_as is not None:
         log.configure(*logging_as)
+    setup.configure()
     if parent is not None:
         exit_with(parent)
     memory.tune()
@@ -71,10 +74,19 @@ def run_chunk(spec_json: str, rt: Runtime | None = None) -> TaskOutcome:
     rt = rt or current_runtime()
     spec = ChunkSpec.model_validate_json(spec_json)
     t = spec.table
-    with log.bind(pipeline=rt.settings.name, tenant_id=t.tenant_id, job_id=spec.job_id,
-                  chunk_id=spec.chunk_id, service=t.service_name, table=t.table_name):
-        result = retry.chunk(rt.settings.chunk_attempts)(process_chunk, spec, rt)
-        completion = complete_chunk(rt, result)
+    try:
+        with log.bind(pipeline=rt.settings.name, tenant_id=t.tenant_id, job_id=spec.job_id,
+                      chunk_id=spec.chunk_id, service=t.service_name, table=t.table_name), \
+                tracing.span("canonflow.chunk", parent=spec.trace_context, job_id=spec.job_id,
+                             chunk_id=spec.chunk_id, tenant_id=t.tenant_id,
+                             service=t.service_name, table=t.table_name) as span:
+            result = retry.chunk(rt.settings.chunk_attempts)(process_chunk, spec, rt)
+            metrics.chunk_finished(result)
+            tracing.annotate(span, error=result.error.message if result.error else None,
+                             records=result.records_processed, files=result.s3_files_count)
+            completion = complete_chunk(rt, result)
+    finally:
+        setup.flush()
     return {"result": result.model_dump(mode="json"), "new": completion.new,
             "aggregated": completion.claimed}
 
@@ -85,16 +97,35 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
     it fails, visibly, and its job settles."""
     rt = rt or current_runtime()
     request = TransformRequest.model_validate_json(request_json)
+    try:
+        return _transform(request, rt)
+    finally:
+        setup.flush()
+
+
+def _transform(request: TransformRequest, rt: Runtime) -> TaskOutcome:
     lease = rt.settings.transform_lease_seconds
+    started = time.perf_counter()
     try:
         with log.bind(pipeline=rt.settings.name, tenant_id=request.tenant_id,
                       job_id=request.job_id, request_id=request.request_id,
                       service=request.service_name, table=request.table_name), \
+                tracing.span("canonflow.transform", parent=request.trace_context,
+                             job_id=request.job_id, request_id=request.request_id,
+                             tenant_id=request.tenant_id, service=request.service_name,
+                             table=request.table_name, trigger=request.trigger,
+                             processing_mode=request.processing_mode.value) as span, \
                 Heartbeat(lease / 4, lambda: rt.state.touch_request(request.request_id,
                                                                     rt.holder),
                           request.request_id):
             result = run_transform(request, rt)
+            metrics.transform_finished(request, result)
+            tracing.annotate(span, skipped=result.skipped, files_read=result.files_read,
+                             records_read=result.records_read,
+                             records_canonical=result.records_written,
+                             records_quarantined=result.records_quarantined)
     except Exception as exc:
+        metrics.transform_failed(request, time.perf_counter() - started)
         retryable = exc.retryable if isinstance(exc, CanonflowError) else True
         message = redact(str(exc) if isinstance(exc, CanonflowError)
                          else f"{type(exc).__name__}: {exc}")
