@@ -55,6 +55,22 @@ def postgres_url() -> Iterator[str]:
     engine.dispose()
 
 
+REDIS = os.environ.get("CANONFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis (a Celery broker)."""
+    import socket
+
+    host, port = REDIS.split("//", 1)[1].split("/")[0].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError as exc:
+        service_missing("Redis", exc)
+    return REDIS
+
+
 S3_BUCKET = "canonflow-test"
 
 

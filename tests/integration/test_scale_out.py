@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from canonflow.config import load_settings
 from canonflow.connectors.demo_api import DemoApi, serve, tenant_token
 from canonflow.dispatch import open_dispatcher
@@ -30,23 +27,11 @@ from canonflow.report import job_report
 from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
 from canonflow.stores import open_object_store
-from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from canonflow.cli import main; main()"]
-REDIS = os.environ.get("CANONFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 TABLES = {"crm": ["contacts", "deals"], "helpdesk": ["users"]}
 ENTITIES = ["contact", "deal", "user"]
-
-
-@pytest.fixture
-def redis_url() -> str:
-    host, port = REDIS.split("//", 1)[1].split("/")[0].split(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except OSError as exc:
-        service_missing("Redis", exc)
-    return REDIS
 
 
 def readme_commands() -> list[str]:

@@ -7,9 +7,9 @@ base URL, the PostgreSQL state-store password (trust auth: any password connects
 broker password. Failure paths: a connection dropped on a page whose URL carries the key
 (retried, then the table fails), ``status`` of an unknown job (the error names the state
 store), an unknown dispatcher scheme, an unknown state-store scheme, a broker that refuses
-the password. Searched: CLI stdout and stderr (JSON logs at INFO), every row of every
-state-store table, every file under the data directory (raw batches decompressed, Parquet
-read back).
+the password. Searched: CLI stdout and stderr (JSON logs at INFO), every span and metric
+the run exported over OTLP, every row of every state-store table, every file under the
+data directory (raw batches decompressed, Parquet read back).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from canonflow.transform.reader import decompress
+from tests.otlp import receiver
 from tests.secret_api import (
     BASIC_SPEC,
     BEARER_SPEC,
@@ -138,7 +139,9 @@ def test_no_secret_reaches_any_output(tmp_path: Path, postgres_url: str,
         }
         path = tmp_path / "pipeline.yaml"
         path.write_text(json.dumps(pipeline))  # JSON is YAML
-        run = cli("run", str(path), "--json", "--verbose", env=env)
+        with receiver() as (endpoint, telemetry):  # spans and metrics go out too
+            run = cli("run", str(path), "--json", "--verbose",
+                      env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
         assert run.returncode == 1, run.stderr[-2000:]  # the keyed table failed
         (job,) = json.loads(run.stdout)["jobs"]
         status = cli("status", job["job_id"], "--pipeline", str(path), "--json", env=env)
@@ -194,6 +197,9 @@ def test_no_secret_reaches_any_output(tmp_path: Path, postgres_url: str,
                    for doc in retried)  # the base URL that had userinfo
     for table, rows in state.items():
         outputs[f"state table {table}"] = "\n".join(rows)
+    assert any(s.name == "canonflow.chunk" and s.error for s in telemetry.spans)
+    for i, body in enumerate(telemetry.bodies):
+        outputs[f"telemetry export {i}"] = body.decode("latin-1")
     outputs.update(files)
     leaks = [f"{what} in {where}" for where, text in outputs.items()
              for what, secret in SECRETS.items() if secret in text]
