@@ -20,7 +20,7 @@ from canonflow.errors import CanonflowError, ConfigError, UnknownJob
 from canonflow.lease import runner_alive
 from canonflow.model import TERMINAL, TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
-from canonflow.query import run_query
+from canonflow.query import Scan, run_query
 from canonflow.report import job_report, totals
 from canonflow.runner import JobRunner, recover
 from canonflow.runtime import Runtime
@@ -351,11 +351,18 @@ def query(
     data_dir: DataDirOpt = Path(DEFAULT_DATA),
     as_json: JsonOpt = False,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV (an export).")] = False,
+    scanned: Annotated[bool, typer.Option(
+        "--scanned", help="Also print, on stderr, how many data files the query read of "
+        "those its tables hold (filters on _tenant_id and other columns skip files).")
+    ] = False,
 ) -> None:
     """Query canonical tables (one per entity) and `quarantine` with DuckDB SQL."""
     settings = _settings(pipeline, data_dir)
     store = open_object_store(settings.canonical_store or settings.object_store)
-    columns, rows = run_query(store, sql, settings.mapping_dirs)
+    scan = Scan() if scanned else None
+    columns, rows = run_query(store, sql, settings.mapping_dirs, scan)
+    if scan is not None:
+        console.print(f"read {scan.files_read} of {scan.total} data files", highlight=False)
     if as_json:
         _emit_json([dict(zip(columns, r, strict=True)) for r in rows])
         return
@@ -514,20 +521,21 @@ def quarantine_list(
     from canonflow.transform.quarantine import quarantined, summary
 
     rt = Runtime(_settings(pipeline, data_dir))
-    rows = quarantined(rt, tenant, service, table)
+    groups = summary(rt, tenant, service, table)
+    total = sum(g["records"] for g in groups)
     if records:
         cols = ["_tenant_id", "_service_name", "_source_table", "_source_file", "line",
                 "field", "reason", "raw"]
-        docs = rows.select(cols).slice(0, limit).to_pylist() if rows.num_rows else []
+        docs = quarantined(rt, tenant, service, table, columns=cols, limit=limit).to_pylist()
     else:
-        docs = summary(rows)
+        docs = groups
     if as_json:
         _emit_json(docs)
         return
     if not docs:
         out.print("no quarantined records")
         return
-    view = Table(title=f"quarantine: {rows.num_rows} unresolved record(s)")
+    view = Table(title=f"quarantine: {total} unresolved record(s)")
     for col in docs[0]:
         view.add_column(col.lstrip("_"), overflow="fold")
     for doc in docs:

@@ -14,7 +14,7 @@ from canonflow.config import Settings
 from canonflow.model import TransformRequest
 from canonflow.query import run_query
 from canonflow.runtime import Runtime
-from canonflow.transform.quarantine import quarantined, replay, summary
+from canonflow.transform.quarantine import replay, summary
 from canonflow.transform.run import run_transform
 
 PREFIX = "raw/acme/crm/deals/job-1/c-0/"
@@ -71,7 +71,7 @@ def test_accounting_holds_on_a_deliberately_bad_dataset(rt: Runtime) -> None:
                                    + result.records_merged)
     assert rows(rt, "SELECT name, stage, amount FROM deal WHERE id = '5'") == [
         ("D5 newer", "lost", pytest.approx(99))]
-    reasons = {(r["field"], r["reason"].split(":")[0]) for r in summary(quarantined(rt))}
+    reasons = {(r["field"], r["reason"].split(":")[0]) for r in summary(rt)}
     assert reasons == {
         ("id", "required field 'id' is missing"),
         ("amount", "cannot cast 'properties.amount' to decimal"),
@@ -112,7 +112,7 @@ fields:
     assert (again.records, again.landed) == (4, 0)
     assert rows(fixed, "SELECT count(*) FROM deal WHERE id IN ('101', '103')") == [(2,)]
     assert rows(fixed, "SELECT count(*) FROM deal") == [(12,)]
-    assert len(summary(quarantined(fixed))) == 4
+    assert len(summary(fixed)) == 4
 
 
 def test_time_based_mode_skips_what_the_ledger_knows_unless_reprocessing(rt: Runtime) -> None:

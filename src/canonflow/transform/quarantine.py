@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
 
+from canonflow.query import Scan, connect, quote, register
 from canonflow.transform.mapping import CompiledMapping, constant, key_column, sequence
 from canonflow.transform.reader import read_raw
 from canonflow.transform.run import (
@@ -35,29 +34,44 @@ if TYPE_CHECKING:
     from canonflow.runtime import Runtime
 
 
+def _select(rt: Runtime, select: str, tenant: str | None, service: str | None,
+            table: str | None, include_resolved: bool, tail: str = "",
+            scan: Scan | None = None) -> pa.Table:
+    """``SELECT {select} FROM quarantine WHERE <the filters> {tail}`` in DuckDB, filters
+    pushed down: one tenant's listing opens that tenant's files only."""
+    with connect() as con:
+        if not register(con, {"quarantine": rt.canonical.uri(QUARANTINE_TABLE)}, scan):
+            return pa.table({})
+        where = [f"{column} = {quote(value)}" for column, value in (
+            ("_tenant_id", tenant), ("_service_name", service), ("_source_table", table))
+            if value is not None]
+        if not include_resolved:
+            where.append("resolved_at IS NULL")
+        sql = f"SELECT {select} FROM quarantine"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return con.sql(f"{sql} {tail}").arrow().read_all()
+
+
 def quarantined(rt: Runtime, tenant: str | None = None, service: str | None = None,
-                table: str | None = None, include_resolved: bool = False) -> pa.Table:
-    uri, opts = rt.canonical.uri(QUARANTINE_TABLE)
-    try:
-        rows = DeltaTable(uri, storage_options=opts or None).to_pyarrow_table()
-    except TableNotFoundError:
-        return pa.table({})
-    for column, value in (("_tenant_id", tenant), ("_service_name", service),
-                          ("_source_table", table)):
-        if value is not None:
-            rows = rows.filter(pc.equal(rows.column(column), value))
-    if not include_resolved:
-        rows = rows.filter(pc.is_null(rows.column("resolved_at")))
-    return rows
+                table: str | None = None, include_resolved: bool = False,
+                columns: list[str] | None = None, limit: int | None = None,
+                scan: Scan | None = None) -> pa.Table:
+    """Quarantine entries (open ones unless ``include_resolved``), optionally only some
+    columns and at most ``limit`` rows."""
+    select = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    tail = f"ORDER BY _tenant_id, _service_name, _source_table, line LIMIT {int(limit)}" \
+        if limit is not None else ""
+    return _select(rt, select, tenant, service, table, include_resolved, tail, scan)
 
 
-def summary(rows: pa.Table) -> list[dict[str, Any]]:
-    if rows.num_rows == 0:
-        return []
-    keys = ["_tenant_id", "_service_name", "_source_table", "field", "reason"]
-    grouped = rows.group_by(keys).aggregate([("line", "count")])
-    out = grouped.rename_columns([*keys, "records"]).to_pylist()
-    return sorted(out, key=lambda r: (-r["records"], r["_tenant_id"], r["_source_table"]))
+def summary(rt: Runtime, tenant: str | None = None, service: str | None = None,
+            table: str | None = None, scan: Scan | None = None) -> list[dict[str, Any]]:
+    """Open entries counted by table, field and reason, the largest groups first."""
+    keys = "_tenant_id, _service_name, _source_table, field, reason"
+    rows = _select(rt, f"{keys}, count(*) AS records", tenant, service, table, False,
+                   f"GROUP BY {keys} ORDER BY records DESC, _tenant_id, _source_table", scan)
+    return rows.to_pylist() if rows.num_rows else []
 
 
 @dataclass
