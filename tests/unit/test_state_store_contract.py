@@ -132,6 +132,11 @@ def test_ledger_records_processed_files(state: StateStore) -> None:
     state.record_files(req, ["raw/acme/crm/contacts/a", "raw/acme/crm/contacts/b"])
     state.record_files(req, ["raw/acme/crm/contacts/a"])
     assert state.processed_files(req) == {"raw/acme/crm/contacts/a", "raw/acme/crm/contacts/b"}
+    many = [f"raw/acme/crm/contacts/x{i:05d}" for i in range(1200)]  # several look-ups
+    state.record_files(req, many[::3])
+    asked = ["raw/acme/crm/contacts/b", "raw/acme/crm/contacts/c", *many]
+    assert state.processed_files(req, asked) == {"raw/acme/crm/contacts/b", *many[::3]}
+    assert state.processed_files(req, []) == set()
 
 
 def test_unknown_scheme_is_a_config_error() -> None:

@@ -131,6 +131,9 @@ job_events = sa.Table(  # what an operator must see: superseded results, conflic
 InsertFactory = Callable[[sa.Table], Any]  # dialect insert() with on_conflict_do_nothing
 
 
+LEDGER_BATCH = 500  # file keys per ledger look-up (bound parameters stay few)
+
+
 def _now() -> float:
     return time.time()
 
@@ -720,13 +723,25 @@ class SqlStateStore:
         } for k in keys]
         self._run(lambda c: c.execute(self._insert(ledger).on_conflict_do_nothing(), rows))
 
-    def processed_files(self, request: TransformRequest) -> set[str]:
-        rows = self._run(lambda c: c.execute(sa.select(ledger.c.file_key).where(
-            ledger.c.tenant_id == request.tenant_id,
-            ledger.c.service_name == request.service_name,
-            ledger.c.table_name == request.table_name,
-        )).all())
-        return {r.file_key for r in rows}
+    def processed_files(self, request: TransformRequest,
+                        keys: Sequence[str] | None = None) -> set[str]:
+        table = (ledger.c.tenant_id == request.tenant_id,
+                 ledger.c.service_name == request.service_name,
+                 ledger.c.table_name == request.table_name)
+        if keys is None:
+            rows = self._run(lambda c: c.execute(
+                sa.select(ledger.c.file_key).where(*table)).all())
+            return {r.file_key for r in rows}
+        done: set[str] = set()
+        for start in range(0, len(keys), LEDGER_BATCH):  # by primary key, a batch at a time
+            query = sa.select(ledger.c.file_key).where(
+                *table, ledger.c.file_key.in_(list(keys[start:start + LEDGER_BATCH])))
+            done.update(r.file_key for r in self._rows(query))
+        return done
+
+    def _rows(self, query: sa.Select[Any]) -> list[Any]:
+        rows: list[Any] = self._run(lambda c: c.execute(query).all())
+        return rows
 
     def _request_record(self, row: Any) -> RequestRecord:
         return RequestRecord(

@@ -158,7 +158,10 @@ class StateStore(Protocol):
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
         """Ledger: these raw files were canonicalized by this request."""
 
-    def processed_files(self, request: TransformRequest) -> set[str]: ...
+    def processed_files(self, request: TransformRequest,
+                        keys: Sequence[str] | None = None) -> set[str]:
+        """Which of ``keys`` (all, if None) the ledger holds for the request's table: a
+        time-based transform asks about the files of its window, never the whole ledger."""
 
     def request(self, request_id: str) -> RequestRecord | None: ...
 

@@ -316,7 +316,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
 
     files_skipped = 0
     if mode is ProcessingMode.TIME_BASED and not request.reprocess:
-        done = state.processed_files(request)  # the ledger: canonicalized already
+        done = state.processed_files(request, files)  # the ledger: canonicalized already
         fresh = [f for f in files if f not in done]
         files_skipped, files = len(files) - len(fresh), fresh
 
