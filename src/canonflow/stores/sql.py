@@ -27,6 +27,7 @@ from canonflow.model import (
     TransformResult,
 )
 from canonflow.redact import redact
+from canonflow.stores import migrations
 from canonflow.stores.state import Activity, Backlog, Completion, JobEvent, JobRecord, RequestRecord
 
 TERMINAL_JOB = tuple(TERMINAL)
@@ -40,7 +41,7 @@ jobs = sa.Table(
     sa.Column("tenant_id", sa.String(128), nullable=False),
     sa.Column("pipeline", sa.String(200), nullable=False),
     sa.Column("trigger_mode", sa.String(20), nullable=False),
-    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("status", sa.String(24), nullable=False, index=True),
     sa.Column("outcome", sa.String(24)),
     sa.Column("total_chunks", sa.Integer, nullable=False),
     sa.Column("completed_chunks", sa.Integer, nullable=False, default=0),
@@ -77,6 +78,7 @@ outbox = sa.Table(
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("holder", sa.String(200)),  # who runs it now (host:pid:token)
+    sa.Index("ix_outbox_status_created_at", "status", "created_at"),
 )
 ledger = sa.Table(
     "ledger", metadata,
@@ -152,17 +154,9 @@ class SqlStateStore:
         self._run(self._create_schema)
 
     def _create_schema(self, conn: Connection) -> None:
-        """Tables are created on first use (``canonflow db upgrade`` does it explicitly);
-        columns added since a table was created are added to it (nullable, no default)."""
-        metadata.create_all(conn)
-        inspector = sa.inspect(conn)
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=conn.dialect)
-                    conn.execute(sa.text(
-                        f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
+        """The schema is created or migrated on first use (``canonflow db upgrade`` does it
+        explicitly): see :mod:`canonflow.stores.migrations`."""
+        migrations.upgrade(conn)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _run(self, step: Callable[[Connection], Any], attempts: int = 8) -> Any:

@@ -1,0 +1,10 @@
+"""Alembic environment: migrations run on the connection (and in the transaction) that
+``canonflow.stores.migrations.upgrade`` is given; there is no alembic.ini."""
+
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, render_as_batch=True,
+                  transaction_per_migration=False)
+with context.begin_transaction():
+    context.run_migrations()
