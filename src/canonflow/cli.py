@@ -27,6 +27,7 @@ from canonflow.runtime import Runtime
 from canonflow.stores import open_object_store
 from canonflow.telemetry import metrics
 from canonflow.telemetry import setup as telemetry
+from canonflow.transform.writer import QUARANTINE_TABLE, canonical_path
 
 app = typer.Typer(
     help="Sync many tenants' SaaS data into one canonical model: parallel chunks, "
@@ -624,6 +625,45 @@ def recover_cmd(
         _emit_json(swept)
     else:
         out.print(", ".join(f"{k}: {v}" for k, v in swept.items()))
+
+
+@app.command()
+def maintain(
+    pipeline: PipelineOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA),
+    retention_hours: Annotated[float, typer.Option(
+        help="Keep what every version of the last this many hours reads (time travel within "
+        "it keeps working).", min=1)] = 168.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Table upkeep (run it now and then, like recover): compact tenant partitions holding
+    more than compact_after_files files, delete data files no version within the retention
+    reads, checkpoint each log and drop expired log entries."""
+    settings = _settings(pipeline, data_dir)
+    rt = Runtime(settings)
+    rows: list[dict[str, Any]] = []
+    try:
+        names = [canonical_path(e) for e in rt.catalog.entities] + [QUARANTINE_TABLE]
+        for name in names:
+            compacted = 0
+            if settings.compact_after_files > 0 and name != QUARANTINE_TABLE:
+                for tenant in rt.canonical.tenants(name):
+                    compacted += rt.canonical.compact(name, tenant,
+                                                      settings.compact_after_files)
+            vacuumed = rt.canonical.vacuum(name, retention_hours)
+            rows.append({"table": name, "files_compacted": compacted,
+                         "files_deleted": vacuumed})
+    finally:
+        rt.close()
+    if as_json:
+        _emit_json(rows)
+        return
+    view = Table(title=f"maintenance (retention {retention_hours:g} h)")
+    for col in ("table", "files compacted", "files deleted"):
+        view.add_column(col, justify="left" if col == "table" else "right")
+    for r in rows:
+        view.add_row(r["table"], str(r["files_compacted"]), str(r["files_deleted"]))
+    out.print(view)
 
 
 @app.command()

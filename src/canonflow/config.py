@@ -103,6 +103,10 @@ class Settings(_Cfg):
     transform_group_records: int = Field(
         default=150_000, gt=0,
         description="records per transform commit: bounds the transform's memory")
+    compact_after_files: int = Field(
+        default=16, ge=0,
+        description="after a transform, a tenant's partition of a canonical table holding "
+        "more data files than this is compacted (0: never)")
     transform_lease_seconds: float = Field(
         default=120.0, gt=0,
         description="a running transform's lease; its heartbeat renews it; a lapsed lease "

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from canonflow import jsonio, memory
-from canonflow.errors import RequestRejected, TerminalError
+from canonflow.errors import CanonflowError, RequestRejected, TerminalError
 from canonflow.lease import holder_dead
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
@@ -391,4 +391,23 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         log.warning("transform finished after another worker took its request over; "
                     "that worker's outcome stands", extra={"request_id": request.request_id})
     log.info("canonical transform finished", extra=result.model_dump(mode="json"))
+    if run.written:
+        compact(rt, request.tenant_id, [entity.name, *(c.entity.name for _, c in
+                                                       mapping.children)])
     return result
+
+
+def compact(rt: Runtime, tenant_id: str, entities: list[str]) -> None:
+    """Keep the tenant's partitions few-filed after a sync (best effort: a failure is
+    logged, the transform stands, the next sync tries again)."""
+    limit = rt.settings.compact_after_files
+    if limit <= 0:
+        return
+    for name in entities:
+        try:
+            removed = rt.canonical.compact(canonical_path(name), tenant_id, limit)
+        except CanonflowError as exc:
+            log.warning("compaction failed", extra={"entity": name, "error": str(exc)})
+            continue
+        if removed:
+            log.info("partition compacted", extra={"entity": name, "files_replaced": removed})

@@ -253,6 +253,50 @@ class CanonicalWriter:
                             f"{group}/merge", request_id)
             return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
 
+    def compact(self, name: str, tenant_id: str, max_files: int) -> int:
+        """Rewrite the tenant's partition of ``name`` into few files once it holds more
+        than ``max_files`` (each sync adds one for its new keys); under the tenant's lock,
+        so its writers wait and other tenants' commits carry on. The files it replaced (0:
+        nothing to do). Readers of earlier versions keep their files until a vacuum."""
+        with self._lock(f"{name}/{tenant_id}"):
+            table = self._open(name)
+            if table is None:
+                return 0
+            partition = [("_tenant_id", "=", tenant_id)]
+            if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
+                return 0
+            props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
+            done = self._retry(f"compact {name}/{tenant_id}", lambda: self._table_or_fail(
+                name).optimize.compact(partition_filters=partition, commit_properties=props))
+            return int(done.get("numFilesRemoved", 0))
+
+    def tenants(self, name: str) -> list[str]:
+        """The tenants with a partition in ``name``."""
+        table = self._open(name)
+        if table is None:
+            return []
+        return sorted({p["_tenant_id"] for p in table.partitions() if p.get("_tenant_id")})
+
+    def vacuum(self, name: str, retention_hours: float) -> int:
+        """Delete data files no version of the last ``retention_hours`` reads, and files
+        older than that no version ever read (a writer's that died before its commit): time
+        travel within the retention keeps working, readers of the current version never notice;
+        checkpoint the log and drop log entries past the table's log retention. The files
+        deleted."""
+        table = self._open(name)
+        if table is None:
+            return 0
+        deleted = self._retry(f"vacuum {name}", lambda: table.vacuum(
+            retention_hours=int(retention_hours), dry_run=False,
+            enforce_retention_duration=False, full=True))  # also files of failed commits
+        self._retry(f"checkpoint {name}", table.create_checkpoint)
+        self._retry(f"clean up the log of {name}", table.cleanup_metadata)
+        return len(deleted)
+
+    def _table_or_fail(self, name: str) -> DeltaTable:
+        uri, opts = self.uri(name)
+        return DeltaTable(uri, storage_options=opts or None)
+
     def _replace(self, name: str, table: DeltaTable, entity: Entity, tenant_id: str,
                  service: str, rows: pa.Table, parents: pa.Table, label: str,
                  request_id: str) -> None:

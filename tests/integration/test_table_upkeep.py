@@ -1,0 +1,115 @@
+"""Costs that must not grow with syncs: a tenant's partition stays few-filed (compaction after
+a transform), old files go after a retention (vacuum) while time travel within it and every
+reader of the current version keep working, and other tenants are never touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+from deltalake import DeltaTable
+
+from canonflow.chunk import encode_batch
+from canonflow.config import Settings
+from canonflow.connectors.demo_api import contact
+from canonflow.model import TableRef, TransformRequest, raw_key
+from canonflow.query import run_query
+from canonflow.runtime import Runtime
+from canonflow.transform.run import run_transform
+
+ENTITY = "canonical/contact"
+
+
+def sync(rt: Runtime, tenant: str, job: str, records: list[dict[str, Any]]) -> None:
+    table = TableRef(tenant_id=tenant, service_name="crm", table_name="contacts")
+    key = raw_key(table, job, "crm-contacts-00000", 0)
+    rt.objects.put(key, encode_batch([orjson.dumps(r) for r in records]))
+    run_transform(TransformRequest(tenant_id=tenant, service_name="crm",
+                                   table_name="contacts", source_files=[key]), rt)
+
+
+def changed(tenant: str, i: int, n: int) -> dict[str, Any]:
+    record = contact(tenant, i)
+    record["properties"]["phone"] = f"+1-555-{n:04d}"
+    record["updated_at"] = f"2030-01-01T00:{n // 60:02d}:{n % 60:02d}Z"
+    return record
+
+
+def table(rt: Runtime) -> DeltaTable:
+    uri, opts = rt.canonical.uri(ENTITY)
+    return DeltaTable(uri, storage_options=opts or None)
+
+
+def partition_files(rt: Runtime, tenant: str) -> list[str]:
+    return table(rt).file_uris(file_pruning_predicate=[("_tenant_id", "=", tenant)])
+
+
+def test_partitions_stay_few_filed_and_vacuum_keeps_time_travel(tmp_path: Path) -> None:
+    rt = Runtime(Settings(object_store=f"file://{tmp_path / 'data'}",
+                          state_store=f"sqlite:///{tmp_path / 'data' / 'state.db'}",
+                          compact_after_files=4))
+    sync(rt, "acme", "job-0", [contact("acme", i) for i in range(2000)])
+    sync(rt, "globex", "job-0", [contact("globex", i) for i in range(500)])
+    globex_files = partition_files(rt, "globex")
+    most = 0
+    for n in range(1, 25):  # 1% changed and 10 new keys each sync
+        records = [changed("acme", i, n) for i in range(n % 100, 2000, 100)]
+        records += [contact("acme", 2000 + 10 * n + j) for j in range(10)]
+        sync(rt, "acme", f"job-{n}", records)
+        most = max(most, len(partition_files(rt, "acme")))
+    assert most <= 5, f"the partition grew to {most} files"
+    assert partition_files(rt, "globex") == globex_files  # never rewritten for acme
+    store = rt.canonical._store
+    rows = run_query(store, "SELECT count(*), count(DISTINCT id) FROM contact "
+                            "WHERE _tenant_id = 'acme'")[1]
+    assert rows == [(2240, 2240)]
+    changes = run_query(store, "SELECT count(*), count(*) FILTER (WHERE phone = '+1-555-' || "
+                               "lpad(((id::INT - 100000) % 100)::VARCHAR, 4, '0')) FROM contact "
+                               "WHERE _tenant_id = 'acme' AND updated_at >= '2030-01-01'")[1]
+    assert changes == [(480, 480)]  # every change landed, newest wins
+
+    old_version = table(rt).version() - 10
+    before = DeltaTable(table(rt).table_uri, version=old_version).to_pyarrow_table().num_rows
+    assert rt.canonical.vacuum(ENTITY, retention_hours=1) == 0  # all within the retention
+    assert DeltaTable(table(rt).table_uri, version=old_version).to_pyarrow_table().num_rows \
+        == before
+    def data_files() -> list[str]:
+        return sorted(str(p) for p in (tmp_path / "data" / "canonical" / "contact").glob(
+            "_tenant_id=*/*.parquet"))
+
+    live = table(rt).file_uris()
+    unread = len(data_files()) - len(live)
+    assert unread > 0
+    assert rt.canonical.vacuum(ENTITY, retention_hours=0) == unread
+    assert data_files() == sorted(live)
+    assert run_query(store, "SELECT count(*) FROM contact WHERE _tenant_id = 'acme'")[1] \
+        == [(2240,)]
+    assert list((tmp_path / "data" / "canonical" / "contact" / "_delta_log").glob(
+        "*.checkpoint.parquet"))
+    rt.close()
+
+
+def test_maintain_compacts_vacuums_and_reports(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rt = Runtime(Settings(object_store=f"file://{data}", state_store=f"sqlite:///{data}/state.db",
+                          compact_after_files=0))  # no compaction after transforms
+    for n in range(18):  # more files than compact_after_files' default (16)
+        sync(rt, "acme", f"job-{n}", [contact("acme", 100 * n + i) for i in range(100)])
+    assert len(partition_files(rt, "acme")) == 18
+    rt.close()
+    proc = subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                           "maintain", "--data-dir", str(data), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = {r["table"]: r for r in json.loads(proc.stdout)}
+    assert report[ENTITY]["files_compacted"] == 18
+    assert report[ENTITY]["files_deleted"] == 0  # replaced files stay for the retention
+    rt = Runtime(Settings(object_store=f"file://{data}", state_store=f"sqlite:///{data}/state.db"))
+    assert len(partition_files(rt, "acme")) == 1
+    assert run_query(rt.canonical._store, "SELECT count(DISTINCT id) FROM contact")[1] == [
+        (1800,)]
+    rt.close()
