@@ -7,6 +7,7 @@ Scenarios (each run in its own process tree, the demo API in a separate process)
   4. floor — the same pages fetched and written by plain concurrent code (beside 2)
   5. transform — the canonical transform alone on 1M raw records: records/s, peak RSS
   6. history — 10,000 changed records into a tenant holding 1M rows vs into an empty table
+  7. syncs — 1,000 incremental syncs of one tenant: files, log, read time, vacuum
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ def history(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     return table, rows
 
 
+def syncs(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    held, count = (20_000, 50) if quick else (50_000, 1000)
+    rows = [child("bench.syncs", {"held": held, "syncs": count})]
+    table = Table(title="7. syncs: one tenant synced again and again (1% of the keys changed "
+                  "and 10 new each time), then vacuumed")
+    for col in ("rows held", "syncs", "s/sync", "most files in the partition",
+                "read s", "fresh read s", "x fresh", "data files on disk",
+                "after vacuum", "log files after"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['held']:,}", f"{r['syncs']:,}", f"{r['sync_seconds']:.2f}",
+                      str(r["most_files"]), f"{r['read_seconds']:.3f}",
+                      f"{r['fresh_read_seconds']:.3f}",
+                      f"{r['read_seconds'] / r['fresh_read_seconds']:.2f}",
+                      str(r["files_on_disk"]), str(r["files_after_vacuum"]),
+                      str(r["log_files"]))
+    return table, rows
+
+
 def markdown(table: Table) -> str:
     headers = [str(c.header) for c in table.columns]
     cells = [[str(x) for x in c._cells] for c in table.columns]
@@ -191,7 +211,8 @@ def main() -> None:
                             ("throughput", lambda: throughput(work, args.quick)),
                             ("scaling", lambda: scaling(args.quick)),
                             ("transform", lambda: transform_alone(work, args.quick)),
-                            ("history", lambda: history(work, args.quick))):
+                            ("history", lambda: history(work, args.quick)),
+                            ("syncs", lambda: syncs(args.quick))):
             with console.status(f"running {name} ..."):
                 table, _ = build()
             console.print(table)

@@ -289,8 +289,13 @@ class CanonicalWriter:
         deleted = self._retry(f"vacuum {name}", lambda: table.vacuum(
             retention_hours=int(retention_hours), dry_run=False,
             enforce_retention_duration=False, full=True))  # also files of failed commits
-        self._retry(f"checkpoint {name}", table.create_checkpoint)
-        self._retry(f"clean up the log of {name}", table.cleanup_metadata)
+        keep = f"interval {int(retention_hours)} hours"  # the log keeps the same history
+        if table.metadata().configuration.get("delta.logRetentionDuration") != keep:
+            self._retry(f"set the log retention of {name}", lambda: self._table_or_fail(
+                name).alter.set_table_properties({"delta.logRetentionDuration": keep}))
+        self._retry(f"checkpoint {name}", lambda: self._table_or_fail(name).create_checkpoint())
+        self._retry(f"clean up the log of {name}",
+                    lambda: self._table_or_fail(name).cleanup_metadata())
         return len(deleted)
 
     def _table_or_fail(self, name: str) -> DeltaTable:
