@@ -104,7 +104,7 @@ class Settings(_Cfg):
         default=150_000, gt=0,
         description="records per transform commit: bounds the transform's memory")
     compact_after_files: int = Field(
-        default=16, ge=0,
+        default=8, ge=0,
         description="after a transform, a tenant's partition of a canonical table holding "
         "more data files than this is compacted (0: never)")
     transform_lease_seconds: float = Field(

@@ -99,7 +99,7 @@ def test_maintain_compacts_vacuums_and_reports(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rt = Runtime(Settings(object_store=f"file://{data}", state_store=f"sqlite:///{data}/state.db",
                           compact_after_files=0))  # no compaction after transforms
-    for n in range(18):  # more files than compact_after_files' default (16)
+    for n in range(18):  # more files than compact_after_files' default (8)
         sync(rt, "acme", f"job-{n}", [contact("acme", 100 * n + i) for i in range(100)])
     assert len(partition_files(rt, "acme")) == 18
     rt.close()

@@ -45,6 +45,11 @@ _GROUP = "canonflow.group"
 T = TypeVar("T")
 
 
+# a checkpoint every 10 commits: opening a table replays at most 9 commit files, however
+# many syncs it has seen (Delta's default is 100)
+TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
+
+
 def canonical_path(entity: str) -> str:
     return f"canonical/{entity}"
 
@@ -116,7 +121,7 @@ class CanonicalWriter:
         except TableNotFoundError:
             return DeltaTable.create(
                 uri, schema, partition_by=["_tenant_id"], mode="ignore",
-                storage_options=opts or None,
+                storage_options=opts or None, configuration=TABLE_PROPERTIES,
             )
 
     def _open(self, name: str) -> DeltaTable | None:
@@ -290,9 +295,11 @@ class CanonicalWriter:
             retention_hours=int(retention_hours), dry_run=False,
             enforce_retention_duration=False, full=True))  # also files of failed commits
         keep = f"interval {int(retention_hours)} hours"  # the log keeps the same history
-        if table.metadata().configuration.get("delta.logRetentionDuration") != keep:
-            self._retry(f"set the log retention of {name}", lambda: self._table_or_fail(
-                name).alter.set_table_properties({"delta.logRetentionDuration": keep}))
+        wanted = {**TABLE_PROPERTIES, "delta.logRetentionDuration": keep}
+        have = table.metadata().configuration
+        if any(have.get(k) != v for k, v in wanted.items()):  # also tables made before
+            self._retry(f"set the properties of {name}", lambda: self._table_or_fail(
+                name).alter.set_table_properties(wanted))
         self._retry(f"checkpoint {name}", lambda: self._table_or_fail(name).create_checkpoint())
         self._retry(f"clean up the log of {name}",
                     lambda: self._table_or_fail(name).cleanup_metadata())
