@@ -7,6 +7,7 @@ writers (two tenants' transforms into one entity table) retry on a commit confli
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class CanonicalWriter:
         self._store = store
         self._attempts = attempts
         self._lock = lock or _no_lock
+        self._recent = threading.local()  # name -> the table this thread last wrote
 
     def uri(self, name: str) -> tuple[str, dict[str, str]]:
         return self._store.delta_uri(name)
@@ -250,12 +252,14 @@ class CanonicalWriter:
             if fresh.num_rows and f"{group}/append" not in done:
                 props = CommitProperties(
                     custom_metadata={_REQ: request_id, _GROUP: f"{group}/append"})
+                handle: list[DeltaTable | None] = [table]
                 self._retry(f"append to {name}", lambda: write_deltalake(
-                    self._table(name, schema), fresh, mode="append", schema_mode="merge",
-                    commit_properties=props))
+                    self._latest(handle, lambda: self._table(name, schema)), fresh,
+                    mode="append", schema_mode="merge", commit_properties=props))
             if known.num_rows and f"{group}/merge" not in done:
                 self._merge(name, schema, entity, tenant_id, service, known,
-                            f"{group}/merge", request_id)
+                            f"{group}/merge", request_id, table)
+            self._remember(name, table)
             return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
 
     def compact(self, name: str, tenant_id: str, max_files: int) -> int:
@@ -264,15 +268,17 @@ class CanonicalWriter:
         so its writers wait and other tenants' commits carry on. The files it replaced (0:
         nothing to do). Readers of earlier versions keep their files until a vacuum."""
         with self._lock(f"{name}/{tenant_id}"):
-            table = self._open(name)
+            table = self._recalled(name) or self._open(name)
             if table is None:
                 return 0
             partition = [("_tenant_id", "=", tenant_id)]
             if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
                 return 0
             props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
-            done = self._retry(f"compact {name}/{tenant_id}", lambda: self._table_or_fail(
-                name).optimize.compact(partition_filters=partition, commit_properties=props))
+            handle: list[DeltaTable | None] = [table]
+            done = self._retry(f"compact {name}/{tenant_id}", lambda: self._latest(
+                handle, lambda: self._table_or_fail(name)).optimize.compact(
+                    partition_filters=partition, commit_properties=props))
             return int(done.get("numFilesRemoved", 0))
 
     def tenants(self, name: str) -> list[str]:
@@ -342,8 +348,34 @@ class CanonicalWriter:
 
         self._retry(f"replace children in {name}", op)
 
+    def _remember(self, name: str, table: DeltaTable) -> None:
+        tables: dict[str, DeltaTable] = getattr(self._recent, "tables", {})
+        tables[name] = table
+        self._recent.tables = tables
+
+    def _recalled(self, name: str) -> DeltaTable | None:
+        """The table this thread last wrote to, brought up to date (cheaper than an open:
+        only the log's new commits are read); None if there is none."""
+        table: DeltaTable | None = getattr(self._recent, "tables", {}).pop(name, None)
+        if table is not None:
+            table.update_incremental()
+        return table
+
+    @staticmethod
+    def _latest(handle: list[DeltaTable | None],
+                reopen: Callable[[], DeltaTable]) -> DeltaTable:
+        """The table at its latest version: on a first try the one already open, brought up
+        to date (reading only the log's new commits, not the whole log again); after a
+        failed try, opened anew."""
+        table, handle[0] = handle[0], None
+        if table is None:
+            return reopen()
+        table.update_incremental()
+        return table
+
     def _merge(self, name: str, schema: pa.Schema, entity: Entity, tenant_id: str,
-               service: str, rows: pa.Table, label: str, request_id: str) -> dict[str, Any]:
+               service: str, rows: pa.Table, label: str, request_id: str,
+               table: DeltaTable | None = None) -> dict[str, Any]:
         order = entity.ordering
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
         keys = " AND ".join(f"t.{k} = s.{k}" for k in entity.keys)
@@ -353,8 +385,10 @@ class CanonicalWriter:
             f"AND t._service_name = s._service_name"
         )
 
+        handle = [table]
+
         def op() -> dict[str, Any]:
-            table = self._table(name, schema)
+            table = self._latest(handle, lambda: self._table(name, schema))
             metrics: dict[str, Any] = (
                 # merge_schema: a field new to the entity adds a column, history untouched
                 table.merge(rows, predicate=predicate, source_alias="s", target_alias="t",
