@@ -285,7 +285,11 @@ def _iso(value: object) -> str | None:
 def prefetch(keys: list[str], load: Callable[[str], T], window: int = 4) -> Iterator[T]:
     """``load`` each key on a small thread pool, ``window`` ahead of the consumer, in order:
     reading and JSON parsing (which release the GIL) overlap the mapping of the previous
-    file, and memory stays bounded by the window."""
+    file, and memory stays bounded by the window. A single file is read in this thread
+    (nothing to overlap; a small sync's transform saves starting a pool)."""
+    if len(keys) == 1:
+        yield load(keys[0])
+        return
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="canonflow-read") as pool:
         pending: deque[Future[T]] = deque()
         upcoming = iter(keys)
