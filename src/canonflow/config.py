@@ -103,6 +103,9 @@ class Settings(_Cfg):
     transform_group_records: int = Field(
         default=150_000, gt=0,
         description="records per transform commit: bounds the transform's memory")
+    plan_concurrency: int = Field(
+        default=8, ge=1, description="tenants planned at once by a run (planning waits on "
+        "each API's first page)")
     compact_after_files: int = Field(
         default=8, ge=0,
         description="after a transform, a tenant's partition of a canonical table holding "

@@ -14,11 +14,12 @@ unfinished job per (pipeline, tenant): a second run refuses while the first runn
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import time
 from collections.abc import Collection, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -211,14 +212,21 @@ class JobRunner:
         """A job per tenant, each on its own: a tenant that cannot be planned is recorded
         as a failed job with its reason and the others go on; a tenant with an unfinished
         job is resumed (its runner is gone) or refused (its runner lives)."""
-        works: list[_Work] = []
         failed: list[str] = []
-        for tenant in tenants:
+
+        def start(tenant: str) -> _Work | None:
             with bind(tenant_id=tenant):
-                work = self._start_one(tenant, failed)
-            if work is not None:
-                works.append(work)
-        return works, failed
+                return self._start_one(tenant, failed)
+
+        threads = min(len(tenants), self.settings.plan_concurrency)
+        if threads <= 1:
+            started = [start(t) for t in tenants]
+        else:  # planning waits on the APIs (page 1 of each table): tenants in parallel
+            with ThreadPoolExecutor(threads, thread_name_prefix="canonflow-plan") as pool:
+                futures = [pool.submit(contextvars.copy_context().run, start, t)
+                           for t in tenants]
+                started = [f.result() for f in futures]
+        return [w for w in started if w is not None], failed
 
     def _start_one(self, tenant: str, failed: list[str]) -> _Work | None:
         state, name = self.rt.state, self.settings.name
