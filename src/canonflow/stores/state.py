@@ -7,14 +7,13 @@ the outbox has one row per (job, table).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from canonflow.errors import ConfigError
 from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
+from canonflow.schemes import STATE_STORES
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,27 +206,7 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMES: dict[str, str] = {
-    "sqlite": "canonflow.stores.sqlite:open_sqlite",
-    "postgresql": "canonflow.stores.postgres:open_postgres",
-    "postgres": "canonflow.stores.postgres:open_postgres",
-}
-
-
-_EXTRAS = {"postgresql": "postgres", "postgres": "postgres"}
-
-
 def open_state_store(url: str) -> StateStore:
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-    target = _SCHEMES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigError(f"unsupported state store URL {url!r}: use one of {known}")
-    module_name, func = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"state store {scheme}:// needs {exc.name!r}: "
-                          f"pip install 'canonflow[{_EXTRAS.get(scheme, scheme)}]'") from None
-    store: StateStore = getattr(module, func)(url)
+    """Open the state store a URL names (see :data:`canonflow.schemes.STATE_STORES`)."""
+    store: StateStore = STATE_STORES.open(url)
     return store
