@@ -55,6 +55,26 @@ def postgres_url() -> Iterator[str]:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def dynamodb_endpoint() -> Iterator[str]:
+    """A DynamoDB-compatible server for the session (moto behind one lock, see tests/aws.py),
+    started here and stopped by its handle."""
+    try:
+        from tests.aws import LockedDynamoServer
+
+        server = LockedDynamoServer().start()
+    except (ImportError, OSError) as exc:
+        service_missing("DynamoDB test server", exc)
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture
+def dynamodb_url(dynamodb_endpoint: str) -> str:
+    """A state-store URL on the test server, a table of its own (created on first use)."""
+    return f"dynamodb://t-{uuid.uuid4().hex[:12]}?region=us-east-1&endpoint={dynamodb_endpoint}"
+
+
 S3_BUCKET = "canonflow-test"
 
 

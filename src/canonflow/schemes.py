@@ -75,6 +75,7 @@ STATE_STORES = Port("state store", {
     "sqlite": Backend("canonflow.stores.sqlite:open_sqlite"),
     "postgresql": Backend("canonflow.stores.postgres:open_postgres", "postgres"),
     "postgres": Backend("canonflow.stores.postgres:open_postgres", "postgres"),
+    "dynamodb": Backend("canonflow.stores.dynamodb:open_dynamodb", "aws"),
 })
 
 DISPATCHERS = Port("dispatcher", {

@@ -1,0 +1,68 @@
+"""A DynamoDB-compatible server for tests: moto's WSGI app behind one lock.
+
+moto's server answers concurrent requests without a lock of its own: several processes doing
+conditional increments and claims on one item lose updates and double-claim. Behind one
+``threading.Lock`` each request runs alone, as DynamoDB's per-item serialization promises,
+so the tests judge canonflow's conditions and not moto's races.
+(``tests/reliability/test_locked_dynamodb_server.py`` guards this wrapper.)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import BaseWSGIServer, make_server
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_REGION": "us-east-1"}
+
+
+def serialized(app: WsgiApp) -> WsgiApp:
+    """The app with every request handled under one lock, its body read inside it."""
+    lock = threading.Lock()
+
+    def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            body = app(environ, start_response)
+            try:
+                data = b"".join(body)
+            finally:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+        return [data]
+
+    return handle
+
+
+class LockedDynamoServer:
+    """moto's DynamoDB on 127.0.0.1 at a free port, in a thread of this process; started
+    and stopped by its handle."""
+
+    def __init__(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server: BaseWSGIServer = make_server(
+            "127.0.0.1", 0, serialized(app), threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="dynamodb-test-server", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self) -> LockedDynamoServer:
+        for key, value in TEST_CREDENTIALS.items():
+            os.environ.setdefault(key, value)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
