@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -41,6 +41,11 @@ def serialized(app: WsgiApp) -> WsgiApp:
     return handle
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:  # no line per request
+        pass
+
+
 class LockedDynamoServer:
     """moto's DynamoDB on 127.0.0.1 at a free port, in a thread of this process; started
     and stopped by its handle."""
@@ -48,7 +53,7 @@ class LockedDynamoServer:
     def __init__(self) -> None:
         app = DomainDispatcherApplication(create_backend_app)
         self._server: BaseWSGIServer = make_server(
-            "127.0.0.1", 0, serialized(app), threaded=True)
+            "127.0.0.1", 0, serialized(app), threaded=True, request_handler=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="dynamodb-test-server", daemon=True)
 
