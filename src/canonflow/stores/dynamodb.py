@@ -358,6 +358,16 @@ class DynamoStateStore:
     def _update(self, pk: str, sk: str, update: str, condition: str | None = None,
                 values: dict[str, Any] | None = None, return_values: str = "NONE",
                 old_on_failure: bool = False) -> dict[str, Any] | None:
+        """A conditional update also writes a fresh ``op`` token: when its condition fails,
+        the item is read, and if it carries this token the update is the one that already
+        went through (its response was lost and the retry found its own write): success.
+        So every conditional update is idempotent under retries."""
+        token = uuid.uuid4().hex
+        values = dict(values or {})
+        if condition:
+            update = (update.replace("SET ", "SET #op = :op, ", 1) if update.startswith("SET ")
+                      else f"{update} SET #op = :op")
+            values[":op"] = token
         kwargs: dict[str, Any] = dict(
             TableName=self.table, Key=_key(pk, sk), UpdateExpression=update,
             ReturnValues=return_values, **_expr(update, condition, values=values))
@@ -365,7 +375,13 @@ class DynamoStateStore:
             kwargs["ConditionExpression"] = condition
         if old_on_failure:
             kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
-        response = self._call("update_item", **kwargs)
+        try:
+            response = self._call("update_item", **kwargs)
+        except _ConditionFailed:
+            current = self._get(pk, sk)
+            if current is not None and current.get("op") == token:
+                return None
+            raise
         return _item(response.get("Attributes"))
 
     def _put(self, item: dict[str, Any], condition: str | None = None,
@@ -769,6 +785,11 @@ class DynamoStateStore:
                                                       result.chunk_id, now)}},
                 ])
             except _Cancelled:
+                recorded_item = self._get(pk, f"RESULT#{result.chunk_id}")
+                if recorded_item is not None and recorded_item.get("token") == token:
+                    # this very supersede went through; its response was lost
+                    return Completion(False, same.completed, same.total, False,
+                                      superseded=True)
                 recorded_item = None  # claimed meanwhile, or another result won: look again
                 continue
             return Completion(False, same.completed, same.total, False, superseded=True)
@@ -923,16 +944,20 @@ class DynamoStateStore:
                         return False  # cancelled or committed by another aggregator
                     batch = [row for i, row in enumerate(batch) if not cancelled.failed(i)]
         stored = self._blob(pk, "report", jsonio.dumps(report))
+        token = uuid.uuid4().hex
         try:
             self._update(pk, JOB_SK,
-                         "SET #status = :enqueued, #outcome = :outcome, #updated_at = :now"
-                         + "".join(f", #{k} = :{k}" for k in stored),
+                         "SET #status = :enqueued, #outcome = :outcome, #updated_at = :now, "
+                         "#commit_token = :token" + "".join(f", #{k} = :{k}" for k in stored),
                          "#status = :aggregating",
                          {":enqueued": ENQUEUED, ":outcome": outcome, ":now": now,
-                          ":aggregating": AGGREGATING,
+                          ":aggregating": AGGREGATING, ":token": token,
                           **{f":{k}": v for k, v in stored.items()}})
         except _ConditionFailed:
             again = self._get(pk, JOB_SK)
+            if again is not None and again.get("commit_token") == token:
+                self._settle(job_id, now)  # our commit went through; its response was lost
+                return True
             if again is not None and again["status"] == CANCELLED:
                 self._cancel_rows(job_id, "the job was cancelled during its aggregation", now)
             return False
