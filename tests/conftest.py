@@ -18,6 +18,12 @@ from canonflow.runtime import Runtime
 
 HERE = Path(__file__).parent
 
+# the AWS test servers' (moto's) credentials, in the environment before any worker process
+# (local pool fork servers start once and keep the environment they started with)
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
