@@ -314,3 +314,26 @@ def test_conditional_updates_whose_responses_were_lost_report_what_they_did(
     assert not store.advance_cursor(T, "2026-01-01T00:00:00Z", "j")
     assert store.sync_cursor(T) == "2026-01-01T00:00:00Z"
     assert faults.after["UpdateItem"] == 0
+
+
+def test_canonflow_db_upgrade_creates_the_table(tmp_path: Any, dynamodb_endpoint: str) -> None:
+    import subprocess
+    import sys
+
+    import boto3
+
+    table = "cli-upgrade-test"
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"name: p\nobject_store: file://{tmp_path}/data\n"
+        f"state_store: dynamodb://{table}?region=us-east-1&endpoint={dynamodb_endpoint}\n"
+        "sources:\n  - service: crm\n    base_url: http://127.0.0.1:1/crm/v1\n"
+        "tenants:\n  - tenant_id: acme\n")
+    done = subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                           "db", "upgrade", "--pipeline", str(pipeline)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"dynamodb://{table}" in done.stdout
+    client = boto3.client("dynamodb", endpoint_url=dynamodb_endpoint, region_name="us-east-1")
+    assert client.describe_table(TableName=table)["Table"]["TableStatus"] == "ACTIVE"
+    client.delete_table(TableName=table)
