@@ -337,3 +337,26 @@ def test_canonflow_db_upgrade_creates_the_table(tmp_path: Any, dynamodb_endpoint
     client = boto3.client("dynamodb", endpoint_url=dynamodb_endpoint, region_name="us-east-1")
     assert client.describe_table(TableName=table)["Table"]["TableStatus"] == "ACTIVE"
     client.delete_table(TableName=table)
+
+
+def test_a_job_beside_a_tenants_exclusive_job_can_be_cancelled(store: DynamoStateStore) -> None:
+    store.create_job("j1", "acme", "p", "aggregated", specs("j1", 1), exclusive=True)
+    store.create_job("j2", "acme", "p", "aggregated", specs("j2", 1))  # not exclusive
+    assert store.cancel_job("j2", "not needed")
+    assert store.active_job("p", "acme") == "j1"  # the exclusive job keeps the tenant
+    assert store.cancel_job("j1", "stop")
+    assert store.active_job("p", "acme") is None
+
+
+def test_rows_enqueued_for_a_running_job_run_at_once_and_hold_the_job_open(
+        store: DynamoStateStore) -> None:
+    store.create_job("j", "acme", "p", "per_batch", specs("j", 1))
+    batch = request("j", "j:batch-1").model_copy(update={"trigger": "per_batch"})
+    assert store.enqueue_request(batch)  # a per-batch transform while chunks still run
+    assert [r.request_id for r in store.claim_for_dispatch()] == ["j:batch-1"]
+    assert store.claim_request("j:batch-1", 60, holder="h") == 1
+    store.complete_chunk(result("j", 0))
+    assert store.finish_aggregation("j", "completed", [], {})
+    assert store.job("j").status == "transforms_enqueued"  # type: ignore[union-attr]
+    assert store.finish_request("j:batch-1", None, holder="h")
+    assert store.job("j").status == "done"  # type: ignore[union-attr]

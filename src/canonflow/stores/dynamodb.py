@@ -825,6 +825,13 @@ class DynamoStateStore:
         token = uuid.uuid4().hex
         terminal, values = _in("status", "t", sorted(TERMINAL))
         values[":token"] = token
+        job = self._get(_job_pk(job_id), JOB_SK)
+        if job is None:
+            raise UnknownJob(f"unknown job {job_id!r}")
+        release: list[dict[str, Any]] = [] if not job.get("exclusive") else [{"Delete": {
+            "Key": _key(f"ACTIVE#{_composite(job['pipeline'], job['tenant_id'])}", "#ACTIVE"),
+            "ConditionExpression": "attribute_not_exists(#pk) OR #job_id = :j",
+            "values": {":j": job_id}}}]
         try:
             self._transact([
                 {"Update": {"Key": _key(_job_pk(job_id), JOB_SK),
@@ -834,9 +841,7 @@ class DynamoStateStore:
                             "ConditionExpression": f"attribute_exists(#pk) AND NOT ({terminal})",
                             "values": {**values, ":cancelled": CANCELLED, ":now": now}}},
                 {"Put": {"Item": self._event_item(job_id, "cancelled", reason, None, now)}},
-                {"Delete": {"Key": _key(*self._active_key_of(job_id)),
-                            "ConditionExpression": "attribute_not_exists(#pk) OR #job_id = :j",
-                            "values": {":j": job_id}}},
+                *release,
             ])
         except _Cancelled:
             job = self._get(_job_pk(job_id), JOB_SK)
@@ -846,12 +851,6 @@ class DynamoStateStore:
                 return False  # finished or cancelled already (else: our retry committed)
         self._cancel_rows(job_id, reason, now)
         return True
-
-    def _active_key_of(self, job_id: str) -> tuple[str, str]:
-        job = self._get(_job_pk(job_id), JOB_SK)
-        if job is None:
-            raise UnknownJob(f"unknown job {job_id!r}")
-        return f"ACTIVE#{_composite(job['pipeline'], job['tenant_id'])}", "#ACTIVE"
 
     def _cancel_rows(self, job_id: str, reason: str, now: float) -> None:
         for row in self._query(index="gsi1", index_pk=f"JOBREQ#{job_id}"):
@@ -926,7 +925,8 @@ class DynamoStateStore:
         job = self._get(pk, JOB_SK)
         if job is None or job["status"] != AGGREGATING:
             return False
-        rows = [self._row_item(r, job["pipeline"], now) for r in requests]
+        rows = [{**self._row_item(r, job["pipeline"], now), "written_by": "aggregation"}
+                for r in requests]
         for batch in self._batches(rows):
             while batch:
                 try:
@@ -1053,6 +1053,15 @@ class DynamoStateStore:
         return current is not None and current.get("created_at") == row["created_at"] and \
             current.get("attempts") == 0 and current.get("blob") == row.get("blob")
 
+    @staticmethod
+    def _runnable_in(row: dict[str, Any]) -> tuple[str, ...]:
+        """The job states in which a row may be sent and run: a row an aggregation wrote
+        only once that aggregation committed; a row enqueued on its own (per-batch) while
+        its job is not finished."""
+        if row.get("written_by") == "aggregation":
+            return (ENQUEUED,)
+        return (RUNNING, AGGREGATING, ENQUEUED)
+
     def _job_states(self, job_ids: Collection[str]) -> dict[str, str | None]:
         return {j: (item["status"] if (item := self._get(_job_pk(j), JOB_SK)) else None)
                 for j in job_ids}
@@ -1097,8 +1106,8 @@ class DynamoStateStore:
                 self._end_row(row, "cancelled", now, {":error": "the job was cancelled"},
                               "#error = :error", allowed=("pending", "dispatched"))
                 continue
-            if job_status not in (RUNNING, ENQUEUED):
-                continue  # its aggregation has not committed (or it is gone)
+            if "pipeline" in row and job_status not in self._runnable_in(row):
+                continue  # its aggregation has not committed (or the job is gone)
             if max_attempts is not None and row["attempts"] >= max_attempts:
                 error = (f"gave up after {row['attempts']} attempt(s); last error: "
                          f"{row.get('error') or 'the worker running it was lost'}")
@@ -1213,11 +1222,11 @@ class DynamoStateStore:
         actions: list[dict[str, Any]] = [{"Update": {
             "Key": _key(pk, REQ_SK), "UpdateExpression": update,
             "ConditionExpression": cond, "values": values}}]
-        if "pipeline" in row:  # written for a job that existed: it must be committed
+        if "pipeline" in row:  # written for a job that existed: see _runnable_in
+            states, state_values = _in("status", "j", self._runnable_in(row))
             actions.append({"ConditionCheck": {
                 "Key": _key(_job_pk(row["job_id"]), JOB_SK),
-                "ConditionExpression": "#status IN (:running, :enqueued)",
-                "values": {":running": RUNNING, ":enqueued": ENQUEUED}}})
+                "ConditionExpression": states, "values": state_values}})
         try:
             self._transact(actions)
         except _Cancelled:
