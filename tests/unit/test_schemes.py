@@ -45,3 +45,11 @@ def test_a_missing_module_of_canonflow_itself_is_not_blamed_on_an_extra() -> Non
     port = Port("state store", {"x": Backend("canonflow.no_such_module:open", "aws")})
     with pytest.raises(ModuleNotFoundError):
         port.open("x://h")
+
+
+def test_dynamodb_without_boto3_names_the_aws_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.delitem(sys.modules, "canonflow.stores.dynamodb", raising=False)
+    with pytest.raises(ConfigError, match=r"state store dynamodb:// needs 'boto3': "
+                                          r"pip install 'canonflow\[aws\]'"):
+        open_state_store("dynamodb://canonflow?region=us-east-1")
