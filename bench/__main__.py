@@ -142,8 +142,8 @@ def scaling_dynamodb(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     table = Table(title="3b. scaling on DynamoDB: requests per chunk completion and per "
                         "aggregation, same data (1,000 files)")
     for col in ("chunks", "claims", "transform requests", "requests/completion",
-                "writes/completion", "most writes, one completion", "aggregation requests",
-                "aggregation writes", "completion ms/chunk (moto)"):
+                "writes/completion", "max writes/completion", "aggregation requests",
+                "aggregation writes", "ms/completion (moto)"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["chunks"]), str(r["claims"]), str(r["transform_requests"]),
