@@ -25,9 +25,11 @@ active job of a tenant         ``ACTIVE#[pipeline,tenant]``    ``#ACTIVE``
 
 Two global secondary indexes, overloaded: ``gsi1`` lists jobs newest first (``JOBS``) and a
 job's outbox rows (``JOBREQ#{job}``); ``gsi2`` lists unfinished jobs (``UNFINISHED``) and
-open outbox rows (``OPEN``), sparse: the key is removed when the job or row finishes. Index
-reads are eventually consistent and only ever *find candidates*; every decision is a
-conditional write on the item itself or a strongly consistent read of it.
+open outbox rows (``OPEN``), sparse: the key is removed when the job or row finishes. Global
+index reads are eventually consistent and only ever *find candidates*; every decision is a
+conditional write on the item itself or a strongly consistent read of it. A local index,
+``lsi1`` (sort key ``recorded_at``, on chunk results only), gives a runner's poll the
+results recorded since its last look, strongly consistent, without reading the others.
 """
 
 from __future__ import annotations
@@ -395,11 +397,16 @@ class DynamoStateStore:
     def _query(self, pk: str | None = None, prefix: str | None = None, index: str | None = None,
                index_pk: str | None = None, consistent: bool = True, forward: bool = True,
                limit: int | None = None, filter_: str | None = None,
-               values: dict[str, Any] | None = None,
-               projection: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every item of one partition (optionally of one sort-key prefix), page by page."""
+               values: dict[str, Any] | None = None, projection: str | None = None,
+               since: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every item of one partition (optionally of one sort-key prefix), of a global
+        index partition, or (``lsi1``) a job's results recorded since ``since``; page by
+        page."""
         vals = dict(values or {})
-        if index is None:
+        if index == "lsi1":  # a job's results recorded since a time, strongly consistent
+            cond = "#pk = :pk AND #recorded_at >= :since"
+            vals.update({":pk": pk, ":since": since})
+        elif index is None:
             cond = "#pk = :pk" + (" AND begins_with(#sk, :prefix)" if prefix else "")
             vals[":pk"] = pk
             if prefix:
@@ -411,9 +418,9 @@ class DynamoStateStore:
         kwargs: dict[str, Any] = dict(
             TableName=self.table, KeyConditionExpression=cond, ScanIndexForward=forward,
             **_expr(cond, filter_, projection, values=vals))
-        if index is None:
+        if index in (None, "lsi1"):
             kwargs["ConsistentRead"] = consistent
-        else:
+        if index is not None:
             kwargs["IndexName"] = index
         if filter_:
             kwargs["FilterExpression"] = filter_
@@ -507,7 +514,7 @@ class DynamoStateStore:
         self._ready = True
 
     def upgrade(self) -> None:
-        """Create the table (on-demand billing, two GSIs) and wait for it; turn TTL on
+        """Create the table (on-demand billing, two GSIs, one LSI) and wait for it; turn TTL on
         (attribute ``expires``: leases, old checkpoints). Safe to run again."""
         gsi = [{
             "IndexName": name,
@@ -525,10 +532,16 @@ class DynamoStateStore:
                     {"AttributeName": "g1sk", "AttributeType": "N"},
                     {"AttributeName": "g2pk", "AttributeType": "S"},
                     {"AttributeName": "g2sk", "AttributeType": "N"},
+                    {"AttributeName": "recorded_at", "AttributeType": "N"},
                 ],
                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
                            {"AttributeName": "sk", "KeyType": "RANGE"}],
-                GlobalSecondaryIndexes=gsi)
+                GlobalSecondaryIndexes=gsi,
+                LocalSecondaryIndexes=[{
+                    "IndexName": "lsi1",
+                    "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"},
+                                  {"AttributeName": "recorded_at", "KeyType": "RANGE"}],
+                    "Projection": {"ProjectionType": "ALL"}}])
         except StoreUnavailable as exc:
             if "ResourceInUseException" not in str(exc):  # created already (or meanwhile)
                 raise
@@ -1476,8 +1489,7 @@ class DynamoStateStore:
             if item["updated_at"] >= since:
                 moved.append(self._job_record(item))
             results += [self._result(pk, i) for i in self._query(
-                pk, prefix="RESULT#", filter_="#recorded_at >= :since",
-                values={":since": since})]
+                pk, index="lsi1", since=since)]
             requests += [self._request_record(r) for r in self._query(
                 index="gsi1", index_pk=f"JOBREQ#{job_id}", filter_="#updated_at >= :since",
                 values={":since": since})]
