@@ -352,14 +352,18 @@ class DynamoStateStore:
             raise StoreUnavailable(f"state store {self._safe_url()} failed: "
                                    f"{redact(type(exc).__name__)} in {operation}") from None
 
+    def _went_through(self, operation: str, sk: str) -> None:
+        log.info("a retried write had gone through before its response was lost",
+                 extra={"state_store": self._safe_url(), "operation": operation,
+                        "item": sk.split("#", 1)[0] or sk})
+
     def _get(self, pk: str, sk: str, consistent: bool = True) -> dict[str, Any] | None:
         response = self._call("get_item", TableName=self.table, Key=_key(pk, sk),
                               ConsistentRead=consistent)
         return _item(response.get("Item"))
 
     def _update(self, pk: str, sk: str, update: str, condition: str | None = None,
-                values: dict[str, Any] | None = None, return_values: str = "NONE",
-                old_on_failure: bool = False) -> dict[str, Any] | None:
+                values: dict[str, Any] | None = None) -> None:
         """A conditional update also writes a fresh ``op`` token: when its condition fails,
         the item is read, and if it carries this token the update is the one that already
         went through (its response was lost and the retry found its own write): success.
@@ -372,19 +376,17 @@ class DynamoStateStore:
             values[":op"] = token
         kwargs: dict[str, Any] = dict(
             TableName=self.table, Key=_key(pk, sk), UpdateExpression=update,
-            ReturnValues=return_values, **_expr(update, condition, values=values))
+            **_expr(update, condition, values=values))
         if condition:
             kwargs["ConditionExpression"] = condition
-        if old_on_failure:
-            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         try:
-            response = self._call("update_item", **kwargs)
+            self._call("update_item", **kwargs)
         except _ConditionFailed:
             current = self._get(pk, sk)
             if current is not None and current.get("op") == token:
-                return None
+                self._went_through("update_item", sk)
+                return
             raise
-        return _item(response.get("Attributes"))
 
     def _put(self, item: dict[str, Any], condition: str | None = None,
              values: dict[str, Any] | None = None) -> None:
@@ -713,7 +715,7 @@ class DynamoStateStore:
                 recorded = self._get(pk, f"RESULT#{result.chunk_id}")
             if recorded is None or recorded.get("token") != token:
                 return self._repeat_completion(result, recorded, now)
-            # else: this very call committed before its response was lost
+            self._went_through("complete_chunk", "RESULT")  # this very call committed
         job = self._get(pk, JOB_SK)
         assert job is not None
         claimed = self._claim_if_last(job, token, now)
