@@ -70,7 +70,15 @@ from canonflow.model import (
     TransformResult,
 )
 from canonflow.redact import redact
-from canonflow.stores.state import Activity, Backlog, Completion, JobEvent, JobRecord, RequestRecord
+from canonflow.stores.state import (
+    Activity,
+    Backlog,
+    Completion,
+    JobEvent,
+    JobRecord,
+    RequestRecord,
+    StateStore,
+)
 
 log = logging.getLogger("canonflow.stores.dynamodb")
 
@@ -1496,6 +1504,10 @@ class DynamoStateStore:
                 index="gsi1", index_pk=f"JOBREQ#{job_id}", filter_="#updated_at >= :since",
                 values={":since": since})]
         return Activity(now, results, requests, moved)
+
+
+def _implements_the_port(store: DynamoStateStore) -> StateStore:
+    return store  # mypy checks here that every operation of the port is implemented
 
 
 def open_dynamodb(url: str) -> DynamoStateStore:
