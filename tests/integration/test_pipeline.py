@@ -77,9 +77,12 @@ def test_aggregated_mode_one_transform_per_table_with_exactly_its_files(
             assert t["chunk_seconds"] > 0 and t["transform_seconds"] > 0
 
 
+@pytest.mark.parametrize("state", ["sqlite", "dynamodb"])
 def test_per_batch_rollback_flag_reproduces_the_legacy_trigger_without_duplicates(
-        make_settings) -> None:
-    settings = make_settings(tables=TABLES, trigger_mode=TriggerMode.PER_BATCH)
+        make_settings, state: str, request: pytest.FixtureRequest) -> None:
+    overrides = {"state_store": request.getfixturevalue("dynamodb_url")} if state != "sqlite" \
+        else {}
+    settings = make_settings(tables=TABLES, trigger_mode=TriggerMode.PER_BATCH, **overrides)
     rt, report = run_job(settings)
     assert report["status"] == "done"
     files_written = sum(t["files_written"] for t in report["tables"].values())
