@@ -4,6 +4,7 @@ Scenarios (each run in its own process tree, the demo API in a separate process)
   1. trigger modes — the same job with ``per_batch`` (legacy) and ``aggregated`` triggering
   2. throughput — end-to-end records/s at three sizes, extraction and transform apart
   3. scaling — coordination cost per chunk at 10, 100, 1000 chunks for the same data
+     (3b: the same on DynamoDB, requests per completion and per aggregation)
   4. floor — the same pages fetched and written by plain concurrent code (beside 2)
   5. transform — the canonical transform alone on 1M raw records: records/s, peak RSS
   6. history — 10,000 changed records into a tenant holding 1M rows vs into an empty table
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.coordination import run as coordination_run
+from bench.coordination import run_dynamodb
 from bench.server import demo_api
 
 ALL_TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets", "users"]}
@@ -128,6 +130,31 @@ def scaling(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     return table, rows
 
 
+def scaling_dynamodb(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
+    """The scaling job on DynamoDB, against moto (behind one lock) on 127.0.0.1: request
+    counts are what DynamoDB would receive; the milliseconds are moto's, not AWS's."""
+    from tests.aws import LockedDynamoServer
+
+    counts = [10, 100, 300] if quick else [10, 100, 1000]
+    server = LockedDynamoServer().start()
+    try:
+        rows = [run_dynamodb(n, server.endpoint) for n in counts]
+    finally:
+        server.stop()
+    table = Table(title="3b. scaling on DynamoDB: requests per chunk completion and per "
+                        "aggregation, same data (1,000 files)")
+    for col in ("chunks", "claims", "transform requests", "requests/completion",
+                "writes/completion", "max writes/completion", "aggregation requests",
+                "aggregation writes", "ms/completion (moto)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["chunks"]), str(r["claims"]), str(r["transform_requests"]),
+                      f"{r['requests_per_completion']:.2f}", f"{r['writes_per_completion']:.2f}",
+                      str(r["most_writes_one_completion"]), str(r["aggregation_requests"]),
+                      str(r["aggregation_writes"]), f"{r['completion_ms_per_chunk']:.2f}")
+    return table, rows
+
+
 def transform_alone(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     sizes = [100_000] if quick else [200_000, 1_000_000]
     rows = []
@@ -210,6 +237,7 @@ def main() -> None:
         for name, build in (("trigger modes", lambda: trigger_modes(work, args.quick)),
                             ("throughput", lambda: throughput(work, args.quick)),
                             ("scaling", lambda: scaling(args.quick)),
+                            ("scaling on DynamoDB", lambda: scaling_dynamodb(args.quick)),
                             ("transform", lambda: transform_alone(work, args.quick)),
                             ("history", lambda: history(work, args.quick)),
                             ("syncs", lambda: syncs(args.quick))):

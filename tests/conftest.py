@@ -18,6 +18,12 @@ from canonflow.runtime import Runtime
 
 HERE = Path(__file__).parent
 
+# the AWS test servers' (moto's) credentials, in the environment before any worker process
+# (local pool fork servers start once and keep the environment they started with)
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -69,6 +75,26 @@ def redis_url() -> str:
     except OSError as exc:
         service_missing("Redis", exc)
     return REDIS
+
+
+@pytest.fixture(scope="session")
+def dynamodb_endpoint() -> Iterator[str]:
+    """A DynamoDB-compatible server for the session (moto behind one lock, see tests/aws.py),
+    started here and stopped by its handle."""
+    try:
+        from tests.aws import LockedDynamoServer
+
+        server = LockedDynamoServer().start()
+    except (ImportError, OSError) as exc:
+        service_missing("DynamoDB test server", exc)
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture
+def dynamodb_url(dynamodb_endpoint: str) -> str:
+    """A state-store URL on the test server, a table of its own (created on first use)."""
+    return f"dynamodb://t-{uuid.uuid4().hex[:12]}?region=us-east-1&endpoint={dynamodb_endpoint}"
 
 
 S3_BUCKET = "canonflow-test"

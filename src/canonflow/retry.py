@@ -5,7 +5,9 @@ kind           retried on                                  policy
 =============  ==========================================  =========================
 ``http``       429, 408, 5xx, timeouts, dropped connections  spec's max_retries,
                                                               honours ``Retry-After``
-``state``      a busy or unreachable state store           8 attempts, 20 ms .. 1 s
+``state``      a busy or unreachable state store; on         8 attempts, 20 ms .. 1 s
+               DynamoDB: throttling, transaction conflicts,
+               5xx, timeouts, dropped connections
 ``commit``     a concurrent Delta commit won               12 attempts, 50 ms .. 2 s
 ``lock``       a table lease another writer holds          until ``wait`` elapses
 ``chunk``      a chunk whose error is retryable            3 attempts, 0.5 s .. 8 s
@@ -104,6 +106,15 @@ def state(retry_on: tuple[type[BaseException], ...], attempts: int = 8) -> Retry
     """One atomic state-store step whose database was busy or briefly unreachable."""
     return Retrying(
         retry=retry_if_exception(_is(retry_on)), stop=stop_after_attempt(attempts),
+        wait=_backoff(0.02, 1.0, 0.02),
+        before_sleep=_log_retry("state", None), reraise=True)
+
+
+def state_if(retry_on: Callable[[BaseException], bool], attempts: int = 8) -> Retrying:
+    """The ``state`` policy for errors told apart by more than their type (a DynamoDB
+    error code, a cancelled transaction's reasons)."""
+    return Retrying(
+        retry=retry_if_exception(retry_on), stop=stop_after_attempt(attempts),
         wait=_backoff(0.02, 1.0, 0.02),
         before_sleep=_log_retry("state", None), reraise=True)
 

@@ -40,10 +40,14 @@ def unique_expected(service: str, table: str) -> int:
     return SIZES[table] - expected_bad((service, table), SIZES[table])
 
 
-@pytest.mark.parametrize("dispatcher", ["local://?workers=2", "inline://"])
+@pytest.mark.parametrize(("dispatcher", "state"), [
+    ("local://?workers=2", "sqlite"), ("inline://", "sqlite"),
+    ("local://?workers=2", "dynamodb")])
 def test_aggregated_mode_one_transform_per_table_with_exactly_its_files(
-        make_settings, dispatcher: str) -> None:
-    rt, report = run_job(make_settings(tables=TABLES, dispatcher=dispatcher))
+        make_settings, dispatcher: str, state: str, request: pytest.FixtureRequest) -> None:
+    overrides = {"state_store": request.getfixturevalue("dynamodb_url")} if state != "sqlite" \
+        else {}
+    rt, report = run_job(make_settings(tables=TABLES, dispatcher=dispatcher, **overrides))
     assert report["status"] == "done" and report["outcome"] == "completed"
     results = rt.state.chunk_results(report["job_id"])
     requests = rt.state.requests(report["job_id"])
@@ -73,9 +77,12 @@ def test_aggregated_mode_one_transform_per_table_with_exactly_its_files(
             assert t["chunk_seconds"] > 0 and t["transform_seconds"] > 0
 
 
+@pytest.mark.parametrize("state", ["sqlite", "dynamodb"])
 def test_per_batch_rollback_flag_reproduces_the_legacy_trigger_without_duplicates(
-        make_settings) -> None:
-    settings = make_settings(tables=TABLES, trigger_mode=TriggerMode.PER_BATCH)
+        make_settings, state: str, request: pytest.FixtureRequest) -> None:
+    overrides = {"state_store": request.getfixturevalue("dynamodb_url")} if state != "sqlite" \
+        else {}
+    settings = make_settings(tables=TABLES, trigger_mode=TriggerMode.PER_BATCH, **overrides)
     rt, report = run_job(settings)
     assert report["status"] == "done"
     files_written = sum(t["files_written"] for t in report["tables"].values())

@@ -41,10 +41,10 @@ def _complete_all(settings_json: str, job_id: str, seed: int, barrier, out) -> N
     out.put(claims)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "dynamodb"])
 def test_duplicate_concurrent_completions_aggregate_once(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    state_url = (request.getfixturevalue("postgres_url") if backend == "postgres"
+    state_url = (request.getfixturevalue(f"{backend}_url") if backend != "sqlite"
                  else f"sqlite:///{tmp_path}/data/state.db")
     settings = Settings(object_store=f"file://{tmp_path}/data", state_store=state_url)
     rt = Runtime(settings)

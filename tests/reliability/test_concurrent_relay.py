@@ -22,10 +22,10 @@ def _relay(url: str, barrier, out) -> None:
     out.put(sent)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "dynamodb"])
 def test_concurrent_relays_claim_each_row_once(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    url = (request.getfixturevalue("postgres_url") if backend == "postgres"
+    url = (request.getfixturevalue(f"{backend}_url") if backend != "sqlite"
            else f"sqlite:///{tmp_path}/state.db")
     state = open_state_store(url)
     for i in range(ROWS):

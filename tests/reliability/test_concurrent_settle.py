@@ -60,10 +60,10 @@ def _finish(url: str, table_index: int, job_ids: list[str], barrier: Any) -> Non
     state.close()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "dynamodb"])
 def test_transforms_finishing_together_settle_every_job(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    url = (request.getfixturevalue("postgres_url") if backend == "postgres"
+    url = (request.getfixturevalue(f"{backend}_url") if backend != "sqlite"
            else f"sqlite:///{tmp_path}/state.db")
     job_ids = _prepare(url)
     run_together(_finish, [(url, i, job_ids) for i in range(len(TABLES))])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from canonflow.aggregate import complete_chunk
 from canonflow.chunk import process_chunk
 from canonflow.dispatch import open_dispatcher
@@ -14,13 +16,21 @@ from canonflow.runtime import Runtime
 TABLES = {"crm": ["companies", "deals"], "helpdesk": ["users"]}
 
 
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def settings(request: pytest.FixtureRequest, make_settings):  # type: ignore[no-untyped-def]
+    """The pipeline's settings on each state store backend."""
+    if request.param == "dynamodb":
+        return make_settings(tables=TABLES, state_store=request.getfixturevalue("dynamodb_url"))
+    return make_settings(tables=TABLES)
+
+
 def count(rt: Runtime, entity: str) -> int:
     _, rows = run_query(rt.canonical._store, f"SELECT count(*) FROM {entity}")
     return int(rows[0][0])
 
 
-def test_crash_between_outbox_commit_and_dispatch(make_settings) -> None:
-    rt = Runtime(make_settings(tables=TABLES))
+def test_crash_between_outbox_commit_and_dispatch(settings) -> None:
+    rt = Runtime(settings)
     plan = plan_job(rt.settings, rt, "acme")
     rt.state.create_job(plan.job_id, "acme", "t", "aggregated", plan.chunks)
     for spec in plan.chunks:
@@ -37,8 +47,8 @@ def test_crash_between_outbox_commit_and_dispatch(make_settings) -> None:
     assert count(rt, "company") == 1200 and count(rt, "user") == 1200
 
 
-def test_crash_between_claim_and_aggregation(make_settings) -> None:
-    rt = Runtime(make_settings(tables=TABLES))
+def test_crash_between_claim_and_aggregation(settings) -> None:
+    rt = Runtime(settings)
     plan = plan_job(rt.settings, rt, "acme")
     rt.state.create_job(plan.job_id, "acme", "t", "aggregated", plan.chunks)
     claims = [rt.state.complete_chunk(process_chunk(s, rt)).claimed for s in plan.chunks]
@@ -73,8 +83,7 @@ class DuplicatingDispatcher:
         self.inner.close()
 
 
-def test_every_task_delivered_twice_changes_nothing(make_settings) -> None:
-    settings = make_settings(tables=TABLES)
+def test_every_task_delivered_twice_changes_nothing(settings) -> None:
     rt = Runtime(settings)
     dispatcher = DuplicatingDispatcher(open_dispatcher("inline://", settings))
     (job_id,) = JobRunner(settings, rt, dispatcher).run()

@@ -13,10 +13,12 @@ from canonflow.stores.state import Backlog
 T = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "dynamodb"])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
     if request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
+    elif request.param == "dynamodb":
+        url = request.getfixturevalue("dynamodb_url")
     else:
         url = f"sqlite:///{tmp_path / 'state.db'}"
     store = open_state_store(url)

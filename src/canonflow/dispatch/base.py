@@ -3,14 +3,13 @@ state store (see canonflow.aggregate and canonflow.transform.run)."""
 
 from __future__ import annotations
 
-import importlib
 from concurrent.futures import Future
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from canonflow.config import Settings
-from canonflow.errors import ConfigError
 from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.schemes import DISPATCHERS
 
 TaskOutcome = dict[str, Any]
 
@@ -42,30 +41,11 @@ def transform_key(request: TransformRequest) -> str:
     return f"transform:{request.request_id}"
 
 
-_SCHEMES = {
-    "inline": "canonflow.dispatch.inline:InlineDispatcher",
-    "local": "canonflow.dispatch.local:LocalDispatcher",
-    "celery+redis": "canonflow.dispatch.celery:CeleryDispatcher",
-    "celery+rediss": "canonflow.dispatch.celery:CeleryDispatcher",
-    "celery+amqp": "canonflow.dispatch.celery:CeleryDispatcher",
-}
-
-
 def url_options(url: str) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
 
 
 def open_dispatcher(url: str, settings: Settings) -> Dispatcher:
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    target = _SCHEMES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigError(f"unsupported dispatcher URL {url!r}: use one of {known}")
-    module_name, cls = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"dispatcher {scheme}:// needs {exc.name!r}: "
-                          "pip install 'canonflow[celery]'") from None
-    dispatcher: Dispatcher = getattr(module, cls)(url, settings)
+    """Open the dispatcher a URL names (see :data:`canonflow.schemes.DISPATCHERS`)."""
+    dispatcher: Dispatcher = DISPATCHERS.open(url, settings)
     return dispatcher

@@ -1,18 +1,18 @@
 """Object store port: put/get/list by key, chosen by URL.
 
-Schemes are a small registry with lazy imports, so a backend's library loads only when used:
-``file://`` (default ``file://./canonflow-data``) and ``memory://`` are built in on obstore.
+Schemes come from the shared registry (:mod:`canonflow.schemes`) with lazy imports, so a
+backend's library loads only when used: ``file://`` (default ``file://./canonflow-data``),
+``memory://`` and ``s3://`` are built in on obstore.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from canonflow.errors import ConfigError
+from canonflow.schemes import OBJECT_STORES
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +50,7 @@ class ObjectStore(Protocol):
         """Where a Delta table called ``name`` lives, and deltalake storage options."""
 
 
-_SCHEMES: dict[str, str] = {
-    "file": "canonflow.stores.obstore_backend:open_obstore",
-    "memory": "canonflow.stores.obstore_backend:open_obstore",
-    "s3": "canonflow.stores.obstore_backend:open_obstore",
-}
-
-
 def open_object_store(url: str) -> ObjectStore:
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    target = _SCHEMES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigError(f"unsupported object store URL {url!r}: use one of {known}")
-    module_name, func = target.split(":")
-    module = importlib.import_module(module_name)
-    store: ObjectStore = getattr(module, func)(url)
+    """Open the object store a URL names (see :data:`canonflow.schemes.OBJECT_STORES`)."""
+    store: ObjectStore = OBJECT_STORES.open(url)
     return store

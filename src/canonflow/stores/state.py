@@ -7,14 +7,13 @@ the outbox has one row per (job, table).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from canonflow.errors import ConfigError
 from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
+from canonflow.schemes import STATE_STORES
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +82,14 @@ class Activity:
     jobs: list[JobRecord]
 
 
-class StateStore(Protocol):
-    url: str
+class JobCoordination(Protocol):
+    """Jobs, their chunks and the exactly-once fan-in (docs/architecture.md, steps 1-3, 5-6).
+
+    The atomic steps: ``complete_chunk`` records a result under a unique (job, chunk) key and
+    counts it only if it was new; the completer that sees the last one claims the job with a
+    conditional status change (``Completion.claimed`` is True for exactly one);
+    ``finish_aggregation`` writes the job's outbox rows and moves it on in one commit. The
+    rest reads jobs for the runner, the sweeper and ``canonflow status``."""
 
     def create_job(
         self, job_id: str, tenant_id: str, pipeline: str, trigger_mode: str,
@@ -121,6 +126,29 @@ class StateStore(Protocol):
     ) -> bool:
         """In one commit: one outbox row per request (unique key) and the job moved on."""
 
+    def job(self, job_id: str) -> JobRecord | None: ...
+
+    def jobs(self, limit: int = 20) -> list[JobRecord]: ...
+
+    def unfinished_jobs(self, job_ids: Collection[str] | None = None) -> list[JobRecord]: ...
+
+    def activity(self, job_ids: Collection[str], since: float) -> Activity: ...
+
+    def stuck_jobs(self, older_than: float) -> list[str]:
+        """Jobs whose last chunk is in but whose aggregation never committed."""
+
+    def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
+
+
+class TransformOutbox(Protocol):
+    """The transform outbox: one row per transform request (a unique ``request_id``).
+
+    Rows move ``pending -> dispatched -> running -> done | failed`` (or ``cancelled``).
+    ``claim_for_dispatch`` hands each row to one relay; ``claim_request`` to one running
+    transform, whose ``holder`` conditions every later step (touch, finish, retry), so a
+    worker whose lease was taken over cannot overwrite its successor. Finishing a job's last
+    open row settles the job."""
+
     def enqueue_request(self, request: TransformRequest) -> bool:
         """Add one outbox row; False if its request id exists already."""
 
@@ -155,6 +183,15 @@ class StateStore(Protocol):
         """After a retryable failure: back to pending, or failed after ``max_attempts``;
         with ``holder``, only while that holder has it."""
 
+    def request(self, request_id: str) -> RequestRecord | None: ...
+
+    def requests(self, job_id: str) -> list[RequestRecord]: ...
+
+
+class SyncProgress(Protocol):
+    """What was synced and canonicalized already: the file ledger, incremental cursors and
+    the checkpoints of sequential chunks. Plain keyed records, no cross-record protocol."""
+
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
         """Ledger: these raw files were canonicalized by this request."""
 
@@ -162,23 +199,6 @@ class StateStore(Protocol):
                         keys: Sequence[str] | None = None) -> set[str]:
         """Which of ``keys`` (all, if None) the ledger holds for the request's table: a
         time-based transform asks about the files of its window, never the whole ledger."""
-
-    def request(self, request_id: str) -> RequestRecord | None: ...
-
-    def requests(self, job_id: str) -> list[RequestRecord]: ...
-
-    def job(self, job_id: str) -> JobRecord | None: ...
-
-    def jobs(self, limit: int = 20) -> list[JobRecord]: ...
-
-    def unfinished_jobs(self, job_ids: Collection[str] | None = None) -> list[JobRecord]: ...
-
-    def activity(self, job_ids: Collection[str], since: float) -> Activity: ...
-
-    def stuck_jobs(self, older_than: float) -> list[str]:
-        """Jobs whose last chunk is in but whose aggregation never committed."""
-
-    def reclaim_aggregation(self, job_id: str, older_than: float) -> bool: ...
 
     def sync_cursor(self, table: TableRef) -> str | None:
         """The table's incremental high-water mark (ISO UTC), if it was ever synced."""
@@ -189,6 +209,11 @@ class StateStore(Protocol):
         """Where a sequential chunk stands: files written, records, the next page."""
 
     def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None: ...
+
+
+class Leases(Protocol):
+    """Named leases (table writers, runners): one holder at a time until it releases the
+    lease or lets it expire; renewal and release are conditional on the holder."""
 
     def acquire_lock(self, name: str, holder: str, ttl: float,
                      steal_from: str | None = None) -> bool:
@@ -204,33 +229,21 @@ class StateStore(Protocol):
 
     def release_lock(self, name: str, holder: str) -> None: ...
 
+
+class StateStore(JobCoordination, TransformOutbox, SyncProgress, Leases, Protocol):
+    """The whole port, opened by URL (:func:`open_state_store`). A backend implements every
+    part; each part's docstring says what belongs together."""
+
+    url: str
+
     def upgrade(self) -> None:
         """Create or migrate the schema (also done on first use)."""
 
     def close(self) -> None: ...
 
 
-_SCHEMES: dict[str, str] = {
-    "sqlite": "canonflow.stores.sqlite:open_sqlite",
-    "postgresql": "canonflow.stores.postgres:open_postgres",
-    "postgres": "canonflow.stores.postgres:open_postgres",
-}
-
-
-_EXTRAS = {"postgresql": "postgres", "postgres": "postgres"}
-
 
 def open_state_store(url: str) -> StateStore:
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-    target = _SCHEMES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigError(f"unsupported state store URL {url!r}: use one of {known}")
-    module_name, func = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"state store {scheme}:// needs {exc.name!r}: "
-                          f"pip install 'canonflow[{_EXTRAS.get(scheme, scheme)}]'") from None
-    store: StateStore = getattr(module, func)(url)
+    """Open the state store a URL names (see :data:`canonflow.schemes.STATE_STORES`)."""
+    store: StateStore = STATE_STORES.open(url)
     return store
