@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from canonflow import log
+from canonflow import jsonio, log
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome, chunk_key, transform_key, url_options
 from canonflow.dispatch.tasks import (
@@ -26,9 +26,11 @@ from canonflow.dispatch.tasks import (
     run_marked,
     run_transform_task,
 )
-from canonflow.errors import ConfigError
+from canonflow.errors import ConfigError, RetryableError, TerminalError
 from canonflow.lease import holder_id, pid_gone
 from canonflow.model import ChunkSpec, TransformRequest
+
+START_FAILURE = "start-failure"  # in the marks folder: why a worker could not start
 
 
 class LocalDispatcher:
@@ -52,7 +54,8 @@ class LocalDispatcher:
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context,
             initializer=init_worker,
-            initargs=(self._settings_json, holder_id(), log.current()),
+            initargs=(self._settings_json, holder_id(), log.current(),
+                      str(self._marks / START_FAILURE)),
         )
         # start every worker now: their imports and store set-up overlap with planning
         for _ in range(self.workers):
@@ -67,8 +70,20 @@ class LocalDispatcher:
             return self._pool.submit(run_marked, str(self._marks), key, fn, payload)
         except BrokenProcessPool:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._check_start()
             self._pool = self._start()
             return self._pool.submit(run_marked, str(self._marks), key, fn, payload)
+
+    def _check_start(self) -> None:
+        """A worker that could not start (its stores do not open, its settings are wrong)
+        fails the run with its reason, instead of a pool started again and again."""
+        failure = self._marks / START_FAILURE
+        if not failure.exists():
+            return
+        payload = jsonio.loads(failure.read_text())
+        kind = RetryableError if payload.get("retryable") else TerminalError
+        reason = " ".join(str(payload.get("message")).split())  # one line
+        raise kind(f"a local worker could not start: {reason}")
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
         return self._submit(run_chunk, chunk_key(spec), spec.model_dump_json())

@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from canonflow import log, memory, retry
+from pydantic import ValidationError
+
+from canonflow import jsonio, log, memory, retry
 from canonflow.aggregate import complete_chunk
 from canonflow.chunk import process_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome
-from canonflow.errors import CanonflowError
+from canonflow.errors import CanonflowError, error_payload
 from canonflow.lease import Heartbeat, exit_with
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.redact import redact
@@ -30,20 +32,32 @@ _runtime: Runtime | None = None
 
 
 def init_worker(settings_json: str, parent: str | None = None,
-                logging_as: tuple[int, str] | None = None) -> None:
+                logging_as: tuple[int, str] | None = None,
+                report_failure: str | None = None) -> None:
     """Build the worker's runtime and open its stores now, while the parent plans; with
     ``parent`` (its holder id), exit when that process is gone; with ``logging_as`` (level,
     format), log as the parent does (structured, redacted, with the task's context) instead
-    of Python's bare fallback."""
+    of Python's bare fallback. With ``report_failure`` (a file path), a worker that cannot
+    start writes why there (one redacted line, its type, whether a retry may help) and
+    exits, instead of printing a traceback: its parent turns it into one clear error."""
     global _runtime
-    if logging_as is not None:
-        log.configure(*logging_as)
-    setup.configure()
-    if parent is not None:
-        exit_with(parent)
-    memory.tune()
-    _runtime = Runtime(Settings.model_validate_json(settings_json))
-    _runtime.warm_up()
+    try:
+        if logging_as is not None:
+            log.configure(*logging_as)
+        setup.configure()
+        if parent is not None:
+            exit_with(parent)
+        memory.tune()
+        _runtime = Runtime(Settings.model_validate_json(settings_json))
+        _runtime.warm_up()
+    except Exception as exc:
+        if report_failure is None:
+            raise
+        payload = error_payload(exc)
+        if isinstance(exc, ValidationError):  # settings a retry cannot fix
+            payload["retryable"] = False
+        Path(report_failure).write_text(jsonio.dumps(payload).decode())
+        os._exit(3)
 
 
 def ping() -> bool:
