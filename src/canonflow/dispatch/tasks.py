@@ -100,7 +100,7 @@ def run_chunk(spec_json: str, rt: Runtime | None = None) -> TaskOutcome:
                              records=result.records_processed, files=result.s3_files_count)
             completion = complete_chunk(rt, result)
     finally:
-        setup.flush()
+        setup.flush(every=1.0)
     return {"result": result.model_dump(mode="json"), "new": completion.new,
             "aggregated": completion.claimed}
 
@@ -114,7 +114,7 @@ def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutc
     try:
         return _transform(request, rt)
     finally:
-        setup.flush()
+        setup.flush(every=1.0)
 
 
 def _transform(request: TransformRequest, rt: Runtime) -> TaskOutcome:

@@ -9,8 +9,10 @@
   processes, whose metrics its Prometheus endpoint serves (:mod:`.prometheus`).
 
 Every process canonflow starts calls :func:`configure` (the CLI, local pool workers, Celery
-pool processes), and :func:`flush` after each task: a pool process may end without running
-exit handlers, and what it measured must not be lost with it.
+pool processes). A pool process ends without running exit handlers, so it exports at its
+end through a multiprocessing finalizer, and after a task (:func:`flush`) once a second at
+most: what it measured is never lost with it, and a run of many small tasks does not wait
+on an export after each one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 log = logging.getLogger("canonflow.telemetry")
@@ -26,6 +29,7 @@ _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
               "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 _providers: list[Any] = []  # what configure installed in this process, for flush()
 _configured_pid: int | None = None
+_last_flush = 0.0
 
 
 def wanted() -> bool:
@@ -80,6 +84,9 @@ def configure() -> bool:
     meter_provider = MeterProvider(resource=res, metric_readers=readers)
     metrics.set_meter_provider(meter_provider)
     _providers.append(meter_provider)
+    from multiprocessing import util
+
+    util.Finalize(None, flush, exitpriority=10)  # a pool process's end (atexit does not run)
     log.debug("telemetry on", extra={"otlp": otlp, "metrics_dir": bool(os.environ.get(
         METRICS_DIR))})
     return True
@@ -90,10 +97,16 @@ def enabled() -> bool:
     return _configured_pid == os.getpid()
 
 
-def flush(timeout_millis: int = 5000) -> None:
-    """Export what this process has measured and traced so far (no-op when off)."""
+def flush(timeout_millis: int = 5000, every: float = 0.0) -> None:
+    """Export what this process has measured and traced so far (no-op when off); with
+    ``every``, only if the last export is at least that many seconds old."""
+    global _last_flush
     if _configured_pid != os.getpid():
         return
+    now = time.monotonic()
+    if every and now - _last_flush < every:
+        return
+    _last_flush = now
     for provider in _providers:
         try:
             provider.force_flush(timeout_millis)
