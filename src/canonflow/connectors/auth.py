@@ -13,6 +13,7 @@ from collections.abc import Generator, Mapping
 import httpx
 
 from canonflow import jsonio
+from canonflow.connectors import tls
 from canonflow.connectors.spec import (
     ApiKeyAuth,
     BasicAuth,
@@ -66,7 +67,8 @@ class ClientCredentials(httpx.Auth):
         self.fetches = 0
 
     def _fetch(self) -> str:
-        with httpx.Client(transport=self._transport, timeout=30) as client:
+        with httpx.Client(transport=self._transport, timeout=30,
+                          verify=tls.context()) as client:
             try:
                 resp = client.post(self._spec.token_url, data=self._form)
             except httpx.TransportError as exc:

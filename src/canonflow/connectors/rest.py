@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from canonflow import jsonio, retry
+from canonflow.connectors import tls
 from canonflow.connectors.auth import build_auth
 from canonflow.connectors.pagination import PageRequest, paginator, positional
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
@@ -104,6 +105,7 @@ class RestClient:
             auth=auth,
             timeout=spec.timeout_seconds,
             transport=transport,
+            verify=tls.context(),
         )
         self._backoff_base = backoff_base
         self._limit = RateLimit(spec.rate_limit_per_second) if spec.rate_limit_per_second \
