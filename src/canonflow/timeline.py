@@ -184,7 +184,7 @@ _PAGE = """<!DOCTYPE html>
   const NS = svg.namespaceURI;
   const tip = document.getElementById("tip");
   const job = data.job;
-  const LANE = 16, BAR = 12, TOP = 78, LEFT = 190, RIGHT = 24, STRIP = 40;
+  const LANE = 16, BAR = 12, TOP = 44, LEFT = 190, RIGHT = 24, STRIP = 40;
   let zoom = 1;
 
   function el(tag, attrs, parent) {
@@ -278,7 +278,7 @@ _PAGE = """<!DOCTYPE html>
       el("text", {x: x(t), y: TOP - 10, "text-anchor": "middle"}, grid).textContent =
         (step < 1 ? t.toFixed(step < 0.1 ? 2 : 1) : t.toFixed(0)) + " s";
     }
-    el("text", {x: 8, y: TOP - 10}, grid).textContent = "seconds since the job was created";
+    el("text", {x: 8, y: TOP - 28}, grid).textContent = "seconds since the job was created";
 
     // concurrency strip: how many chunks and transforms run at each moment
     const events = [];
