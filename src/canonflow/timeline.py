@@ -171,7 +171,8 @@ _PAGE = """<!DOCTYPE html>
   <span class="key"><span class="swatch" style="background:#fff;outline:2px solid #d11">
   </span>failed</span>
 </div>
-<div id="wrap"><svg id="chart" role="img" aria-label="chunks and transforms per worker over time"></svg></div>
+<div id="wrap"><svg id="chart" role="img"
+  aria-label="chunks and transforms per worker over time"></svg></div>
 <div id="notes"></div>
 <table id="timings"></table>
 <div id="tip"></div>
