@@ -4,6 +4,7 @@ exactly one canonical transform per table, with that table's explicit file list.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,7 @@ def aggregate_job(rt: Runtime, job_id: str) -> list[TransformRequest]:
             "records_extracted": t.records_extracted, "files_written": len(set(t.files)),
             "transformed": t.ok and bool(t.files), "errors": t.errors[:5],
             "chunk_seconds": round(t.chunk_seconds, 3),
-        } for ref, t in tables.items()}}
+        } for ref, t in tables.items()}, "aggregated_at": round(time.time(), 3)}
         state.finish_aggregation(job_id, outcome.value, requests, report)
         tracing.annotate(span, outcome=outcome.value, transforms_requested=len(requests))
         log.info("job aggregated", extra={

@@ -17,6 +17,7 @@ import pyarrow as pa
 from canonflow.connectors.pagination import PageRequest
 from canonflow.connectors.rest import storable
 from canonflow.errors import error_payload
+from canonflow.lease import worker_label
 from canonflow.model import (
     ChunkError,
     ChunkResult,
@@ -86,7 +87,7 @@ class _BatchWriter:
 
 
 def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     t = spec.table
     writer = _BatchWriter(spec, rt)
     records = 0
@@ -140,4 +141,6 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
         final_page=final_page, final_offset=(spec.start_page - 1) * spec.page_size + records,
         s3_files_written=writer.files, s3_files_count=len(writer.files),
         table_metadata=t, error=error, announced_total=announced if whole_query else None,
+        started_at=round(started_at, 3), finished_at=round(time.time(), 3),
+        worker=worker_label(),
     )

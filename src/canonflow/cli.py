@@ -16,7 +16,7 @@ from canonflow import jsonio, log, memory
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import Dispatcher, open_dispatcher
-from canonflow.errors import CanonflowError, ConfigError, UnknownJob
+from canonflow.errors import CanonflowError, ConfigError, TerminalError, UnknownJob
 from canonflow.lease import runner_alive
 from canonflow.model import TERMINAL, TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
@@ -27,6 +27,7 @@ from canonflow.runtime import Runtime
 from canonflow.stores import open_object_store
 from canonflow.telemetry import metrics
 from canonflow.telemetry import setup as telemetry
+from canonflow.timeline import write_timeline
 from canonflow.transform.writer import QUARANTINE_TABLE, canonical_path
 
 app = typer.Typer(
@@ -133,6 +134,26 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
         table.add_row("total", str(agg["chunks"]), str(agg["records_extracted"]),
                       str(agg["files_written"]), str(agg["transforms_triggered"]),
                       str(agg["records_canonical"]), str(agg["records_quarantined"]), factor)
+    return table
+
+
+def _secs(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _timings(rep: dict[str, Any]) -> Table:
+    """Where a job's time went, per table (times are the workers' clocks)."""
+    table = Table(title=f"timings (aggregated {rep.get('aggregated_at') or 'not yet'})")
+    table.add_column("table", no_wrap=True)
+    for col in ("extraction s", "wait for aggr. s", "transform s", "files/transform",
+                "read/ext"):
+        table.add_column(col, justify="right")
+    for label, t in rep["tables"].items():
+        factor, per = t.get("read_per_extracted"), t.get("files_per_transform")
+        table.add_row(label, _secs(t.get("extraction_seconds")),
+                      _secs(t.get("aggregation_wait_seconds")),
+                      _secs(t.get("transform_seconds")), "" if per is None else str(per),
+                      "" if factor is None else f"{factor:.2f}")
     return table
 
 
@@ -261,18 +282,33 @@ def status(
     pipeline: PipelineOpt = None,
     data_dir: DataDirOpt = Path(DEFAULT_DATA),
     as_json: JsonOpt = False,
+    timeline: Annotated[Path | None, typer.Option(
+        "--timeline", metavar="FILE",
+        help="Write the job's timeline to FILE (one self-contained HTML page, no network "
+        "needed to open it): its chunks and transforms per worker process over time, "
+        "coloured by table, the aggregation moment marked; prints the path.")] = None,
 ) -> None:
-    """Show a job's status, per table, or the most recent jobs."""
+    """Show a job's status, per table (chunks, records, files, transforms and timings:
+    extraction, wait for aggregation, transform), or the most recent jobs."""
     rt = Runtime(_settings(pipeline, data_dir))
     try:
+        if timeline is not None and job_id is None:
+            raise TerminalError("--timeline needs a JOB_ID")
         if job_id is not None:
             rep = job_report(rt.state, job_id)
             if rep["status"] == "unknown":
                 raise UnknownJob(f"no job {job_id!r} in {rt.settings.state_store}")
-            if as_json:
+            if timeline is not None:
+                written = str(write_timeline(rt.state, job_id, timeline))
+                if as_json:
+                    _emit_json({**rep, "timeline": written})
+                else:
+                    out.print(written, highlight=False, soft_wrap=True)
+            elif as_json:
                 _emit_json(rep)
             else:
                 out.print(_summary([rep], rep["seconds"]))
+                out.print(_timings(rep))
                 if rep.get("runner") == "lost":
                     console.print(f"job {job_id} is {rep['status']} but its runner is gone: "
                                   "resume it with `canonflow run` of its pipeline and tenant "

@@ -69,6 +69,11 @@ def holder_id() -> str:
     return f"{host}:{space}:{pid}:{start}:{uuid.uuid4().hex[:8]}"
 
 
+def worker_label() -> str:
+    """This process, short: ``host:pid`` (what a job's timeline names a worker)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def pid_gone(pid: int) -> bool:
     """A process of this pid space that no longer runs (gone, or killed and not reaped)."""
     fields = _stat(pid)

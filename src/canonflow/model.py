@@ -123,6 +123,11 @@ class ChunkResult(Contract):
         default=None, ge=0,
         description="records the source announced for this chunk's own query (a chunk that "
         "reads its query from the first page, e.g. sequential or a time window)")
+    started_at: float | None = Field(
+        default=None, description="when the chunk's (last) attempt started, epoch seconds")
+    finished_at: float | None = Field(
+        default=None, description="when it ended, epoch seconds (the worker's clock)")
+    worker: str | None = Field(default=None, description="the process that ran it: host:pid")
 
     @model_validator(mode="after")
     def _count_matches(self) -> ChunkResult:
@@ -199,6 +204,9 @@ class TransformResult(Contract):
     high_water: str | None = None  # newest ordering value written (ISO UTC)
     skipped: bool = False
     seconds: float = 0.0
+    started_at: float | None = None  # epoch seconds, the worker's clock
+    finished_at: float | None = None
+    worker: str | None = None  # the process that ran it: host:pid
 
 
 class JobStatus(StrEnum):

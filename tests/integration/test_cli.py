@@ -103,3 +103,31 @@ def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
     assert query.returncode == 2 and "no canonical tables" in query.stderr
     unknown = cli("status", "--data-dir", str(tmp_path / "empty"), "job-x")
     assert unknown.returncode == 2 and "no job 'job-x'" in unknown.stderr
+
+
+def test_status_timings_and_timeline(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    demo = cli("demo", "--records", "300", "--tenants", "1", "--data-dir", data, "--json")
+    assert demo.returncode == 0, demo.stderr
+    job_id = json.loads(demo.stdout)["jobs"][0]["job_id"]
+    doc = json.loads(cli("status", "--data-dir", data, "--json", job_id).stdout)
+    assert doc["aggregated_at"] is not None
+    for t in doc["tables"].values():
+        assert 0 <= t["extraction_seconds"] <= doc["seconds"]
+        assert t["aggregation_wait_seconds"] >= 0 and t["files_per_transform"] == 1
+    human = cli("status", "--data-dir", data, job_id)
+    assert "extraction s" in human.stdout and "wait for aggr. s" in human.stdout
+    page = tmp_path / "timeline.html"
+    written = cli("status", "--data-dir", data, job_id, "--timeline", str(page))
+    assert written.returncode == 0, written.stderr
+    assert written.stdout.strip() == str(page)
+    assert job_id in page.read_text() and 'data-chunk-id' in page.read_text()
+    for args, message in (
+            ((job_id, "--timeline", str(tmp_path / "no" / "dir" / "t.html")),
+             "cannot write the timeline to"),
+            (("job-x", "--timeline", str(page)), "no job 'job-x'"),
+            (("--timeline", str(page)), "--timeline needs a JOB_ID")):
+        failed = cli("status", "--data-dir", data, *args)
+        assert failed.returncode == 2 and failed.stderr.strip().startswith("error:"), args
+        assert message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert "--timeline" in cli("status", "--help").stdout

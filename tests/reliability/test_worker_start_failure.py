@@ -26,8 +26,8 @@ def test_a_worker_that_cannot_start_fails_the_run_with_its_reason(
     dispatcher = LocalDispatcher(settings.dispatcher, settings)
     started = time.monotonic()
     try:
-        with pytest.raises(TerminalError, match="a local worker could not start: .*"
-                                                "batch_records"):
+        with pytest.raises(TerminalError, match=r"a local worker could not start: .*"
+                                                r"batch_records"):
             JobRunner(settings, rt, dispatcher).run()
     finally:
         dispatcher.close()

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from canonflow import jsonio, memory
 from canonflow.errors import CanonflowError, RequestRejected, TerminalError
-from canonflow.lease import holder_dead
+from canonflow.lease import holder_dead, worker_label
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.transform.discovery import resolve_files
@@ -304,7 +304,7 @@ def prefetch(keys: list[str], load: Callable[[str], T], window: int = 4) -> Iter
 
 
 def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     state = rt.state
     mode = request.processing_mode
     try:
@@ -383,7 +383,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         records_merged=run.merged, child_rows_written=run.child_rows,
         child_rows_rejected=run.child_rejected,
         files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
-        high_water=_iso(run.high_water),
+        high_water=_iso(run.high_water), started_at=round(started_at, 3),
+        finished_at=round(time.time(), 3), worker=worker_label(),
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))
