@@ -332,12 +332,16 @@ class JobRunner:
     def _end_spans(self) -> None:
         """End each job's span with how the job stands; count the jobs that ended."""
         for job_id, span in self._spans.items():
-            job = self.rt.state.job(job_id)
+            try:  # never masks what ended the run (a store that fails, an interrupt)
+                job = self.rt.state.job(job_id)
+                transforms = len(self.rt.state.requests(job_id)) if job else 0
+            except Exception as exc:
+                tracing.finish(span, error=f"job state unreadable: {type(exc).__name__}")
+                continue
             if job is None:
                 tracing.finish(span, error="job not found")
                 continue
             if job.status in TERMINAL:
-                transforms = len(self.rt.state.requests(job_id))
                 metrics.job_finished(job.status, job.outcome,
                                      (job.updated_at - job.created_at).total_seconds(),
                                      transforms)
