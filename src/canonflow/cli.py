@@ -356,8 +356,9 @@ def query(
     settings = _settings(pipeline, data_dir)
     store = open_object_store(settings.canonical_store or settings.object_store)
     columns, rows = run_query(store, sql, settings.mapping_dirs)
-    if as_json:
-        _emit_json([dict(zip(columns, r, strict=True)) for r in rows])
+    if as_json:  # decimals as exact text, timestamps and dates as ISO text
+        sys.stdout.write(jsonio.dumps_rows([dict(zip(columns, r, strict=True))
+                                            for r in rows]) + "\n")
         return
     if csv:
         import csv as csv_module

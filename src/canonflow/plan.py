@@ -76,15 +76,22 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
         for table in src.tables or list(spec.tables):
             tspec = spec.table(table)
             page_size = src.page_size or tspec.pagination.page_size
+            most = tspec.pagination.max_page_size
+            if most is not None and page_size > most:
+                raise ConfigError(f"source {src.service}: page_size {page_size} is above the "
+                                  f"API's maximum for {table} (max_page_size {most})")
             per_chunk = src.pages_per_chunk or (
                 tspec.chunking.pages_per_chunk
                 if isinstance(tspec.chunking, PageRangeChunking) else 1)
             ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
             params: dict[str, str] = {}
-            if tspec.incremental is not None and not full_refresh:
-                since = rt.state.sync_cursor(ref)
-                if since is not None:
-                    params[tspec.incremental.cursor_param] = since
+            inc = tspec.incremental
+            if inc is not None:
+                mark = None if full_refresh else rt.state.sync_cursor(ref)
+                since = mark or inc.start
+                if since is not None:  # time windows start at the mark (ISO)
+                    params[inc.cursor_param] = since if isinstance(
+                        tspec.chunking, TimeWindowChunking) else inc.render(since)
             total = None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
                 total = rt.client(tenant_id, src.service).fetch_page(
