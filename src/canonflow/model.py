@@ -195,6 +195,10 @@ class TransformResult(Contract):
     records_merged: int = 0
     child_rows_written: int = 0
     child_rows_rejected: int = 0  # child rows that failed their mapping (quarantined)
+    # optional values that could not be cast and became null (or an enum's fallback), by
+    # "field: reason"; their records landed
+    fields_nulled: dict[str, int] = Field(default_factory=dict)
+    records_deleted: int = 0  # rows marked deleted (_deleted_at): tombstones, reconciliation
     files_skipped: int = 0  # time_based: already canonicalized, per the ledger
     high_water: str | None = None  # newest ordering value written (ISO UTC)
     skipped: bool = False

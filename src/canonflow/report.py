@@ -16,7 +16,8 @@ def _table_row(**counts: Any) -> dict[str, Any]:
         "transforms_triggered": 0, "files_read": 0, "records_read": 0,
         "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
         "child_rows_written": 0, "child_rows_rejected": 0, "errors": [],
-        "chunk_seconds": 0.0, "transform_seconds": 0.0,
+        "chunk_seconds": 0.0, "transform_seconds": 0.0, "records_deleted": 0,
+        "fields_nulled": {},
     }
     row.update(counts)
     return row
@@ -44,7 +45,8 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             "attempts": rec.attempts, "error": rec.error,
             "seconds": rec.result.seconds if rec.result else None,
             **({k: v for k, v in rec.result.model_dump(mode="json").items()
-                if k.startswith(("records_", "files_", "child_rows_"))} if rec.result else {}),
+                if k.startswith(("records_", "files_", "child_rows_", "fields_"))}
+               if rec.result else {}),
         })
     for label, recs in per_table.items():
         row = tables.setdefault(label, _table_row())
@@ -59,6 +61,9 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             row["records_merged"] += rec.result.records_merged
             row["child_rows_written"] += rec.result.child_rows_written
             row["child_rows_rejected"] += rec.result.child_rows_rejected
+            row["records_deleted"] += rec.result.records_deleted
+            for why, n in rec.result.fields_nulled.items():
+                row["fields_nulled"][why] = row["fields_nulled"].get(why, 0) + n
             row["transform_seconds"] = round(row["transform_seconds"] + rec.result.seconds, 3)
     for row in tables.values():
         # the seed's headline: records read by transforms per record extracted (1.00 when

@@ -83,7 +83,7 @@ def test_http_errors_show_a_short_redacted_excerpt_of_the_body() -> None:
     def busy(req: httpx.Request) -> httpx.Response:
         return httpx.Response(503, text="upstream\n  overloaded")
 
-    with pytest.raises(HttpRetryable, match="HTTP 503: upstream overloaded$"):
+    with pytest.raises(HttpRetryable, match=r"HTTP 503: upstream overloaded$"):
         next(_client(busy).pages("contacts"))
 
 

@@ -67,6 +67,22 @@ class FieldRule(_Model):
         default=None, description="arrays: take the first element, or join the elements")
     separator: str = ","
     default: Scalar | None = None
+    empty: Literal["null", "keep"] = Field(
+        default="null", description="text that is empty or only whitespace: null (default) "
+        "or kept as it is")
+    on_error: Literal["null", "quarantine"] | None = Field(
+        default=None, description="a value that cannot be cast: the field becomes null (the "
+        "default for optional fields; counted per reason) or the record is quarantined "
+        "(always for required fields)")
+    unknown: str | None = Field(
+        default=None, description="enums, a value outside the enum: 'null', 'quarantine', or "
+        "an enum value to map it to (the raw value is kept in the field '<name>_raw')")
+    minor_units: str | None = Field(
+        default=None, description="money: the value is an integer in the minor unit of the "
+        "currency at this path; stored in major units (ISO 4217 exponent 0, 2 or 3)")
+    exponents: dict[str, int] | None = Field(
+        default=None, description="currency code -> exponent, overriding ISO 4217 "
+        "(minor_units)")
 
     @model_validator(mode="after")
     def _one_source(self) -> FieldRule:
@@ -191,6 +207,26 @@ def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
             if wrong:
                 raise ConfigError(f"{origin}: field {fname!r}: value map targets {wrong} "
                                   f"are not values of the enum ({', '.join(fdef.values)})")
+        if rule.unknown is not None:
+            if fdef.values is None:
+                raise ConfigError(f"{origin}: field {fname!r}: unknown is for enum fields")
+            if rule.unknown not in ("null", "quarantine"):
+                if rule.unknown not in fdef.values:
+                    raise ConfigError(
+                        f"{origin}: field {fname!r}: unknown {rule.unknown!r} is not a value "
+                        f"of the enum ({', '.join(fdef.values)}), 'null' or 'quarantine'")
+                raw = target.fields.get(f"{fname}_raw")
+                if raw is None or raw.type != "string" or f"{fname}_raw" in fields:
+                    raise ConfigError(
+                        f"{origin}: field {fname!r}: unknown {rule.unknown!r} keeps the raw "
+                        f"value in '{fname}_raw', a string field of {entity_name!r} the "
+                        "mapping does not map itself")
+        if rule.minor_units is not None and fdef.type not in ("decimal", "float"):
+            raise ConfigError(f"{origin}: field {fname!r}: minor_units is for decimal or "
+                              f"float fields, not {fdef.type}")
+        if fdef.required and rule.on_error == "null":
+            raise ConfigError(f"{origin}: field {fname!r} is required: a value that cannot "
+                              "be cast always quarantines the record (on_error: null)")
     missing = [f for f, d in target.fields.items() if d.required and f not in fields]
     if missing:
         raise ConfigError(f"{origin}: required fields of {entity_name!r} not mapped: {missing}")

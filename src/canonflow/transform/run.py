@@ -157,6 +157,8 @@ class _Run:
         self.seq = 0
         self.read = self.written = self.quarantined = self.merged = 0
         self.child_rows = self.child_rejected = 0
+        self.nulled: dict[str, int] = {}
+        self.deleted = 0
         self.high_water: object = None
 
     def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime) -> pa.Table:
@@ -174,6 +176,8 @@ class _Run:
     def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
         mapped = self.mapping.apply(raw.columns)
         self.read += raw.columns.num_rows + len(raw.broken)
+        for why, n in mapped.nulled.items():
+            self.nulled[why] = self.nulled.get(why, 0) + n
         first = self.seq
         if mapped.canonical.num_rows:
             n = mapped.canonical.num_rows
@@ -377,7 +381,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         processing_mode=mode, files_read=len(files), records_read=run.read,
         records_written=run.written, records_quarantined=run.quarantined,
         records_merged=run.merged, child_rows_written=run.child_rows,
-        child_rows_rejected=run.child_rejected,
+        child_rows_rejected=run.child_rejected, fields_nulled=run.nulled,
+        records_deleted=run.deleted,
         files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
         high_water=_iso(run.high_water),
     )
