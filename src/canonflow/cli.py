@@ -472,12 +472,19 @@ def connectors_check(
     credential: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE credential for the probe (repeatable), e.g. token=$TOKEN.")] = None,
     table: Annotated[list[str] | None, typer.Option(help="Probe only this table.")] = None,
+    mapping_dir: MappingDirOpt = None,
 ) -> None:
-    """Validate a spec (file, path in it, what was expected); with --probe, read one page."""
+    """Validate a spec (file, path in it, what was expected) and its mappings (fields they
+    read that the request never asks for); with --probe, read one page."""
     from canonflow.connectors.rest import RestClient
-    from canonflow.connectors.spec import load_spec
+    from canonflow.connectors.spec import load_spec, unrequested_fields
 
     spec = load_spec(spec_file)
+    problems = unrequested_fields(spec, [str(d) for d in mapping_dir or []])
+    if problems:
+        for problem in problems:
+            console.print(f"{spec_file}: {problem}", markup=False)
+        raise typer.Exit(1)
     out.print(f"{spec_file}: valid spec for service {spec.service!r}, "
               f"tables: {', '.join(spec.tables)}")
     if probe is None:

@@ -86,8 +86,10 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
             ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
             params: dict[str, str] = {}
             inc = tspec.incremental
+            full = True  # the query lists the whole table (no mark narrows it)
             if inc is not None:
                 mark = None if full_refresh else rt.state.sync_cursor(ref)
+                full = mark is None
                 since = mark or inc.start
                 if since is not None:  # time windows start at the mark (ISO)
                     params[inc.cursor_param] = since if isinstance(
@@ -113,7 +115,7 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
                     start_page=first, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
-                    params=chunk_params, announced_total=total,
+                    params=chunk_params, announced_total=total, full_extraction=full,
                     trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)

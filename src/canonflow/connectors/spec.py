@@ -182,6 +182,17 @@ class Incremental(_Spec):
         return str(int(seconds)) if self.format == "epoch_s" else str(int(seconds * 1000))
 
 
+class FieldSelection(_Spec):
+    """The API returns only the fields a request names (HubSpot's ``properties=a,b``): the
+    names listed in ``params[param]`` (comma-separated) arrive under ``prefix``."""
+
+    param: str = Field(description="query parameter that lists the fields, e.g. properties")
+    prefix: str = Field(description="dotted path the selected fields arrive under")
+
+    def requested(self, params: dict[str, str]) -> set[str]:
+        return {p.strip() for p in params.get(self.param, "").split(",") if p.strip()}
+
+
 class TableSpec(_Spec):
     path: str
     records_path: str = Field(description="dotted path of the record list in the response")
@@ -189,6 +200,9 @@ class TableSpec(_Spec):
     params: dict[str, str] = Field(
         default_factory=dict, description="static query parameters sent with the first "
         "request of every chunk (kept when paging parameters are added)")
+    field_selection: FieldSelection | None = Field(
+        default=None, description="the API returns only the fields named in a parameter: "
+        "`connectors check` flags a mapping that reads one the request does not name")
     pagination: Pagination = PageNumberPagination()
     chunking: Chunking = PageRangeChunking()
     incremental: Incremental | None = None
@@ -232,6 +246,32 @@ class ConnectorSpec(_Spec):
             raise ConfigError(
                 f"service {self.service!r} has no table {name!r} (known: {known})"
             ) from None
+
+
+def unrequested_fields(spec: ConnectorSpec, mapping_dirs: list[str] | None = None) -> list[str]:
+    """Problems of a spec with its mappings: a mapping that reads a field the table's
+    request never asks for (``field_selection``) would be null on every row, silently."""
+    from canonflow.mappings import load_catalog
+    from canonflow.transform.mapping import CompiledMapping
+
+    catalog = load_catalog(mapping_dirs or [])
+    problems = []
+    for name, table in spec.tables.items():
+        sel = table.field_selection
+        mapping = catalog.mappings.get((spec.service, name))
+        if sel is None or mapping is None:
+            continue
+        entity = catalog.entities[mapping.entity]
+        paths = CompiledMapping(mapping, entity, catalog.entities).paths
+        prefix = sel.prefix + "."
+        read = {p[len(prefix):].split(".")[0] for p in paths if p.startswith(prefix)}
+        missing = sorted(read - sel.requested(table.params))
+        if missing:
+            problems.append(
+                f"tables.{name}: the mapping of {spec.service}.{name} reads "
+                f"{', '.join(prefix + m for m in missing)}, which the request never asks for "
+                f"(add to params.{sel.param})")
+    return problems
 
 
 def _format_validation(source: str, exc: ValidationError) -> str:

@@ -146,11 +146,31 @@ class ChildMapping(_Model):
         return link
 
 
+class DeletedRule(_Model):
+    """Which records are deletions (tombstones): the value at ``path`` is true, or (with
+    ``values``) one of those texts. ``at`` says when (a timestamp rule); by default the
+    entity's ordering value, else the extraction time."""
+
+    path: str | None = Field(default=None, description="dotted path of the deletion flag")
+    values: list[str] | None = Field(
+        default=None, description="texts at path that mean deleted (default: true)")
+    always: bool = Field(default=False, description="every record of the table is a deletion")
+    at: FieldRule | None = Field(default=None, description="when the record was deleted")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DeletedRule:
+        if (self.path is None) == (not self.always):
+            raise ValueError("give either path (with optional values) or always: true")
+        return self
+
+
 class MappingSpec(_Model):
     source: SourceRef
     entity: str
     fields: dict[str, FieldRule]
     children: list[ChildMapping] = Field(default_factory=list)
+    deleted: DeletedRule | None = Field(
+        default=None, description="which records are deletions (soft delete: _deleted_at)")
     origin: str = ""
 
 
@@ -193,7 +213,7 @@ def _walk(folder: Path | Traversable) -> Iterable[Path | Traversable]:
 
 
 def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
-                  entities: dict[str, Entity]) -> None:
+                  entities: dict[str, Entity], deletions_only: bool = False) -> None:
     target = entities.get(entity_name)
     if target is None:
         raise ConfigError(f"{origin}: unknown entity {entity_name!r}")
@@ -227,7 +247,9 @@ def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
         if fdef.required and rule.on_error == "null":
             raise ConfigError(f"{origin}: field {fname!r} is required: a value that cannot "
                               "be cast always quarantines the record (on_error: null)")
-    missing = [f for f, d in target.fields.items() if d.required and f not in fields]
+    # a table of deletions only (every record a tombstone) needs the key fields only
+    missing = [f for f, d in target.fields.items() if d.required and f not in fields
+               and (not deletions_only or f in target.keys)]
     if missing:
         raise ConfigError(f"{origin}: required fields of {entity_name!r} not mapped: {missing}")
 
@@ -266,7 +288,8 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
                 spec = MappingSpec.model_validate({**body, "origin": origin})
             except ValidationError as exc:
                 raise ConfigError(_validation_message(origin, exc)) from None
-            _check_fields(origin, spec.entity, spec.fields, entities)
+            _check_fields(origin, spec.entity, spec.fields, entities,
+                          deletions_only=spec.deleted is not None and spec.deleted.always)
             for i, child in enumerate(spec.children):
                 where = f"{origin}: children[{i}]"
                 _check_fields(where, child.entity, child.fields, entities)

@@ -36,6 +36,7 @@ LINEAGE: list[tuple[str, pa.DataType]] = [
     ("_job_id", pa.string()),
     ("_request_id", pa.string()),
     ("_extracted_at", pa.timestamp("us", tz="UTC")),
+    ("_deleted_at", pa.timestamp("us", tz="UTC")),  # soft delete: when the source deleted it
 ]
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
@@ -133,9 +134,11 @@ class Mapped:
     kept: pa.Array  # indices of the good rows in the source
     keys: pa.Array  # key text per rejected row (null when the key is missing or bad)
     nulled: dict[str, int] = dc_field(default_factory=dict)  # reason -> optional values nulled
+    deleted: pa.Array | None = None  # per good row: a deletion (tombstone)
+    deleted_at: pa.Array | None = None  # per good row: when (null: at extraction)
 
 
-def _count(mask: pa.Array) -> int:
+def count_true(mask: pa.Array) -> int:
     return int(pc.sum(pc.cast(pc.fill_null(mask, False), pa.int64())).as_py() or 0)
 
 
@@ -420,6 +423,9 @@ class CompiledMapping:
                 self.children.append((child.explode, compiled))
         paths = {p for r in spec.fields.values() for p in r.paths}
         paths |= {r.minor_units for r in spec.fields.values() if r.minor_units}
+        if isinstance(spec, MappingSpec) and spec.deleted is not None:
+            paths |= {spec.deleted.path} if spec.deleted.path else set()
+            paths |= set(spec.deleted.at.paths) if spec.deleted.at else set()
         for explode, compiled in self.children:
             paths.add(explode)
             paths |= {p for p in compiled.paths if not p.startswith(ITEM)}
@@ -468,6 +474,8 @@ class CompiledMapping:
         reason: pa.Array = pa.nulls(n, pa.string())
         field: pa.Array = pa.nulls(n, pa.string())
         nulled: dict[str, pa.Array] = {}  # reason -> rows whose optional value it nulled
+        deleted = self._deleted(source, n)
+        live = pc.invert(deleted)
         for name, fdef in self.entity.fields.items():
             rule = self.spec.fields.get(name)
             if rule is None:
@@ -494,10 +502,14 @@ class CompiledMapping:
                 if pc.any(failed).as_py():
                     nulled[f"{name}: {why}"] = failed
             else:
-                reason, field = self._note(reason, field, failed, why, name)
+                # a deletion (tombstone) needs its key only: other fields may be absent
+                reason, field = self._note(reason, field, failed if name in self.entity.keys
+                                           else pc.and_(failed, live), why, name)
             if fdef.required:
-                reason, field = self._note(reason, field, pc.is_null(out),
-                                           f"required field {what} is missing", name)
+                missing = pc.is_null(out)
+                reason, field = self._note(
+                    reason, field, missing if name in self.entity.keys
+                    else pc.and_(missing, live), f"required field {what} is missing", name)
             columns[name] = out
         bad = pc.is_valid(reason)
         table = pa.Table.from_arrays([columns[f.name] for f in self.schema],
@@ -507,9 +519,34 @@ class CompiledMapping:
         kept = pc.indices_nonzero(pc.invert(bad))
         keys = pc.take(key_column(table, self.entity.keys), idx)
         lands = pc.invert(bad)  # only the records that land count
-        counts = {why: c for why, rows in nulled.items() if (c := _count(pc.and_(rows, lands)))}
+        counts = {why: c for why, rows in nulled.items() if (c := count_true(pc.and_(rows, lands)))}
+        deleted_at = None
+        if isinstance(self.spec, MappingSpec) and self.spec.deleted is not None:
+            drule = self.spec.deleted
+            when = pa.nulls(n, ARROW_TYPES["timestamp"])
+            if drule.at is not None:
+                when, _, _ = self._column(source, "_deleted_at", FieldDef(type="timestamp"),
+                                          drule.at, n)
+            when = pc.coalesce(when, columns[self.entity.ordering])
+            deleted_at = pc.filter(pc.if_else(deleted, when, None), lands)
         return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys,
-                      counts)
+                      counts, pc.filter(deleted, lands), deleted_at)
+
+    def _deleted(self, source: SourceColumns, n: int) -> pa.Array:
+        """Which records are deletions, per the mapping's ``deleted`` rule."""
+        rule = self.spec.deleted if isinstance(self.spec, MappingSpec) else None
+        if rule is None:
+            return constant(False, n)
+        if rule.always:
+            return constant(True, n)
+        src = source.get(rule.path or "")
+        if src is None or pa.types.is_null(src.type):
+            return constant(False, n)
+        if rule.values is not None:
+            flag = pc.is_in(_as_text(src), value_set=pa.array(rule.values, pa.string()))
+        else:
+            flag, _ = cast_column(src, "bool", FieldRule(path=rule.path))
+        return pc.fill_null(flag, False)
 
     def apply_children(self, source: SourceColumns, kept: pa.Array) -> list[ChildMapped]:
         """Child rows of the kept parent rows, per child entity. A child row that fails
