@@ -111,7 +111,7 @@ class RealApis:
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    fail: set[str] = field(default_factory=set)  # paths whose later pages answer 500
+    fail: set[str] = field(default_factory=set)  # paths whose later pages answer 400
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -192,7 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
         with api.lock:
             api.requests.append((parts.path, query))
             if parts.path in api.fail and "after" in query:
-                self._send(500, {"status": "error", "message": "internal error"})
+                self._send(400, {"status": "error", "category": "VALIDATION_ERROR",
+                                 "message": "The paging cursor has expired"})
                 return
             service = parts.path.strip("/").split("/")[0]
             handler = {"hubspot": self._hubspot, "zendesk": self._zendesk,

@@ -139,12 +139,14 @@ def test_a_failed_or_partial_full_refresh_never_marks_anything_deleted(
     sync = Sync(tmp_path, server, "hubspot", tables=["contacts"])
     assert sync()["outcome"] == "completed"
     api.hs_purge("contacts", [str(1000 + i) for i in range(200, 250)])
-    api.fail.add("/hubspot/crm/v3/objects/contacts")  # page 2 and later answer 500
+    api.fail.add("/hubspot/crm/v3/objects/contacts")  # page 2 and later answer 400
     failed = sync()
     table = failed["tables"]["acme/hubspot.contacts"]
     assert failed["outcome"] == "failed" and table["chunks_failed"] == 1
     assert table["records_deleted"] == 0 and table["transforms_triggered"] == 0
-    assert "HTTP 500: {\"status\":\"error\",\"message\":\"internal error\"}" in table["errors"][0]
+    assert table["errors"][0].endswith(
+        'HTTP 400: {"status":"error","category":"VALIDATION_ERROR","message":"The paging '
+        'cursor has expired"}')
     assert sync.rows("SELECT count(*) FROM contact WHERE _deleted_at IS NULL") == [(250,)]
     api.fail.clear()
     repaired = sync()

@@ -121,3 +121,17 @@ def test_query_rows_as_json_keep_decimals_exact_and_times_iso() -> None:
     assert json.loads(jsonio.dumps_rows(rows)) == [
         {"amount": "2237.570000", "day": "2024-01-02", "at": "2024-01-02T03:04:05+00:00",
          "n": None}]
+
+
+def test_connectors_check_flags_a_mapped_field_the_request_never_asks_for() -> None:
+    from canonflow.connectors.spec import builtin_specs, unrequested_fields
+
+    hubspot = builtin_specs()["hubspot"]
+    assert all(unrequested_fields(spec) == [] for spec in builtin_specs().values())
+    contacts = hubspot.tables["contacts"]
+    narrowed = hubspot.model_copy(update={"tables": {"contacts": contacts.model_copy(
+        update={"params": {**contacts.params, "properties": "email,firstname,lastname"}})}})
+    assert unrequested_fields(narrowed) == [
+        "tables.contacts: the mapping of hubspot.contacts reads properties.associatedcompanyid, "
+        "properties.lifecyclestage, properties.phone, which the request never asks for "
+        "(add to params.properties)"]
