@@ -90,3 +90,12 @@ def test_mapping_options_are_checked_at_load(tmp_path: Path, rule: str, message:
         body += "  updated_at: {path: u}\n"
     with pytest.raises(ConfigError, match=message):
         _catalog_with(tmp_path, body)
+
+
+def test_major_units_are_exact_in_float_columns_too() -> None:
+    from canonflow.transform.mapping import exponents, major_units
+
+    exp = exponents(pa.array(["usd", "JPY", "kwd", "usd", "xx", None]))
+    assert exp.to_pylist() == [2, 0, 3, 2, None, None]
+    out = major_units(pa.array([223757, 349, 1234, 10.5, 100, 100]), exp)
+    assert out.to_pylist() == [2237.57, 349.0, 1.234, None, None, None]

@@ -352,13 +352,13 @@ def exponents(currency: pa.Array, overrides: dict[str, int] | None = None) -> pa
 
 
 def major_units(amount: pa.Array, exponent: pa.Array) -> pa.Array:
-    """Integer amounts in minor units, in major units (float64, rounded to the exponent):
-    223757 USD -> 2237.57, 349 JPY -> 349, 1234 KWD -> 1.234; null without an exponent or
-    for an amount with a fraction."""
+    """Integer amounts in minor units, in major units (float64, rounded to 6 decimals, more
+    than any exponent has): 223757 USD -> 2237.57, 349 JPY -> 349, 1234 KWD -> 1.234; null
+    without an exponent or for an amount with a fraction."""
     value = _finite(pc.cast(amount, pa.float64()))
     integral = pc.equal(pc.floor(value), value)
     scale = pc.power(pa.scalar(10.0), pc.cast(exponent, pa.float64()))
-    return pc.if_else(integral, pc.divide(value, scale), None)
+    return pc.if_else(integral, pc.round(pc.divide(value, scale), 6), None)
 
 
 def _in_zone(naive: pa.Array, zone: str) -> pa.Array:
