@@ -39,6 +39,7 @@ class TableOutcome:
     errors: list[str] = field(default_factory=list)
     chunk_seconds: float = 0.0  # the chunks' own processing time, summed
     announced_total: int | None = None  # what the source said it holds, when it said
+    full_extraction: bool = True  # every chunk's query listed the whole table
 
     @property
     def incomplete(self) -> bool:
@@ -75,6 +76,7 @@ def table_outcomes(specs: Sequence[ChunkSpec],
         t = tables.setdefault(spec.table, TableOutcome(spec.table))
         per_table.setdefault(spec.table, []).append(spec)
         t.chunks += 1
+        t.full_extraction = t.full_extraction and spec.full_extraction
         result = by_chunk.get(spec.chunk_id)
         if result is None or not result.completed:
             t.chunks_failed += 1
@@ -111,6 +113,9 @@ def transform_requests(rt: Runtime, job_id: str,
         common: dict[str, Any] = dict(
             tenant_id=ref.tenant_id, service_name=ref.service_name, table_name=ref.table_name,
             job_id=job_id, request_id=aggregated_request_id(job_id, ref), trigger="aggregated",
+            # a complete full refresh: keys the source no longer lists are deleted (only
+            # here, where every chunk succeeded and nothing came up short)
+            reconcile=t.full_extraction,
             trace_context=tracing.carrier() or None,  # the aggregation's span
         )
         if len(files) > rt.settings.max_inline_files:

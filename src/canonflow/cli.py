@@ -400,8 +400,9 @@ def query(
     columns, rows = run_query(store, sql, settings.mapping_dirs, scan)
     if scan is not None:
         console.print(f"read {scan.files_read} of {scan.total} data files", highlight=False)
-    if as_json:
-        _emit_json([dict(zip(columns, r, strict=True)) for r in rows])
+    if as_json:  # decimals as exact text, timestamps and dates as ISO text
+        sys.stdout.write(jsonio.dumps_rows([dict(zip(columns, r, strict=True))
+                                            for r in rows]) + "\n")
         return
     if csv:
         import csv as csv_module
@@ -515,12 +516,19 @@ def connectors_check(
     credential: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE credential for the probe (repeatable), e.g. token=$TOKEN.")] = None,
     table: Annotated[list[str] | None, typer.Option(help="Probe only this table.")] = None,
+    mapping_dir: MappingDirOpt = None,
 ) -> None:
-    """Validate a spec (file, path in it, what was expected); with --probe, read one page."""
+    """Validate a spec (file, path in it, what was expected) and its mappings (fields they
+    read that the request never asks for); with --probe, read one page."""
     from canonflow.connectors.rest import RestClient
-    from canonflow.connectors.spec import load_spec
+    from canonflow.connectors.spec import load_spec, unrequested_fields
 
     spec = load_spec(spec_file)
+    problems = unrequested_fields(spec, [str(d) for d in mapping_dir or []])
+    if problems:
+        for problem in problems:
+            console.print(f"{spec_file}: {problem}", markup=False)
+        raise typer.Exit(1)
     out.print(f"{spec_file}: valid spec for service {spec.service!r}, "
               f"tables: {', '.join(spec.tables)}")
     if probe is None:

@@ -7,6 +7,8 @@ array into its items' own text.
 
 from __future__ import annotations
 
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -19,6 +21,23 @@ def dumps(value: Any) -> bytes:
 
 def dumps_str(value: Any) -> str:
     return dumps(value).decode()
+
+
+def _plain(value: Any) -> Any:
+    """Values orjson has no encoding for, as JSON: a decimal as its exact text (a float
+    would round it), a duration in seconds, bytes as hex, anything else as its text."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+def dumps_rows(value: Any) -> str:
+    """Query results: datetimes and dates as ISO text, decimals as exact text."""
+    return orjson.dumps(value, default=_plain, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:

@@ -96,6 +96,9 @@ class ChunkSpec(Contract):
         default=None, ge=0,
         description="records the source announced for the whole table when it was planned "
         "(page 1's total); the aggregator compares what was extracted with it")
+    full_extraction: bool = Field(
+        default=False, description="the chunk's query lists the whole table (no incremental "
+        "mark): when all of a table's chunks succeed, keys it no longer lists are deleted")
     trace_context: dict[str, str] | None = Field(
         default=None, description="W3C trace context (traceparent, tracestate) of the job's "
         "trace: the task's span joins it whichever dispatcher carried the task")
@@ -160,6 +163,9 @@ class TransformRequest(Contract):
     trigger: Literal["aggregated", "per_batch", "manual"] = "manual"
     reprocess: bool = Field(
         default=False, description="time_based: also read files the ledger marks as done")
+    reconcile: bool = Field(
+        default=False, description="the files are a complete full-refresh extraction of the "
+        "table: its rows from this table whose keys they do not list are marked deleted")
     trace_context: dict[str, str] | None = Field(
         default=None, description="W3C trace context (traceparent, tracestate) of the job's "
         "trace: the task's span joins it whichever dispatcher carried the task")
@@ -200,6 +206,10 @@ class TransformResult(Contract):
     records_merged: int = 0
     child_rows_written: int = 0
     child_rows_rejected: int = 0  # child rows that failed their mapping (quarantined)
+    # optional values that could not be cast and became null (or an enum's fallback), by
+    # "field: reason"; their records landed
+    fields_nulled: dict[str, int] = Field(default_factory=dict)
+    records_deleted: int = 0  # rows marked deleted (_deleted_at): tombstones, reconciliation
     files_skipped: int = 0  # time_based: already canonicalized, per the ledger
     high_water: str | None = None  # newest ordering value written (ISO UTC)
     skipped: bool = False

@@ -76,15 +76,24 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
         for table in src.tables or list(spec.tables):
             tspec = spec.table(table)
             page_size = src.page_size or tspec.pagination.page_size
+            most = tspec.pagination.max_page_size
+            if most is not None and page_size > most:
+                raise ConfigError(f"source {src.service}: page_size {page_size} is above the "
+                                  f"API's maximum for {table} (max_page_size {most})")
             per_chunk = src.pages_per_chunk or (
                 tspec.chunking.pages_per_chunk
                 if isinstance(tspec.chunking, PageRangeChunking) else 1)
             ref = TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
             params: dict[str, str] = {}
-            if tspec.incremental is not None and not full_refresh:
-                since = rt.state.sync_cursor(ref)
-                if since is not None:
-                    params[tspec.incremental.cursor_param] = since
+            inc = tspec.incremental
+            full = True  # the query lists the whole table (no mark narrows it)
+            if inc is not None:
+                mark = None if full_refresh else rt.state.sync_cursor(ref)
+                full = mark is None
+                since = mark or inc.start
+                if since is not None:  # time windows start at the mark (ISO)
+                    params[inc.cursor_param] = since if isinstance(
+                        tspec.chunking, TimeWindowChunking) else inc.render(since)
             total = None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
                 total = rt.client(tenant_id, src.service).fetch_page(
@@ -106,7 +115,7 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
                     start_page=first, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
-                    params=chunk_params, announced_total=total,
+                    params=chunk_params, announced_total=total, full_extraction=full,
                     trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)

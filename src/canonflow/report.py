@@ -17,7 +17,8 @@ def _table_row(**counts: Any) -> dict[str, Any]:
         "transforms_triggered": 0, "files_read": 0, "records_read": 0,
         "records_canonical": 0, "records_quarantined": 0, "records_merged": 0,
         "child_rows_written": 0, "child_rows_rejected": 0, "errors": [],
-        "chunk_seconds": 0.0, "transform_seconds": 0.0,
+        "chunk_seconds": 0.0, "transform_seconds": 0.0, "records_deleted": 0,
+        "fields_nulled": {},
         "first_chunk_started_at": None, "last_chunk_finished_at": None,
         "transform_started_at": None, "extraction_seconds": None,
         "aggregation_wait_seconds": None,
@@ -50,7 +51,8 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             "started_at": _iso(rec.result.started_at) if rec.result else None,
             "worker": rec.result.worker if rec.result else None,
             **({k: v for k, v in rec.result.model_dump(mode="json").items()
-                if k.startswith(("records_", "files_", "child_rows_"))} if rec.result else {}),
+                if k.startswith(("records_", "files_", "child_rows_", "fields_"))}
+               if rec.result else {}),
         })
     for label, recs in per_table.items():
         row = tables.setdefault(label, _table_row())
@@ -65,6 +67,9 @@ def job_report(state: StateStore, job_id: str) -> dict[str, Any]:
             row["records_merged"] += rec.result.records_merged
             row["child_rows_written"] += rec.result.child_rows_written
             row["child_rows_rejected"] += rec.result.child_rows_rejected
+            row["records_deleted"] += rec.result.records_deleted
+            for why, n in rec.result.fields_nulled.items():
+                row["fields_nulled"][why] = row["fields_nulled"].get(why, 0) + n
             row["transform_seconds"] = round(row["transform_seconds"] + rec.result.seconds, 3)
     _add_timings(tables, state.chunk_results(job_id), per_table,
                  aggregated=job.trigger_mode == TriggerMode.AGGREGATED.value)

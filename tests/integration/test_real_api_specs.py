@@ -38,18 +38,25 @@ def hubspot(request: httpx.Request) -> httpx.Response:
 
 
 def zendesk(request: httpx.Request) -> httpx.Response:
+    """The cursor-based incremental ticket export: start_time first, then after_url."""
     assert request.headers["Authorization"].startswith("Basic ")
-    after = request.url.params.get("page[after]")
-    assert request.url.params["page[size]"] == "100"
-    ticket = {"id": 35436 if after is None else 35437, "subject": "Help I need somebody!",
+    cursor = request.url.params.get("cursor")
+    if cursor is None:
+        assert request.url.params["start_time"] == "0"
+        assert request.url.params["per_page"] == "1000"
+    else:
+        assert "start_time" not in request.url.params and cursor == "MTU4MDc1Mzc5OC4wfHw0MzJ8"
+    ticket = {"id": 35436 if cursor is None else 35437, "subject": "Help I need somebody!",
               "raw_subject": "Help I need somebody!", "status": "hold", "priority": "high",
               "requester_id": 20978392, "tags": ["enterprise", "other_tag"],
-              "created_at": "2009-07-20T22:55:29Z", "updated_at": "2011-05-05T10:38:52Z"}
-    meta = {"has_more": after is None, "after_cursor": "xxx" if after is None else None,
-            "before_cursor": "yyy"}
-    return httpx.Response(200, json={"tickets": [ticket], "meta": meta, "links": {
-        "next": "https://example.zendesk.com/api/v2/tickets.json?page[size]=100&page[after]=xxx",
-        "prev": None}})
+              "created_at": "2009-07-20T22:55:29Z", "updated_at": "2011-05-05T10:38:52Z",
+              "generated_timestamp": 1304591932}
+    after = "MTU4MDc1Mzc5OC4wfHw0MzJ8" if cursor is None else "MTU4MDc1Mzc5OC4wfHw0MzN8"
+    return httpx.Response(200, json={
+        "tickets": [ticket], "after_cursor": after,
+        "after_url": "https://example.zendesk.com/api/v2/incremental/tickets/cursor.json"
+                     f"?cursor={after}",
+        "before_cursor": None, "before_url": None, "end_of_stream": cursor is not None})
 
 
 def stripe(request: httpx.Request) -> httpx.Response:
@@ -90,7 +97,9 @@ def test_spec_and_mapping_against_documented_response_shapes(
     spec = builtin_specs()[service]
     base = spec.base_url
     rest = RestClient(spec, creds, base_url=base, transport=httpx.MockTransport(handler))
-    records = [r for page in rest.pages(table) for r in page.records]
+    inc = spec.table(table).incremental  # a first run: the spec's start value, if any
+    params = {inc.cursor_param: inc.render(inc.start)} if inc and inc.start else None
+    records = [r for page, _ in rest.walk(table, params=params) for r in page.records]
     rt = Runtime(Settings(object_store=f"file://{tmp_path}/data",
                           state_store=f"sqlite:///{tmp_path}/data/state.db"))
     ref = TableRef(tenant_id="acme", service_name=service, table_name=table)

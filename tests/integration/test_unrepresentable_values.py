@@ -11,6 +11,7 @@ import pytest
 from canonflow.chunk import encode_batch
 from canonflow.config import Settings
 from canonflow.model import TransformRequest
+from canonflow.query import run_query
 from canonflow.runtime import Runtime
 from canonflow.transform.quarantine import quarantined
 from canonflow.transform.run import run_transform
@@ -50,11 +51,6 @@ EMPLOYEES = "cannot cast 'properties.employees' to int"
     pytest.param("deals", deal(1, ts='"NaN"'), "updated_at", UPDATED, id="nan-text-timestamp"),
     pytest.param("deals", deal(1, ts='"2026-13-45T10:00:00Z"'), "updated_at", UPDATED,
                  id="no-such-date"),
-    pytest.param("companies", company(1, "NaN"), "employees", EMPLOYEES, id="nan-int"),
-    pytest.param("companies", company(1, "9.3e18"), "employees", EMPLOYEES,
-                 id="too-big-float-int"),
-    pytest.param("companies", company(1, '"99999999999999999999999"'), "employees", EMPLOYEES,
-                 id="too-big-text-int"),
 ])
 def test_an_unrepresentable_value_quarantines_its_record_only(
         rt: Runtime, table: str, bad: bytes, field: str, reason: str) -> None:
@@ -67,3 +63,23 @@ def test_an_unrepresentable_value_quarantines_its_record_only(
     rows = quarantined(rt).to_pylist()
     assert [(r["field"], r["reason"], r["line"], r["raw"]) for r in rows] == [
         (field, reason, 1, bad.decode())]
+
+
+@pytest.mark.parametrize("employees", [
+    pytest.param("NaN", id="nan-int"),
+    pytest.param("9.3e18", id="too-big-float-int"),
+    pytest.param('"99999999999999999999999"', id="too-big-text-int"),
+])
+def test_an_unrepresentable_optional_value_becomes_null_and_is_counted(
+        rt: Runtime, employees: str) -> None:
+    """An optional field (company.employees) without an on_error policy: the record lands
+    with the field null and the reason counted; nothing is quarantined."""
+    key = "raw/acme/crm/companies/job-1/c-0/part-00000.jsonl.zst"
+    rt.objects.put(key, encode_batch([company(0), company(1, employees), company(2)]))
+    result = run_transform(TransformRequest(tenant_id="acme", service_name="crm",
+                                            table_name="companies", source_files=[key]), rt)
+    assert (result.records_read, result.records_written, result.records_quarantined) == (3, 3, 0)
+    assert result.fields_nulled == {f"employees: {EMPLOYEES}": 1}
+    assert quarantined(rt).num_rows == 0
+    _, rows = run_query(rt.canonical._store, "SELECT id, employees FROM company ORDER BY id")
+    assert rows == [("0", 10), ("1", None), ("2", 10)]

@@ -66,3 +66,22 @@ def test_large_file_lists_travel_as_a_manifest(make_settings) -> None:
     assert req.source_files is None
     assert req.source_files_manifest == "manifests/acme/crm/contacts/j.json"
     assert rt.objects.exists(req.source_files_manifest)
+
+
+def test_only_a_complete_full_extraction_is_reconciled(runtime: Runtime) -> None:
+    def full(table: TableRef, n: int, whole: bool = True, total: int | None = None
+             ) -> ChunkSpec:
+        return spec(table, n).model_copy(update={"full_extraction": whole,
+                                                 "announced_total": total})
+
+    tables = table_outcomes([full(T1, 0), full(T1, 1), full(T2, 0), full(T2, 1, whole=False)],
+                            [result(T1, 0), result(T1, 1), result(T2, 0), result(T2, 1)])
+    reqs = {r.table_name: r.reconcile for r in transform_requests(runtime, "j", tables)}
+    # every chunk listed the whole table: reconciled; a chunk narrowed by a mark: not
+    assert reqs == {"contacts": True, "deals": False}
+    # the source announced more than was extracted: not transformed, so nothing is marked
+    short = table_outcomes([full(T1, 0, total=30)], [result(T1, 0)])
+    assert short[T1].incomplete and transform_requests(runtime, "j", short) == []
+    # a chunk spec stored before the flag existed is never reconciled
+    legacy = table_outcomes([spec(T1, 0)], [result(T1, 0)])
+    assert [r.reconcile for r in transform_requests(runtime, "j", legacy)] == [False]

@@ -71,11 +71,20 @@ def test_mapping_routes_bad_rows_with_the_first_reason() -> None:
         {"id": "4", "props": {"size": None, "label": None}, "updated_at": "2026-01-01T00:00:00Z"},
     ])
     mapped = CompiledMapping(SPEC, ENTITY).apply(StructColumns(table))
+    # an optional field that cannot be cast is null, the record lands, the reason counted
+    assert mapped.canonical.column("id").to_pylist() == ["1", "3", "4"]
+    assert mapped.canonical.column("size").to_pylist() == [10, None, None]
+    assert mapped.canonical.column("label").to_pylist() == ["a", "none", "none"]
+    assert mapped.nulled == {"size: cannot cast 'props.size' to int": 1}
+    assert mapped.rejected.to_pylist() == [1]
+    assert mapped.fields.to_pylist() == ["id"]
+    assert mapped.reasons.to_pylist()[0] == "required field 'id' is missing"
+    strict = SPEC.model_copy(update={"fields": {
+        **SPEC.fields, "size": FieldRule(path="props.size", on_error="quarantine")}})
+    mapped = CompiledMapping(strict, ENTITY).apply(StructColumns(table))
     assert mapped.canonical.column("id").to_pylist() == ["1", "4"]
-    assert mapped.canonical.column("label").to_pylist() == ["a", "none"]
     assert mapped.rejected.to_pylist() == [1, 2]
     assert mapped.fields.to_pylist() == ["id", "size"]
-    assert mapped.reasons.to_pylist()[0] == "required field 'id' is missing"
 
 
 def test_missing_paths_become_nulls_not_errors() -> None:

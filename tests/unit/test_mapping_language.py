@@ -85,9 +85,11 @@ def test_coalesce_takes_the_first_non_null_path() -> None:
     assert mapped.canonical.column("email").to_pylist() == ["h@x", "h@x"]
 
 
-def test_template_with_missing_parts() -> None:
-    _, _, mapped = apply(record(last=None), record(id="2", first=None, last=None))
-    assert mapped.canonical.column("name").to_pylist() == ["Ada ", None]
+def test_template_with_missing_parts_is_trimmed() -> None:
+    _, _, mapped = apply(record(last=None), record(id="2", first=None, last=None),
+                         record(id="3", first="", last="Hopper"),
+                         record(id="4", first="  ", last=""))
+    assert mapped.canonical.column("name").to_pylist() == ["Ada", None, "Hopper", None]
 
 
 def test_arrays_first_and_join_handle_empty_and_null_lists() -> None:
@@ -102,24 +104,77 @@ def test_null_markers_become_null_not_failures() -> None:
     assert len(mapped.rejected) == 0
 
 
-def test_enum_value_not_allowed_is_quarantined_with_the_allowed_values() -> None:
+def test_enum_value_not_allowed_becomes_null_and_is_counted() -> None:
     _, _, mapped = apply(record(size="XL"), record(id="2", size="large"))
-    assert mapped.canonical.column("kind").to_pylist() == ["large"]
+    assert mapped.canonical.column("kind").to_pylist() == [None, "large"]
+    assert len(mapped.rejected) == 0
+    assert mapped.nulled == {"kind: cannot cast 'size' to enum (one of small, large)": 1}
+
+
+def test_enum_value_not_allowed_is_quarantined_when_the_mapping_says_so() -> None:
+    rules = {**SPEC.fields, "kind": FieldRule(path="size", values={"S": "small"},
+                                              unknown="quarantine")}
+    compiled = CompiledMapping(SPEC.model_copy(update={"fields": rules, "children": []}),
+                               ENTITY)
+    data = encode_batch([orjson.dumps(r) for r in (record(size="XL"), record(id="2"))])
+    source = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths).columns
+    mapped = compiled.apply(source)
+    assert mapped.canonical.column("kind").to_pylist() == ["small"]
     assert mapped.fields.to_pylist() == ["kind"]
     assert mapped.reasons.to_pylist() == ["cannot cast 'size' to enum (one of small, large)"]
+    assert mapped.nulled == {}
 
 
 @pytest.mark.parametrize(("patch", "field", "reason"), [
     ({"id": None}, "id", "required field 'id' is missing"),
     ({"updated_at": "yesterday"}, "updated_at", "cannot cast 'updated_at' to timestamp"),
+    ({"updated_at": ""}, "updated_at", "required field 'updated_at' is missing"),
+])
+def test_each_failure_of_a_required_field_names_field_and_reason(patch, field, reason) -> None:
+    _, _, mapped = apply(record(**patch), record(id="ok"))
+    assert mapped.canonical.column("id").to_pylist() == ["ok"]
+    assert (mapped.fields.to_pylist(), mapped.reasons.to_pylist()) == ([field], [reason])
+
+
+@pytest.mark.parametrize(("patch", "field", "reason"), [
     ({"score": "high"}, "score", "cannot cast 'score' to float"),
     ({"seen_ms": "soon"}, "seen_at", "cannot cast 'seen_ms' to timestamp"),
     ({"size": {"nested": 1}}, "kind", "cannot cast 'size' to enum (one of small, large)"),
 ])
-def test_each_failure_names_field_and_reason(patch, field, reason) -> None:
-    _, _, mapped = apply(record(**patch), record(id="ok"))
-    assert mapped.canonical.column("id").to_pylist() == ["ok"]
-    assert (mapped.fields.to_pylist(), mapped.reasons.to_pylist()) == ([field], [reason])
+def test_an_optional_field_that_cannot_be_cast_is_null_with_its_reason_counted(
+        patch, field, reason) -> None:
+    _, _, mapped = apply(record(**patch), record(id="ok"), record(id="bad", updated_at="x",
+                                                                  **patch))
+    assert mapped.canonical.column("id").to_pylist() == ["1", "ok"]
+    assert mapped.canonical.column(field).to_pylist()[0] is None
+    assert mapped.canonical.column(field).to_pylist()[1] is not None
+    # the record quarantined for its required field does not count as nulled
+    assert mapped.nulled == {f"{field}: {reason}": 1}
+    assert mapped.fields.to_pylist() == ["updated_at"]
+
+    rules = {**SPEC.fields, field: SPEC.fields[field].model_copy(update={"on_error":
+                                                                          "quarantine"})}
+    if field == "kind":
+        rules[field] = rules[field].model_copy(update={"unknown": "quarantine"})
+    compiled = CompiledMapping(SPEC.model_copy(update={"fields": rules, "children": []}),
+                               ENTITY)
+    data = encode_batch([orjson.dumps(r) for r in (record(**patch), record(id="ok"))])
+    source = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths).columns
+    strict = compiled.apply(source)
+    assert strict.canonical.column("id").to_pylist() == ["ok"]
+    assert (strict.fields.to_pylist(), strict.reasons.to_pylist()) == ([field], [reason])
+
+
+def test_empty_text_is_null_unless_kept() -> None:
+    _, _, mapped = apply(record(work={"email": ""}, home={"email": "h@x"}),
+                         record(id="2", work={"email": " "}, home={"email": ""}))
+    assert mapped.canonical.column("email").to_pylist() == ["h@x", None]
+    rules = {**SPEC.fields, "email": FieldRule(path="work.email", empty="keep")}
+    compiled = CompiledMapping(SPEC.model_copy(update={"fields": rules, "children": []}),
+                               ENTITY)
+    data = encode_batch([orjson.dumps(record(work={"email": ""}))])
+    source = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths).columns
+    assert compiled.apply(source).canonical.column("email").to_pylist() == [""]
 
 
 def test_explode_into_a_child_entity_keeps_only_good_parents() -> None:

@@ -41,6 +41,14 @@ class Paginator(Protocol):
              response: httpx.Response) -> PageRequest | None: ...
 
 
+def _ended(body: bytes, path: str | None) -> bool:
+    """True when the body says this is the last page (``path`` is a true boolean)."""
+    if path is None:
+        return False
+    raw = jsonio.raw_at(body, path)
+    return raw is not None and jsonio.decode(raw) is True
+
+
 def _full(records: int, page_size: int) -> bool:
     return records >= page_size and records > 0
 
@@ -89,7 +97,7 @@ class BodyCursor:
 
     def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
-        if not records:
+        if not records or _ended(body, self.spec.end_path):
             return None
         if self.spec.has_more_path is not None:
             more = jsonio.raw_at(body, self.spec.has_more_path)
@@ -117,7 +125,7 @@ class NextUrl:
              response: httpx.Response) -> PageRequest | None:
         raw = jsonio.raw_at(body, self.spec.next_path)
         url = jsonio.decode(raw) if raw is not None else None
-        if not url or not records:
+        if not url or not records or _ended(body, self.spec.end_path):
             return None
         return PageRequest(prev.index + 1, url=str(url))
 

@@ -58,6 +58,18 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+EXCERPT_CHARS = 200
+
+
+def _excerpt(body: bytes) -> str:
+    """A short, redacted excerpt of an error body (``: {"message": ...}``), or nothing."""
+    text = " ".join(body[:EXCERPT_CHARS * 4].decode("utf-8", "replace").split())
+    if not text:
+        return ""
+    text = redact(text)
+    return ": " + (text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "...")
+
+
 def storable(request: PageRequest) -> bool:
     """True if a next-page request holds no secret (by name or known value), so a checkpoint
     may store it; a request the API signed with a secret of its own is not stored."""
@@ -151,7 +163,8 @@ class RestClient:
                 raise MalformedPage(f"{self.spec.service}.{table}: the API sent page "
                                     f"{request.index} again (a repeated cursor or link)")
             seen.add(request.identity())
-            query = request.params if request.url else {**request.params, **(params or {})}
+            query = request.params if request.url else {
+                **tspec.params, **request.params, **(params or {})}
             body, url, response = self._get(request.url or tspec.path, query)
             page = self._parse(tspec, body, url)
             if positional(strategy) and page.records and page.records == previous:
@@ -206,10 +219,10 @@ class RestClient:
         if resp.status_code < 300:
             return resp.content, self._shown(resp.url), resp
         shown = self._shown(resp.url, query=False)
+        what = f"GET {shown}: HTTP {resp.status_code}{_excerpt(resp.content)}"
         if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
-            raise HttpRetryable(f"GET {shown}: HTTP {resp.status_code}",
-                                _retry_after(resp.headers.get("Retry-After")))
-        raise HttpTerminal(f"GET {shown}: HTTP {resp.status_code}")
+            raise HttpRetryable(what, _retry_after(resp.headers.get("Retry-After")))
+        raise HttpTerminal(what)
 
     @staticmethod
     def _parse(tspec: TableSpec, body: bytes, url: str) -> Page:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -53,6 +54,7 @@ class PageNumberPagination(_Spec):
     page_param: str = "page"
     size_param: str = "per_page"
     page_size: int = Field(default=100, gt=0, le=100_000)
+    max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: str | None = Field(
         default=None, description="dotted path of the total record count in the response"
     )
@@ -63,6 +65,7 @@ class OffsetPagination(_Spec):
     offset_param: str = "offset"
     limit_param: str = "limit"
     page_size: int = Field(default=100, gt=0, le=100_000)
+    max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: str | None = None
 
 
@@ -76,8 +79,12 @@ class CursorPagination(_Spec):
     last_record_field: str | None = None
     has_more_path: str | None = Field(
         default=None, description="dotted path of a boolean: false on the last page")
+    end_path: str | None = Field(
+        default=None, description="dotted path of a boolean: true on the last page "
+        "(e.g. Zendesk's end_of_stream)")
     size_param: str = "limit"
     page_size: int = Field(default=100, gt=0, le=100_000)
+    max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: None = None
 
     @model_validator(mode="after")
@@ -90,8 +97,12 @@ class CursorPagination(_Spec):
 class NextUrlPagination(_Spec):
     type: Literal["next_url"]
     next_path: str = Field(description="dotted path of the next page's URL in the response")
+    end_path: str | None = Field(
+        default=None, description="dotted path of a boolean: true on the last page (an API "
+        "that hands out a next URL even there, e.g. Zendesk's end_of_stream)")
     size_param: str = "limit"
     page_size: int = Field(default=100, gt=0, le=100_000)
+    max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: None = None
 
 
@@ -99,6 +110,7 @@ class LinkHeaderPagination(_Spec):
     type: Literal["link_header"]
     size_param: str = "limit"
     page_size: int = Field(default=100, gt=0, le=100_000)
+    max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: None = None
 
 
@@ -142,15 +154,66 @@ class Incremental(_Spec):
     mark are fetched (inclusive; the upsert absorbs the boundary records)."""
 
     cursor_param: str = Field(description="query parameter, e.g. updated_since")
+    format: Literal["iso", "epoch_s", "epoch_ms"] = Field(
+        default="iso", description="how the API wants the mark: ISO UTC text, epoch "
+        "seconds or epoch milliseconds")
+    start: str | None = Field(
+        default=None, description="ISO UTC value sent when there is no mark yet (and on a "
+        "full refresh), for APIs that require the parameter, e.g. 1970-01-01T00:00:00Z")
+
+    @model_validator(mode="after")
+    def _start_is_iso(self) -> Incremental:
+        if self.start is not None:
+            try:
+                datetime.fromisoformat(self.start.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"start {self.start!r}: expected ISO UTC time, e.g. "
+                                 "2020-01-01T00:00:00Z") from None
+        return self
+
+    def render(self, mark: str) -> str:
+        """A mark (ISO UTC text) in the API's format."""
+        if self.format == "iso":
+            return mark
+        when = datetime.fromisoformat(mark.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp()
+        return str(int(seconds)) if self.format == "epoch_s" else str(int(seconds * 1000))
+
+
+class FieldSelection(_Spec):
+    """The API returns only the fields a request names (HubSpot's ``properties=a,b``): the
+    names listed in ``params[param]`` (comma-separated) arrive under ``prefix``."""
+
+    param: str = Field(description="query parameter that lists the fields, e.g. properties")
+    prefix: str = Field(description="dotted path the selected fields arrive under")
+
+    def requested(self, params: dict[str, str]) -> set[str]:
+        return {p.strip() for p in params.get(self.param, "").split(",") if p.strip()}
 
 
 class TableSpec(_Spec):
     path: str
     records_path: str = Field(description="dotted path of the record list in the response")
     primary_key: str
+    params: dict[str, str] = Field(
+        default_factory=dict, description="static query parameters sent with the first "
+        "request of every chunk (kept when paging parameters are added)")
+    field_selection: FieldSelection | None = Field(
+        default=None, description="the API returns only the fields named in a parameter: "
+        "`connectors check` flags a mapping that reads one the request does not name")
     pagination: Pagination = PageNumberPagination()
     chunking: Chunking = PageRangeChunking()
     incremental: Incremental | None = None
+
+    @model_validator(mode="after")
+    def _page_size_within_maximum(self) -> TableSpec:
+        p = self.pagination
+        if p.max_page_size is not None and p.page_size > p.max_page_size:
+            raise ValueError(f"page_size {p.page_size} is above the API's maximum "
+                             f"max_page_size {p.max_page_size}")
+        return self
 
     @model_validator(mode="after")
     def _ranges_need_a_total(self) -> TableSpec:
@@ -183,6 +246,32 @@ class ConnectorSpec(_Spec):
             raise ConfigError(
                 f"service {self.service!r} has no table {name!r} (known: {known})"
             ) from None
+
+
+def unrequested_fields(spec: ConnectorSpec, mapping_dirs: list[str] | None = None) -> list[str]:
+    """Problems of a spec with its mappings: a mapping that reads a field the table's
+    request never asks for (``field_selection``) would be null on every row, silently."""
+    from canonflow.mappings import load_catalog
+    from canonflow.transform.mapping import CompiledMapping
+
+    catalog = load_catalog(mapping_dirs or [])
+    problems = []
+    for name, table in spec.tables.items():
+        sel = table.field_selection
+        mapping = catalog.mappings.get((spec.service, name))
+        if sel is None or mapping is None:
+            continue
+        entity = catalog.entities[mapping.entity]
+        paths = CompiledMapping(mapping, entity, catalog.entities).paths
+        prefix = sel.prefix + "."
+        read = {p[len(prefix):].split(".")[0] for p in paths if p.startswith(prefix)}
+        missing = sorted(read - sel.requested(table.params))
+        if missing:
+            problems.append(
+                f"tables.{name}: the mapping of {spec.service}.{name} reads "
+                f"{', '.join(prefix + m for m in missing)}, which the request never asks for "
+                f"(add to params.{sel.param})")
+    return problems
 
 
 def _format_validation(source: str, exc: ValidationError) -> str:

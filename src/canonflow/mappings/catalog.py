@@ -67,6 +67,22 @@ class FieldRule(_Model):
         default=None, description="arrays: take the first element, or join the elements")
     separator: str = ","
     default: Scalar | None = None
+    empty: Literal["null", "keep"] = Field(
+        default="null", description="text that is empty or only whitespace: null (default) "
+        "or kept as it is")
+    on_error: Literal["null", "quarantine"] | None = Field(
+        default=None, description="a value that cannot be cast: the field becomes null (the "
+        "default for optional fields; counted per reason) or the record is quarantined "
+        "(always for required fields)")
+    unknown: str | None = Field(
+        default=None, description="enums, a value outside the enum: 'null', 'quarantine', or "
+        "an enum value to map it to (the raw value is kept in the field '<name>_raw')")
+    minor_units: str | None = Field(
+        default=None, description="money: the value is an integer in the minor unit of the "
+        "currency at this path; stored in major units (ISO 4217 exponent 0, 2 or 3)")
+    exponents: dict[str, int] | None = Field(
+        default=None, description="currency code -> exponent, overriding ISO 4217 "
+        "(minor_units)")
 
     @model_validator(mode="after")
     def _one_source(self) -> FieldRule:
@@ -130,11 +146,31 @@ class ChildMapping(_Model):
         return link
 
 
+class DeletedRule(_Model):
+    """Which records are deletions (tombstones): the value at ``path`` is true, or (with
+    ``values``) one of those texts. ``at`` says when (a timestamp rule); by default the
+    entity's ordering value, else the extraction time."""
+
+    path: str | None = Field(default=None, description="dotted path of the deletion flag")
+    values: list[str] | None = Field(
+        default=None, description="texts at path that mean deleted (default: true)")
+    always: bool = Field(default=False, description="every record of the table is a deletion")
+    at: FieldRule | None = Field(default=None, description="when the record was deleted")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DeletedRule:
+        if (self.path is None) == (not self.always):
+            raise ValueError("give either path (with optional values) or always: true")
+        return self
+
+
 class MappingSpec(_Model):
     source: SourceRef
     entity: str
     fields: dict[str, FieldRule]
     children: list[ChildMapping] = Field(default_factory=list)
+    deleted: DeletedRule | None = Field(
+        default=None, description="which records are deletions (soft delete: _deleted_at)")
     origin: str = ""
 
 
@@ -177,7 +213,7 @@ def _walk(folder: Path | Traversable) -> Iterable[Path | Traversable]:
 
 
 def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
-                  entities: dict[str, Entity]) -> None:
+                  entities: dict[str, Entity], deletions_only: bool = False) -> None:
     target = entities.get(entity_name)
     if target is None:
         raise ConfigError(f"{origin}: unknown entity {entity_name!r}")
@@ -191,7 +227,29 @@ def _check_fields(origin: str, entity_name: str, fields: dict[str, FieldRule],
             if wrong:
                 raise ConfigError(f"{origin}: field {fname!r}: value map targets {wrong} "
                                   f"are not values of the enum ({', '.join(fdef.values)})")
-    missing = [f for f, d in target.fields.items() if d.required and f not in fields]
+        if rule.unknown is not None:
+            if fdef.values is None:
+                raise ConfigError(f"{origin}: field {fname!r}: unknown is for enum fields")
+            if rule.unknown not in ("null", "quarantine"):
+                if rule.unknown not in fdef.values:
+                    raise ConfigError(
+                        f"{origin}: field {fname!r}: unknown {rule.unknown!r} is not a value "
+                        f"of the enum ({', '.join(fdef.values)}), 'null' or 'quarantine'")
+                raw = target.fields.get(f"{fname}_raw")
+                if raw is None or raw.type != "string" or f"{fname}_raw" in fields:
+                    raise ConfigError(
+                        f"{origin}: field {fname!r}: unknown {rule.unknown!r} keeps the raw "
+                        f"value in '{fname}_raw', a string field of {entity_name!r} the "
+                        "mapping does not map itself")
+        if rule.minor_units is not None and fdef.type not in ("decimal", "float"):
+            raise ConfigError(f"{origin}: field {fname!r}: minor_units is for decimal or "
+                              f"float fields, not {fdef.type}")
+        if fdef.required and rule.on_error == "null":
+            raise ConfigError(f"{origin}: field {fname!r} is required: a value that cannot "
+                              "be cast always quarantines the record (on_error: null)")
+    # a table of deletions only (every record a tombstone) needs the key fields only
+    missing = [f for f, d in target.fields.items() if d.required and f not in fields
+               and (not deletions_only or f in target.keys)]
     if missing:
         raise ConfigError(f"{origin}: required fields of {entity_name!r} not mapped: {missing}")
 
@@ -230,7 +288,8 @@ def load_catalog(extra_dirs: Iterable[str | Path] = ()) -> Catalog:
                 spec = MappingSpec.model_validate({**body, "origin": origin})
             except ValidationError as exc:
                 raise ConfigError(_validation_message(origin, exc)) from None
-            _check_fields(origin, spec.entity, spec.fields, entities)
+            _check_fields(origin, spec.entity, spec.fields, entities,
+                          deletions_only=spec.deleted is not None and spec.deleted.always)
             for i, child in enumerate(spec.children):
                 where = f"{origin}: children[{i}]"
                 _check_fields(where, child.entity, child.fields, entities)

@@ -17,6 +17,8 @@ def entities_markdown(catalog: Catalog) -> str:
         "`_service_name` and its primary key; the row with the newest ordering field wins.",
         "Every row also carries the lineage columns "
         + ", ".join(f"`{name}`" for name, _ in LINEAGE) + ".",
+        "`_deleted_at` is set when the source deleted or archived the record (a soft delete: "
+        "the row keeps its last values; `WHERE _deleted_at IS NULL` selects live rows).",
         "",
     ]
     sources: dict[str, list[str]] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Protocol
 
 import pyarrow as pa
@@ -35,6 +36,7 @@ LINEAGE: list[tuple[str, pa.DataType]] = [
     ("_job_id", pa.string()),
     ("_request_id", pa.string()),
     ("_extracted_at", pa.timestamp("us", tz="UTC")),
+    ("_deleted_at", pa.timestamp("us", tz="UTC")),  # soft delete: when the source deleted it
 ]
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
@@ -131,6 +133,13 @@ class Mapped:
     fields: pa.Array  # field per rejected row
     kept: pa.Array  # indices of the good rows in the source
     keys: pa.Array  # key text per rejected row (null when the key is missing or bad)
+    nulled: dict[str, int] = dc_field(default_factory=dict)  # reason -> optional values nulled
+    deleted: pa.Array | None = None  # per good row: a deletion (tombstone)
+    deleted_at: pa.Array | None = None  # per good row: when (null: at extraction)
+
+
+def count_true(mask: pa.Array) -> int:
+    return int(pc.sum(pc.cast(pc.fill_null(mask, False), pa.int64())).as_py() or 0)
 
 
 @dataclass
@@ -221,7 +230,10 @@ def _as_text(src: pa.Array) -> pa.Array:
 
 
 def shape(src: pa.Array, rule: FieldRule) -> pa.Array:
-    """Null markers, array handling and value maps, before the type cast."""
+    """Empty text and null markers, array handling and value maps, before the type cast."""
+    if rule.empty == "null" and (pa.types.is_string(src.type) or pa.types.is_large_string(
+            src.type)):
+        src = pc.if_else(pc.equal(pc.utf8_trim_whitespace(src), ""), None, src)
     if rule.nulls and not pa.types.is_null(src.type) and not _is_list(src.type) \
             and not pa.types.is_struct(src.type):
         src = pc.if_else(pc.is_in(_as_text(src), value_set=pa.array(rule.nulls)), None, src)
@@ -319,6 +331,36 @@ def cast_column(src: pa.Array, ftype: str, rule: FieldRule,
     return out, _fail(src, out)
 
 
+# ISO 4217 currencies whose minor unit is not 1/100 (all others: exponent 2)
+EXPONENTS: dict[str, int] = {
+    **dict.fromkeys(["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF",
+                     "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"], 0),
+    **dict.fromkeys(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"], 3),
+    "CLF": 4, "UYW": 4,
+}
+
+
+def exponents(currency: pa.Array, overrides: dict[str, int] | None = None) -> pa.Array:
+    """The ISO 4217 exponent of each currency code (any case); null for a value that is not
+    a three-letter code."""
+    table = {**EXPONENTS, **{k.upper(): v for k, v in (overrides or {}).items()}}
+    code = pc.utf8_upper(pc.utf8_trim_whitespace(_as_text(currency)))
+    known = pc.take(pa.array(list(table.values()), pa.int64()),
+                    pc.index_in(code, value_set=pa.array(list(table), pa.string())))
+    letters = pc.match_substring_regex(code, r"^[A-Z]{3}$")
+    return pc.if_else(letters, pc.fill_null(known, 2), None)
+
+
+def major_units(amount: pa.Array, exponent: pa.Array) -> pa.Array:
+    """Integer amounts in minor units, in major units (float64, rounded to 6 decimals, more
+    than any exponent has): 223757 USD -> 2237.57, 349 JPY -> 349, 1234 KWD -> 1.234; null
+    without an exponent or for an amount with a fraction."""
+    value = _finite(pc.cast(amount, pa.float64()))
+    integral = pc.equal(pc.floor(value), value)
+    scale = pc.power(pa.scalar(10.0), pc.cast(exponent, pa.float64()))
+    return pc.if_else(integral, pc.round(pc.divide(value, scale), 6), None)
+
+
 def _in_zone(naive: pa.Array, zone: str) -> pa.Array:
     return per_value(lambda a: pc.assume_timezone(a, zone), naive,
                      pa.timestamp(naive.type.unit, tz=zone))
@@ -350,12 +392,15 @@ def _template(source: SourceColumns, template: str, n: int) -> pa.Array:
         if arr is None or pa.types.is_null(arr.type):
             continue
         text = _as_text(arr)
+        text = pc.if_else(pc.equal(pc.utf8_trim_whitespace(text), ""), None, text)
         any_value = pc.or_(any_value, pc.is_valid(text))
         parts.append(pc.fill_null(text, ""))
     if not parts:
         return pa.nulls(n, pa.string())
     joined = pc.binary_join_element_wise(*parts, "") if len(parts) > 1 else (
         parts[0] if isinstance(parts[0], pa.Array) else _literal(parts[0], n))
+    # a null part leaves its separators behind: trimmed, and runs of spaces made one
+    joined = pc.replace_substring_regex(pc.utf8_trim_whitespace(joined), r"  +", " ")
     return pc.if_else(any_value, joined, None)
 
 
@@ -377,6 +422,10 @@ class CompiledMapping:
                 compiled.parent_key = child.parent_link(spec, entity)
                 self.children.append((child.explode, compiled))
         paths = {p for r in spec.fields.values() for p in r.paths}
+        paths |= {r.minor_units for r in spec.fields.values() if r.minor_units}
+        if isinstance(spec, MappingSpec) and spec.deleted is not None:
+            paths |= {spec.deleted.path} if spec.deleted.path else set()
+            paths |= set(spec.deleted.at.paths) if spec.deleted.at else set()
         for explode, compiled in self.children:
             paths.add(explode)
             paths |= {p for p in compiled.paths if not p.startswith(ITEM)}
@@ -395,45 +444,109 @@ class CompiledMapping:
         out = pa.nulls(n, ARROW_TYPES[fdef.type])
         failed = constant(False, n)
         decided = failed
+        exponent = None
+        if rule.minor_units is not None:
+            currency = source.get(rule.minor_units)
+            exponent = exponents(pa.nulls(n, pa.string()) if currency is None or pa.types.is_null(
+                currency.type) else currency, rule.exponents)
         for path in paths:  # one path, or the first non-null of several
             src = source.get(path)
             if src is None:
                 continue
-            value, bad = cast_column(src, fdef.type, rule, fdef)
-            take = pc.and_(pc.invert(decided), pc.is_valid(src))
+            if exponent is not None:  # money in minor units: to major units first
+                number, not_number = cast_column(src, "float", rule)
+                major = major_units(number, exponent)
+                value, bad = cast_column(major, fdef.type, rule, fdef)
+                bad = pc.or_(not_number, _fail(number, major))
+            else:
+                value, bad = cast_column(src, fdef.type, rule, fdef)
+            # a value that shaping made null (empty text, a null marker) does not decide
+            present = pc.or_(pc.is_valid(value), bad)
+            take = pc.and_(pc.invert(decided), present)
             out = pc.if_else(take, value, out)
             failed = pc.if_else(take, bad, failed)
-            decided = pc.or_(decided, pc.is_valid(src))
+            decided = pc.or_(decided, present)
         return out, failed, repr(paths[0]) if len(paths) == 1 else f"first of {paths}"
 
     def apply(self, source: SourceColumns) -> Mapped:
         n = source.num_rows
-        columns: list[pa.Array] = []
+        columns: dict[str, pa.Array] = {}
         reason: pa.Array = pa.nulls(n, pa.string())
         field: pa.Array = pa.nulls(n, pa.string())
+        nulled: dict[str, pa.Array] = {}  # reason -> rows whose optional value it nulled
+        deleted = self._deleted(source, n)
+        live = pc.invert(deleted)
         for name, fdef in self.entity.fields.items():
             rule = self.spec.fields.get(name)
             if rule is None:
-                columns.append(pa.nulls(n, ARROW_TYPES[fdef.type]))
+                if name not in columns:
+                    columns[name] = pa.nulls(n, ARROW_TYPES[fdef.type])
                 continue
             out, failed, what = self._column(source, name, fdef, rule, n)
             if rule.default is not None:
                 default, _ = cast_column(_literal(rule.default, n), fdef.type, rule, fdef)
                 out = pc.coalesce(out, default)
             allowed = f" (one of {', '.join(fdef.values)})" if fdef.values else ""
-            reason, field = self._note(
-                reason, field, failed, f"cannot cast {what} to {fdef.type}{allowed}", name)
+            why = f"cannot cast {what} to {fdef.type}{allowed}"
+            policy = "quarantine" if fdef.required else (
+                rule.unknown if fdef.values and rule.unknown else rule.on_error or "null")
+            if policy not in ("null", "quarantine") and pc.any(failed).as_py():
+                # an unknown enum value: mapped to the policy's value, the raw one kept
+                raw, _, _ = self._column(source, name, FieldDef(type="string"),
+                                         rule.model_copy(update={"values": None}), n)
+                columns[f"{name}_raw"] = pc.if_else(failed, raw, None)
+                out = pc.if_else(failed, policy, out)
+                nulled[f"{name}: {why}; mapped to {policy!r}"] = failed
+            elif policy != "quarantine":
+                # an optional field that cannot be cast becomes null, the record lands
+                if pc.any(failed).as_py():
+                    nulled[f"{name}: {why}"] = failed
+            else:
+                # a deletion (tombstone) needs its key only: other fields may be absent
+                reason, field = self._note(reason, field, failed if name in self.entity.keys
+                                           else pc.and_(failed, live), why, name)
             if fdef.required:
-                reason, field = self._note(reason, field, pc.is_null(out),
-                                           f"required field {what} is missing", name)
-            columns.append(out)
+                missing = pc.is_null(out)
+                reason, field = self._note(
+                    reason, field, missing if name in self.entity.keys
+                    else pc.and_(missing, live), f"required field {what} is missing", name)
+            columns[name] = out
         bad = pc.is_valid(reason)
-        table = pa.Table.from_arrays(columns, schema=self.schema)
+        table = pa.Table.from_arrays([columns[f.name] for f in self.schema],
+                                     schema=self.schema)
         good = table.filter(pc.invert(bad))
         idx = pc.indices_nonzero(bad)
         kept = pc.indices_nonzero(pc.invert(bad))
         keys = pc.take(key_column(table, self.entity.keys), idx)
-        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys)
+        lands = pc.invert(bad)  # only the records that land count
+        counts = {why: c for why, rows in nulled.items() if (c := count_true(pc.and_(rows, lands)))}
+        deleted_at = None
+        if isinstance(self.spec, MappingSpec) and self.spec.deleted is not None:
+            drule = self.spec.deleted
+            when = pa.nulls(n, ARROW_TYPES["timestamp"])
+            if drule.at is not None:
+                when, _, _ = self._column(source, "_deleted_at", FieldDef(type="timestamp"),
+                                          drule.at, n)
+            when = pc.coalesce(when, columns[self.entity.ordering])
+            deleted_at = pc.filter(pc.if_else(deleted, when, None), lands)
+        return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys,
+                      counts, pc.filter(deleted, lands), deleted_at)
+
+    def _deleted(self, source: SourceColumns, n: int) -> pa.Array:
+        """Which records are deletions, per the mapping's ``deleted`` rule."""
+        rule = self.spec.deleted if isinstance(self.spec, MappingSpec) else None
+        if rule is None:
+            return constant(False, n)
+        if rule.always:
+            return constant(True, n)
+        src = source.get(rule.path or "")
+        if src is None or pa.types.is_null(src.type):
+            return constant(False, n)
+        if rule.values is not None:
+            flag = pc.is_in(_as_text(src), value_set=pa.array(rule.values, pa.string()))
+        else:
+            flag, _ = cast_column(src, "bool", FieldRule(path=rule.path))
+        return pc.fill_null(flag, False)
 
     def apply_children(self, source: SourceColumns, kept: pa.Array) -> list[ChildMapped]:
         """Child rows of the kept parent rows, per child entity. A child row that fails

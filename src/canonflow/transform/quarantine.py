@@ -122,7 +122,9 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
     origin = pa.array(parsed, pa.int64())
     landed_positions = pc.take(origin, mapped.kept)
 
-    def lineage(rows: pa.Table, positions: pa.Array, first: int) -> pa.Table:
+    def lineage(rows: pa.Table, positions: pa.Array, first: int,
+                deleted: pa.Array | None = None, deleted_at: pa.Array | None = None,
+                ) -> pa.Table:
         n = rows.num_rows
         src = part.take(positions)
         rows = rows.append_column("_tenant_id", constant(tenant, n, pa.string()))
@@ -131,13 +133,18 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
         rows = rows.append_column("_source_file", src.column("_source_file"))
         rows = rows.append_column("_job_id", src.column("_job_id"))
         rows = rows.append_column("_request_id", constant(replay_id, n, pa.string()))
-        rows = rows.append_column("_extracted_at", src.column("quarantined_at"))
+        at = src.column("quarantined_at").combine_chunks()
+        rows = rows.append_column("_extracted_at", at)
+        gone = pa.nulls(n, at.type) if deleted is None or deleted_at is None else pc.if_else(
+            deleted, pc.coalesce(deleted_at, at), None)
+        rows = rows.append_column("_deleted_at", gone)
         return rows.append_column(_SEQ, sequence(first, n))
 
     still_failing: set[str] = set()
     children: dict[str, list[pa.Table]] = {}
     if mapped.canonical.num_rows:
-        parents = lineage(mapped.canonical, landed_positions, 0)
+        parents = lineage(mapped.canonical, landed_positions, 0, mapped.deleted,
+                          mapped.deleted_at)
         parent_keys = key_column(mapped.canonical, entity.keys)
         first = parents.num_rows
         for child in mapping.apply_children(raw.columns, mapped.kept):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +31,7 @@ from canonflow.transform.mapping import (
     ChildMapped,
     CompiledMapping,
     constant,
+    count_true,
     entity_schema,
     key_column,
     sequence,
@@ -157,9 +158,15 @@ class _Run:
         self.seq = 0
         self.read = self.written = self.quarantined = self.merged = 0
         self.child_rows = self.child_rejected = 0
+        self.nulled: dict[str, int] = {}
+        self.deleted = 0
+        self.seen: list[pa.Array] = []  # keys listed by a full-refresh extraction
+        self.keys_complete = True
         self.high_water: object = None
 
-    def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime) -> pa.Table:
+    def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime,
+                 deleted: pa.Array | None = None,
+                 deleted_at: pa.Array | None = None) -> pa.Table:
         r, n = self.request, rows.num_rows
         consts = {
             "_tenant_id": r.tenant_id, "_service_name": r.service_name,
@@ -168,18 +175,27 @@ class _Run:
         }
         for name, value in consts.items():
             rows = rows.append_column(name, constant(value, n, pa.string()))
-        return rows.append_column("_extracted_at", constant(
-            extracted_at, n, pa.timestamp("us", tz="UTC")))
+        at = constant(extracted_at, n, pa.timestamp("us", tz="UTC"))
+        gone = pa.nulls(n, at.type) if deleted is None or deleted_at is None else pc.if_else(
+            deleted, pc.coalesce(deleted_at, at), None)  # a deletion without a time: now
+        return rows.append_column("_extracted_at", at).append_column("_deleted_at", gone)
 
     def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
         mapped = self.mapping.apply(raw.columns)
         self.read += raw.columns.num_rows + len(raw.broken)
+        for why, n in mapped.nulled.items():
+            self.nulled[why] = self.nulled.get(why, 0) + n
+        if self.request.reconcile:  # every key the source listed, bad records too
+            self.seen.append(key_column(mapped.canonical, self.entity.keys))
+            self.seen.append(pc.drop_null(mapped.keys))
+            if raw.broken or mapped.keys.null_count:
+                self.keys_complete = False  # a record without a readable key
         first = self.seq
         if mapped.canonical.num_rows:
             n = mapped.canonical.num_rows
             self.group.canonical.setdefault(self.entity.name, []).append(
-                self._lineage(mapped.canonical, raw.key, extracted_at).append_column(
-                    _SEQ, sequence(first, n)))
+                self._lineage(mapped.canonical, raw.key, extracted_at, mapped.deleted,
+                              mapped.deleted_at).append_column(_SEQ, sequence(first, n)))
             self.seq += n
         texts = [raw.raw_line(row).decode("utf-8", "replace")
                  for row in mapped.rejected.to_pylist()]
@@ -253,9 +269,23 @@ class _Run:
         parents = group.canonical.pop(self.entity.name, [])
         if parents:
             rows = pa.concat_tables(parents)
-            newest = pc.max(rows.column(self.entity.ordering)).as_py()
-            if newest is not None and (self.high_water is None or newest > self.high_water):
-                self.high_water = newest
+            gone = pc.is_valid(rows.column("_deleted_at"))
+            self.deleted += count_true(gone)
+            marks = pc.and_(gone, pc.is_null(rows.column(self.entity.ordering)))
+            if pc.any(marks).as_py():
+                # deletions that carry no version (an id, a deleted event) only mark the
+                # rows the table holds; they land as written
+                label = f"{index}/delete"
+                if (canonical_path(self.entity.name), label) not in self.skip:
+                    self.rt.canonical.mark_deleted(
+                        self.entity, self.request.tenant_id, self.request.service_name,
+                        rows.filter(marks), self.request.request_id, label)
+                self.written += count_true(marks)
+                # their deletion times move the incremental mark (a table of deletions)
+                self._newest(pc.max(pc.filter(rows.column("_deleted_at"), marks)).as_py())
+                rows = rows.filter(pc.invert(marks))
+        if parents and rows.num_rows:
+            self._newest(pc.max(rows.column(self.entity.ordering)).as_py())
             out = write_family(writer, self.mapping, self.request.tenant_id,
                                self.request.service_name, rows, group.canonical,
                                self.request.request_id, index, self.done)
@@ -264,6 +294,39 @@ class _Run:
             self.child_rows += out.children
         del group
         memory.release()
+
+
+    def _newest(self, value: Any) -> None:
+        if value is not None and (self.high_water is None or value > self.high_water):
+            self.high_water = value
+
+    def reconcile(self) -> None:
+        """A complete full refresh: this table's live rows whose keys the extraction did not
+        list are marked deleted. Not when a record's key could not be read (it might be one
+        of them)."""
+        if not self.keys_complete:
+            log.warning("full-refresh reconciliation skipped: a record without a readable key",
+                        extra={"request_id": self.request.request_id})
+            return
+        label = "reconcile"
+        if (canonical_path(self.entity.name), label) in self.skip:
+            return
+        r = self.request
+        seen = pc.unique(pa.concat_arrays([pc.cast(a, pa.string()) for a in self.seen])) \
+            if self.seen else pa.array([], pa.string())
+        absent = self.rt.canonical.absent_keys(self.entity, r.tenant_id, r.service_name,
+                                               r.table_name, seen)
+        if absent.num_rows == 0:
+            return
+        n = absent.num_rows
+        marks = absent.append_column("_deleted_at", constant(
+            datetime.now(UTC), n, pa.timestamp("us", tz="UTC"))).append_column(
+            "_job_id", constant(r.job_id or "", n, pa.string()))
+        marked = self.rt.canonical.mark_deleted(self.entity, r.tenant_id, r.service_name,
+                                                marks, r.request_id, label)
+        self.deleted += marked
+        log.info("full refresh: rows no longer listed by the source marked deleted",
+                 extra={"request_id": r.request_id, "rows": marked})
 
 
 @dataclass(frozen=True)
@@ -372,6 +435,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         for raw, modified in prefetch(files, load):
             run.add_file(raw, modified)
         run.flush()
+        if request.reconcile:
+            run.reconcile()
     except TerminalError as exc:
         state.finish_request(request.request_id, None, error=str(exc), holder=rt.holder)
         raise
@@ -381,7 +446,8 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         processing_mode=mode, files_read=len(files), records_read=run.read,
         records_written=run.written, records_quarantined=run.quarantined,
         records_merged=run.merged, child_rows_written=run.child_rows,
-        child_rows_rejected=run.child_rejected,
+        child_rows_rejected=run.child_rejected, fields_nulled=run.nulled,
+        records_deleted=run.deleted,
         files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
         high_water=_iso(run.high_water), started_at=round(started_at, 3),
         finished_at=round(time.time(), 3), worker=worker_label(),

@@ -401,6 +401,89 @@ class CanonicalWriter:
 
         return self._retry(f"upsert into {name}", op)
 
+    def _with_deleted_column(self, name: str, entity: Entity) -> DeltaTable:
+        """The entity's table, with ``_deleted_at`` added to one written before it existed."""
+        table = self._table(name, entity_schema(entity))
+        if "_deleted_at" not in table.schema().to_arrow().names:
+            table.alter.add_columns([Field.from_arrow(
+                entity_schema(entity).field("_deleted_at"))])
+            table = self._table(name, entity_schema(entity))
+        return table
+
+    def mark_deleted(self, entity: Entity, tenant_id: str, service: str, marks: pa.Table,
+                     request_id: str, label: str) -> int:
+        """Soft delete: set ``_deleted_at`` (and the job and request) on the held rows whose
+        keys ``marks`` lists (key columns, ``_deleted_at``, ``_job_id``), unless already
+        deleted; the rows keep their last values. Keys the table does not hold are not
+        added. Returns the rows marked."""
+        if marks.num_rows == 0:
+            return 0
+        name = canonical_path(entity.name)
+        schema = entity_schema(entity)
+        keys = entity.keys
+        marks = marks.select([*keys, "_deleted_at", "_job_id"]).cast(pa.schema(
+            [schema.field(k) for k in keys] + [schema.field("_deleted_at"),
+                                               schema.field("_job_id")]))
+        # one source row per key (a merge matches each target row at most once): the first
+        order = pa.table({"_key": key_column(marks, keys), "_row": sequence(0, marks.num_rows)})
+        first = order.group_by("_key", use_threads=False).aggregate([("_row", "min")])
+        marks = marks.take(first.column("_row_min"))
+        marks = marks.append_column("_tenant_id", constant(tenant_id, marks.num_rows,
+                                                           pa.string())).append_column(
+            "_service_name", constant(service, marks.num_rows, pa.string()))
+        match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        predicate = (f"t._tenant_id = {_lit(tenant_id)} AND t._service_name = {_lit(service)}"
+                     f" AND t._tenant_id = s._tenant_id AND t._service_name = s._service_name"
+                     f" AND {match}")
+        props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
+
+        def op() -> int:
+            metrics = (self._with_deleted_column(name, entity)
+                       .merge(marks, predicate=predicate, source_alias="s", target_alias="t",
+                              commit_properties=props)
+                       .when_matched_update({"_deleted_at": "s._deleted_at",
+                                             "_job_id": "s._job_id",
+                                             "_request_id": _lit(request_id)},
+                                            predicate="t._deleted_at IS NULL")
+                       .execute())
+            return int(metrics.get("num_target_rows_updated", 0))
+
+        with self._lock(f"{name}/{tenant_id}"):
+            if self._open(name) is None:
+                return 0
+            return self._retry(f"mark deleted in {name}", op)
+
+    def absent_keys(self, entity: Entity, tenant_id: str, service: str, source_table: str,
+                    seen: pa.Array) -> pa.Table:
+        """Key columns of this tenant's live rows from ``source_table`` whose key is not in
+        ``seen`` (key text, as :func:`key_column` makes it): what a complete full-refresh
+        extraction no longer lists. Reads the key columns only."""
+        table = self._open(canonical_path(entity.name))
+        if table is None or (table.version() == 0 and not table.file_uris()):
+            return pa.table({})
+        have = set(table.schema().to_arrow().names)
+        columns = [*entity.keys, "_service_name", "_source_table"]
+        columns += ["_deleted_at"] if "_deleted_at" in have else []
+        dataset = table.to_pyarrow_dataset(
+            file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
+        found: list[pa.Table] = []
+        for batch in dataset.to_batches(columns=columns):
+            part = pa.Table.from_batches([batch])
+            mine = pc.and_(
+                pc.equal(pc.cast(part.column("_service_name"), pa.string()), service),
+                pc.equal(pc.cast(part.column("_source_table"), pa.string()), source_table))
+            if "_deleted_at" in have:
+                mine = pc.and_(mine, pc.is_null(part.column("_deleted_at")))
+            part = part.filter(mine).select(entity.keys)
+            if part.num_rows:
+                part = part.cast(pa.schema([pa.field(k, pa.string()) if pa.types.is_string_view(
+                    part.schema.field(k).type) or pa.types.is_large_string(
+                    part.schema.field(k).type) else part.schema.field(k) for k in entity.keys]))
+                gone = pc.invert(pc.is_in(key_column(part, entity.keys), value_set=seen))
+                if pc.any(gone).as_py():
+                    found.append(part.filter(gone))
+        return pa.concat_tables(found) if found else pa.table({})
+
     def _quarantine_table(self) -> DeltaTable:
         """The quarantine table, with the identity columns added to one written before
         they existed."""
