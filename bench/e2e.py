@@ -16,7 +16,7 @@ from canonflow.connectors.demo_api import tenant_token
 from canonflow.dispatch import open_dispatcher
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.plan import JobPlan
-from canonflow.query import available_tables, run_query
+from canonflow.query import existing_tables, run_query
 from canonflow.report import job_report, totals
 from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
@@ -103,7 +103,7 @@ def settings_for(cfg: dict[str, Any]) -> Settings:
 
 
 def run_query_tables(store: object) -> list[str]:
-    return [name for name in available_tables(store) if name != "quarantine"]  # type: ignore[arg-type]
+    return [name for name in existing_tables(store) if name != "quarantine"]  # type: ignore[arg-type]
 
 
 def main(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -159,6 +159,12 @@ def canonical_tables(store: ObjectStore, mapping_dirs: list[str] | None = None) 
     return {sql_name: store.delta_uri(path) for sql_name, path in names.items()}
 
 
+def existing_tables(store: ObjectStore, mapping_dirs: list[str] | None = None) -> list[str]:
+    """The SQL names of the canonical tables (and ``quarantine``) that exist."""
+    with connect() as con:
+        return register(con, canonical_tables(store, mapping_dirs))
+
+
 @contextmanager
 def connect() -> Iterator[duckdb.DuckDBPyConnection]:
     con = duckdb.connect()
