@@ -469,16 +469,17 @@ class CanonicalWriter:
         found: list[pa.Table] = []
         for batch in dataset.to_batches(columns=columns):
             part = pa.Table.from_batches([batch])
-            mine = pc.and_(
-                pc.equal(pc.cast(part.column("_service_name"), pa.string()), service),
-                pc.equal(pc.cast(part.column("_source_table"), pa.string()), source_table))
+            # plain strings first: pyarrow cannot filter (take) string_view columns, which
+            # files written by a merge carry
+            part = part.cast(pa.schema([
+                f.with_type(pa.string()) if pa.types.is_string_view(f.type)
+                or pa.types.is_large_string(f.type) else f for f in part.schema]))
+            mine = pc.and_(pc.equal(part.column("_service_name"), service),
+                           pc.equal(part.column("_source_table"), source_table))
             if "_deleted_at" in have:
                 mine = pc.and_(mine, pc.is_null(part.column("_deleted_at")))
             part = part.filter(mine).select(entity.keys)
             if part.num_rows:
-                part = part.cast(pa.schema([pa.field(k, pa.string()) if pa.types.is_string_view(
-                    part.schema.field(k).type) or pa.types.is_large_string(
-                    part.schema.field(k).type) else part.schema.field(k) for k in entity.keys]))
                 gone = pc.invert(pc.is_in(key_column(part, entity.keys), value_set=seen))
                 if pc.any(gone).as_py():
                     found.append(part.filter(gone))
