@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 
-from canonflow.connectors.demo_api import running
+from tests.servers import ApiServer, serve_api
 
 HUBSPOT_TOKEN = "pat-na1-11111111-2222"
 ZENDESK_USER, ZENDESK_TOKEN = "ada@example.com/token", "zd-api-token-3333"
@@ -300,19 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
                      "has_more": len(rows) > limit, "data": rows[:limit]}
 
 
-class RealApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, api: RealApis) -> None:
-        self.api = api
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+RealApiServer = ApiServer[RealApis]
 
 
-@contextmanager
-def serve_real_apis(api: RealApis) -> Iterator[RealApiServer]:
-    with running(RealApiServer(api), "real-apis") as server:
-        yield server
+def serve_real_apis(api: RealApis) -> AbstractContextManager[RealApiServer]:
+    return serve_api(api, _Handler, "real-apis")

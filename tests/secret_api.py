@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 
-from canonflow.connectors.demo_api import running
+from tests.servers import ApiServer, serve_api
 
 PAGE = 10
 
@@ -109,22 +108,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"results": rows, "total": api.records})
 
 
-class SecretServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, api: SecretApi) -> None:
-        self.api = api
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+SecretServer = ApiServer[SecretApi]
 
 
-@contextmanager
-def serve_secret_api(api: SecretApi) -> Iterator[SecretServer]:
-    with running(SecretServer(api), "secret-api") as server:
-        yield server
+def serve_secret_api(api: SecretApi) -> AbstractContextManager[SecretServer]:
+    return serve_api(api, _Handler, "secret-api")
 
 
 BEARER_SPEC = """

@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 
 from canonflow.connectors.demo_api import expected_bad
-from canonflow.dispatch import open_dispatcher
 from canonflow.model import TriggerMode
 from canonflow.query import run_query
 from canonflow.report import job_report
-from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
+from tests.jobs import run_job as run_one_job
 
 TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets"]}
 SIZES = {"contacts": 5000, "companies": 1200, "deals": 1200, "tickets": 1200}
@@ -21,12 +20,7 @@ ENTITY = {"contacts": "contact", "companies": "company", "deals": "deal", "ticke
 
 
 def run_job(settings: Any) -> tuple[Runtime, dict[str, Any]]:
-    rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
-    try:
-        (job_id,) = JobRunner(settings, rt, dispatcher).run()
-    finally:
-        dispatcher.close()
+    rt, job_id = run_one_job(settings)
     return rt, job_report(rt.state, job_id)
 
 

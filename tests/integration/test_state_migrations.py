@@ -19,14 +19,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from canonflow.dispatch import open_dispatcher
 from canonflow.model import TableRef
 from canonflow.report import job_report
-from canonflow.runner import JobRunner
-from canonflow.runtime import Runtime
 from canonflow.stores import migrations, open_state_store
 from canonflow.stores.sql import metadata
 from tests.conftest import SettingsFactory
+from tests.jobs import run_job
 from tests.processes import run_together
 
 T = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
@@ -115,13 +113,7 @@ def test_a_release_0_1_0_store_is_upgraded_with_its_data_and_syncs(
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     eng.dispose()
 
-    settings = make_settings(state_store=url, tables={"crm": ["companies"]})
-    rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
-    try:
-        (job_id,) = JobRunner(settings, rt, dispatcher).run()
-    finally:
-        dispatcher.close()
+    rt, job_id = run_job(make_settings(state_store=url, tables={"crm": ["companies"]}))
     report = job_report(rt.state, job_id)
     assert report["status"] == "done" and report["outcome"] == "completed"
     assert {j.job_id for j in rt.state.jobs(limit=10)} >= {job_id, "job-old-done"}

@@ -27,14 +27,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from canonflow.connectors.demo_api import DemoApi, serve
-from canonflow.dispatch import open_dispatcher
 from canonflow.model import TriggerMode
 from canonflow.report import job_report
-from canonflow.runner import JobRunner
-from canonflow.runtime import Runtime
 from canonflow.telemetry import metrics, tracing
 from tests.conftest import SettingsFactory
 from tests.integration.test_scale_out import workers, write_pipeline
+from tests.jobs import run_job as run_one_job
 from tests.otlp import receiver
 
 TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets"]}
@@ -70,13 +68,10 @@ def telemetry() -> Iterator[Telemetry]:
 
 
 def run_job(settings: Any) -> dict[str, Any]:
-    rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    rt, job_id = run_one_job(settings)
     try:
-        (job_id,) = JobRunner(settings, rt, dispatcher).run()
         return job_report(rt.state, job_id)
     finally:
-        dispatcher.close()
         rt.close()
 
 

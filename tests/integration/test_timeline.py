@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from canonflow.dispatch import open_dispatcher
 from canonflow.model import ChunkResult, TableRef
 from canonflow.report import job_report
-from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
 from canonflow.timeline import render_html, timeline_data, write_timeline
 from tests.conftest import SettingsFactory, service_missing
+from tests.jobs import run_job
 
 TABLES = {"crm": ["contacts", "companies"], "helpdesk": ["tickets"]}
 
@@ -57,16 +56,6 @@ def elements(dom: str) -> list[tuple[str, dict[str, str | None]]]:
     parser = Elements()
     parser.feed(dom)
     return parser.found
-
-
-def run_job(settings: Any) -> tuple[Runtime, str]:
-    rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
-    try:
-        (job_id,) = JobRunner(settings, rt, dispatcher).run()
-    finally:
-        dispatcher.close()
-    return rt, job_id
 
 
 def test_report_times_each_table(make_settings: SettingsFactory) -> None:
