@@ -51,7 +51,10 @@ def _digest(*parts: str) -> str:
 
 def _document(event: Any) -> dict[str, Any]:
     if isinstance(event, str | bytes):
-        event = jsonio.loads(event)
+        try:
+            event = jsonio.loads(event)
+        except ValueError:
+            raise RequestRejected("event is not JSON") from None
     if not isinstance(event, dict):
         raise RequestRejected(f"event is a {type(event).__name__}, not an object")
     return event

@@ -273,9 +273,14 @@ def plan(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         for spec in chunks:
             c.dispatcher.submit_chunk(spec)
             sent += 1
+    jobs = [p.job_id for p, _ in started]
+    for job_id in jobs:  # a dispatcher that ran the chunks already (inline): their requests
+        c.relay(job_id)
+    if jobs:
+        c.rt.state.settle_jobs(jobs)
     metrics.add_metric(name="JobsStarted", unit=MetricUnit.Count, value=len(started))
     metrics.add_metric(name="ChunksSent", unit=MetricUnit.Count, value=sent)
-    return {"jobs": [p.job_id for p, _ in started], "chunks_sent": sent,
+    return {"jobs": jobs, "chunks_sent": sent,
             "failed_jobs": failed, "refused": runner.refused, "resumed": runner.resumed}
 
 

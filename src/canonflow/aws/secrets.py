@@ -29,9 +29,14 @@ def is_reference(value: str) -> bool:
 def _secrets_client() -> Any:
     global _client
     if _client is None:
+        import os
+
         import boto3  # the aws extra
 
-        _client = boto3.client("secretsmanager")  # region/endpoint from the environment
+        # endpoint from the environment (AWS_ENDPOINT_URL_SECRETS_MANAGER), region from
+        # Lambda's AWS_REGION
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        _client = boto3.client("secretsmanager", region_name=region)
     return _client
 
 
