@@ -12,9 +12,11 @@ again after a (short, simulated) visibility timeout; the others are deleted.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,3 +193,80 @@ def make_queues(sqs: Any, prefix: str, max_receives: int = 5) -> dict[str, tuple
             "Attributes"]["QueueArn"]
         out[kind] = (url, dlq, arn)
     return out
+
+
+class AsyncLambda:
+    """Plays Lambda's async invokes (``lambda://``): the fake client the dispatcher invokes,
+    and a delivery loop that runs the queued events out of order, some twice, kills some
+    invocations at a random point and retries a failed event twice before it goes to the
+    on-failure destination (``dead``)."""
+
+    def __init__(self, functions: dict[str, Handler], seed: int = 7, duplicate: float = 0.3,
+                 kill: float = 0.2) -> None:
+        self.functions = functions
+        self.rng = random.Random(seed)
+        self.duplicate, self.kill = duplicate, kill
+        self.queued: list[tuple[str, bytes, int]] = []  # function, payload, attempt
+        self.dead: list[tuple[str, bytes]] = []
+        self.stats = Stats()
+
+    def invoke(self, FunctionName: str, InvocationType: str, Payload: bytes
+               ) -> dict[str, Any]:
+        assert InvocationType == "Event"
+        self.queued.append((FunctionName, Payload, 0))
+        return {"StatusCode": 202}
+
+    def _run(self, function: str, payload: bytes, killable: bool) -> bool:
+        self.stats.invocations += 1
+        rt = handlers.container().rt
+        saved = {k: rt.__dict__[k] for k in ("state", "objects") if k in rt.__dict__}
+        if killable and self.rng.random() < self.kill:
+            countdown = [self.rng.randint(1, 12)]
+            rt.__dict__["state"] = _Killer(rt.state, countdown)
+            rt.__dict__["objects"] = _Killer(rt.objects, countdown)
+        try:
+            self.functions[function](orjson_loads(payload), FakeContext())
+            return True
+        except Killed:
+            self.stats.kills += 1
+            return False
+        except Exception:
+            self.stats.failures_reported += 1
+            return False
+        finally:
+            rt.__dict__.update(saved)
+
+    def drain(self) -> None:
+        while self.queued:
+            self.rng.shuffle(self.queued)
+            function, payload, attempt = self.queued.pop()
+            self.stats.messages_delivered += 1
+            ok = self._run(function, payload, killable=True)
+            if ok and self.rng.random() < self.duplicate:
+                self.stats.duplicates += 1
+                ok = self._run(function, payload, killable=False)
+            if not ok:
+                if attempt < 2:
+                    self.queued.append((function, payload, attempt + 1))
+                else:
+                    self.dead.append((function, payload))
+
+
+def orjson_loads(payload: bytes) -> Any:
+    from canonflow import jsonio
+
+    return jsonio.loads(payload)
+
+
+@contextmanager
+def lambda_container() -> Iterator[None]:
+    """Around a test that configures the handlers' container: afterwards the container is
+    dropped and canonflow's logging is as it was (the handlers log JSON to stderr, as on
+    Lambda)."""
+    logger = logging.getLogger("canonflow")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        handlers.reset()
+        logger.handlers[:], logger.level, logger.propagate = saved

@@ -19,15 +19,15 @@ from canonflow.redact import redact
 from canonflow.report import job_report
 from canonflow.runtime import Runtime
 from canonflow.transform.discovery import resolve_files
-from tests.lambda_pump import FakeContext
+from tests.lambda_pump import FakeContext, lambda_container
 
 FILES = 5000
 
 
 @pytest.fixture(autouse=True)
 def _fresh_container() -> Any:
-    yield
-    handlers.reset()
+    with lambda_container():
+        yield
 
 
 @pytest.fixture
