@@ -13,8 +13,9 @@ from canonflow import jsonio
 from canonflow.aws import handlers, secrets
 from canonflow.aws.dispatch import MAX_EVENT_BYTES, LambdaDispatcher, SqsDispatcher
 from canonflow.aws.events import parse_transform_event
-from canonflow.connectors.demo_api import tenant_token
+from canonflow.connectors.demo_api import expected_bad, tenant_token
 from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.query import run_query
 from canonflow.redact import redact
 from canonflow.report import job_report
 from canonflow.runtime import Runtime
@@ -208,3 +209,57 @@ def test_a_dead_lettered_chunk_shows_in_the_job_status(
     rt = Runtime(settings)
     assert rt.state.unfinished_jobs([job_id]) == []
     rt.close()
+
+
+def test_a_transform_short_of_time_commits_its_groups_and_continues(
+        make_settings: Any) -> None:
+    from tests.integration.test_aws_lambda import _Recorder
+
+    settings = make_settings(tables={"crm": ["companies"]}, dispatcher="inline://",
+                             batch_records=200, transform_group_records=200,
+                             transform_max_attempts=10)
+    recorder = _Recorder()
+    c = handlers.configure(settings, dispatcher=recorder, transform_margin_seconds=30)
+    from canonflow.dispatch.tasks import run_chunk
+
+    (job_id,) = handlers.plan({"tenant_id": "acme"}, FakeContext())["jobs"]
+    for spec in recorder.chunks:  # the chunks, run here
+        run_chunk(spec.model_dump_json(), c.rt)
+    recorder.chunks.clear()
+    c.relay(job_id)
+    (request,) = recorder.transforms  # 6 files of 200 records: 6 groups
+    recorder.transforms.clear()
+    invocations = 0
+    event: dict[str, Any] = request.payload()
+    while True:
+        invocations += 1
+        calls = [0]
+
+        def remaining(calls: list[int] = calls) -> int:
+            calls[0] += 1  # two groups with time to spare, then 10 s left
+            return 600_000 if calls[0] <= 2 else 10_000
+
+        out = handlers.transform(event, FakeContext(remaining))
+        if not out.get("continued"):
+            break
+        (again,) = recorder.transforms
+        recorder.transforms.clear()
+        assert again.request_id == request.request_id
+        assert invocations < 10
+    assert invocations == 3  # 6 groups, 2 per invocation
+    record = c.rt.state.request(request.request_id)
+    assert record is not None and record.status == "done" and record.result is not None
+    expected = 1200 - expected_bad(("crm", "companies"), 1200)
+    _, rows = run_query(c.rt.canonical._store,
+                        "SELECT count(*), count(DISTINCT id) FROM company")
+    assert rows[0] == (expected, expected)
+    # each group committed once: no commit label of the request repeated in the Delta log
+    from canonflow.transform.writer import _GROUP
+
+    labels = [str(h[_GROUP]) for h in c.rt.canonical._history(
+        "canonical/company", request.request_id, 200)]
+    assert len(labels) == len(set(labels))
+    assert {label.split("/")[0] for label in labels} == {str(i) for i in range(6)}
+    handlers.sweeper({"older_than_seconds": 0}, FakeContext())
+    job = c.rt.state.job(job_id)
+    assert job is not None and job.status == "done"

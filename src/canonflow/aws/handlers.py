@@ -50,6 +50,7 @@ from canonflow.errors import CanonflowError, ConfigError, RequestRejected
 from canonflow.model import TERMINAL, ChunkError, ChunkResult, TriggerMode
 from canonflow.runner import JobRunner, recover
 from canonflow.runtime import Runtime
+from canonflow.transform.run import continue_when as transform_continue_when
 
 log = logging.getLogger("canonflow.aws")
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "canonflow"),
@@ -72,6 +73,7 @@ class Container:
     rt: Runtime
     dispatcher: Dispatcher
     margin_seconds: float  # a sequential chunk stops at a checkpoint this long before its end
+    transform_margin_seconds: float = 120.0  # a transform stops after a group commit
 
     def relay(self, job_id: str) -> int:
         """Send the job's committed, unsent outbox rows (claimed first: sent once)."""
@@ -118,7 +120,8 @@ def _load_settings() -> Settings:
 
 
 def configure(settings: Settings | None = None, dispatcher: Dispatcher | None = None,
-              margin_seconds: float | None = None) -> Container:
+              margin_seconds: float | None = None,
+              transform_margin_seconds: float | None = None) -> Container:
     """Build this container's runtime (from the environment unless ``settings`` is given)."""
     global _container
     if _container is not None:
@@ -129,8 +132,11 @@ def configure(settings: Settings | None = None, dispatcher: Dispatcher | None = 
     rt = Runtime(settings)
     margin = margin_seconds if margin_seconds is not None else float(
         os.environ.get("CANONFLOW_CHUNK_MARGIN_SECONDS", "60"))
+    transform_margin = transform_margin_seconds if transform_margin_seconds is not None \
+        else float(os.environ.get("CANONFLOW_TRANSFORM_MARGIN_SECONDS", "120"))
     _container = Container(settings, rt,
-                           dispatcher or open_dispatcher(settings.dispatcher, settings), margin)
+                           dispatcher or open_dispatcher(settings.dispatcher, settings), margin,
+                           transform_margin)
     return _container
 
 
@@ -224,8 +230,22 @@ def _transform(body: Any, context: LambdaContext) -> dict[str, Any]:
             "request_id": request.request_id, "table": request.table.label,
             "source_files_manifest": request.source_files_manifest,
             "ignored_fields": list(parsed.ignored) or None})
-        outcome = run_transform_task(request.model_dump_json(), c.rt)
+        margin_ms = c.transform_margin_seconds * 1000
+
+        def time_low() -> bool:
+            return context.get_remaining_time_in_millis() < margin_ms
+
+        with transform_continue_when(time_low):
+            outcome = run_transform_task(request.model_dump_json(), c.rt)
     if "error" in outcome:
+        if outcome.get("will_retry") and time_low():
+            # stopped after a committed group (or failed) near the deadline: the next
+            # attempt starts now, in a new invocation, after the committed groups
+            c.dispatcher.submit_transform(request)
+            metrics.add_metric(name="TransformsContinued", unit=MetricUnit.Count, value=1)
+            log.info("transform continues in a new invocation", extra={
+                "request_id": request.request_id, "detail": outcome["error"]})
+            return {**outcome, "continued": True}
         if outcome.get("will_retry"):
             raise RetryLater(f"{request.request_id}: {outcome['error']}")
         return outcome  # failed for good, visibly in the state store
