@@ -195,17 +195,26 @@ def test_a_dead_lettered_chunk_shows_in_the_job_status(
     c = handlers.configure(settings)
     (job_id,) = handlers.plan({}, FakeContext())["jobs"]
     got = sqs.receive_message(QueueUrl=chunks, MaxNumberOfMessages=10)["Messages"]
-    poison, rest = got[0], got[1:]
+    poison, destined, rest = got[0], got[1], got[2:]
     sqs.send_message(QueueUrl=dlq, MessageBody=poison["Body"])  # every delivery failed
+    # an async invoke that failed its retries, as Lambda's on-failure destination sends it
+    sqs.send_message(QueueUrl=dlq, MessageBody=jsonio.dumps_str({
+        "version": "1.0", "requestContext": {"condition": "RetriesExhausted",
+                                             "approximateInvokeCount": 3},
+        "requestPayload": jsonio.loads(destined["Body"]),
+        "responseContext": {"statusCode": 200, "functionError": "Unhandled"}}))
+    sqs.send_message(QueueUrl=dlq, MessageBody="not an event")  # unreadable: stays
     for m in rest:
         handlers.chunk(jsonio.loads(m["Body"]), FakeContext())
     out = handlers.sweeper({"older_than_seconds": 0}, FakeContext())
-    assert out["dead_letters_recorded"] == 1
+    assert out["dead_letters_recorded"] == 2
     report = job_report(c.rt.state, job_id)
     assert report["status"] in ("done", "failed") and report["outcome"] == "failed"
     (table,) = report["tables"].values()
-    assert table["chunks_failed"] == 1 and any("dead-letter" in e for e in table["errors"])
-    assert "Messages" not in sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=0)
+    assert table["chunks_failed"] == 2 and any("dead-letter" in e for e in table["errors"])
+    attrs = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    assert sum(int(v) for v in attrs.values()) == 1  # the unreadable one stays, for a person
     rt = Runtime(settings)
     assert rt.state.unfinished_jobs([job_id]) == []
     rt.close()

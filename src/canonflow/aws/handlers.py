@@ -39,6 +39,7 @@ from aws_lambda_powertools.utilities.batch import (
 )
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from canonflow import jsonio
 from canonflow import log as logs
 from canonflow.aggregate import complete_chunk
 from canonflow.aws.events import is_sqs, parse_chunk_event, parse_transform_event
@@ -318,13 +319,20 @@ def _dead_letters(c: Container, queue_url: str, kind: str, client: Any) -> int:
         if not messages:
             return handled
         for message in messages:
-            _dead_letter(c, message["Body"], kind)
-            client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-            handled += 1
+            if _dead_letter(c, message["Body"], kind):  # one it cannot read stays there
+                client.delete_message(QueueUrl=queue_url,
+                                      ReceiptHandle=message["ReceiptHandle"])
+                handled += 1
 
 
-def _dead_letter(c: Container, body: str, kind: str) -> None:
+def _dead_letter(c: Container, body: str, kind: str) -> bool:
     why = "the event reached the dead-letter queue (every delivery failed)"
+    try:
+        doc = jsonio.loads(body)
+        if isinstance(doc, dict) and isinstance(doc.get("requestPayload"), dict):
+            body = jsonio.dumps_str(doc["requestPayload"])  # an async invoke's on-failure record
+    except ValueError:
+        pass
     try:
         if kind == "chunk":
             spec = parse_chunk_event(body)
@@ -341,9 +349,11 @@ def _dead_letter(c: Container, body: str, kind: str) -> None:
                 if request.job_id is not None:
                     c.rt.state.settle_jobs([request.job_id])
         log.error("dead-lettered event recorded as failed", extra={"kind": kind})
+        return True
     except (CanonflowError, ValueError) as exc:
-        log.error("dead-lettered event could not be read", extra={"kind": kind,
-                                                                  "error": str(exc)})
+        log.error("dead-lettered event could not be read; left in the queue", extra={
+            "kind": kind, "error": str(exc)})
+        return False
 
 
 @metrics.log_metrics
