@@ -272,3 +272,27 @@ def test_a_transform_short_of_time_commits_its_groups_and_continues(
     handlers.sweeper({"older_than_seconds": 0}, FakeContext())
     job = c.rt.state.job(job_id)
     assert job is not None and job.status == "done"
+
+
+def test_the_container_reads_its_pipeline_and_the_stack_overrides_from_the_environment(
+        tmp_path: Any, demo_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        "name: lam\nobject_store: file://./ignored\nsources:\n"
+        f"  - service: crm\n    base_url: {demo_server.base_url}/crm/v1\n"
+        "    tables: [companies]\ntenants:\n  - tenant_id: acme\n"
+        "    credentials: {crm: {token: \"${CF_TEST_TOKEN}\"}}\n")
+    monkeypatch.setenv("CF_TEST_TOKEN", tenant_token("acme"))
+    monkeypatch.setenv("CANONFLOW_PIPELINE", str(pipeline))
+    monkeypatch.setenv("CANONFLOW_OBJECT_STORE", f"file://{tmp_path / 'data'}")
+    monkeypatch.setenv("CANONFLOW_STATE_STORE", f"sqlite:///{tmp_path / 'data' / 'state.db'}")
+    monkeypatch.setenv("CANONFLOW_DISPATCHER", "inline://")
+    handlers.reset()
+    out = handlers.plan({}, FakeContext())  # the first event builds the container
+    c = handlers.container()
+    assert c.settings.name == "lam" and c.settings.object_store.endswith("/data")
+    assert c.settings.credentials("acme", "crm") == {"token": tenant_token("acme")}
+    (job_id,) = out["jobs"]
+    job = c.rt.state.job(job_id)
+    assert job is not None and job.status == "done"
+    assert (tmp_path / "data" / "state.db").exists() and not (tmp_path / "ignored").exists()
