@@ -28,7 +28,7 @@ from werkzeug.serving import make_server
 
 PRICES = {  # USD, us-east-1 list prices
     "lambda_request": 0.20 / 1e6,
-    "lambda_gb_second_arm": 0.0000133334,
+    "lambda_gb_second_x86": 0.0000166667,
     "dynamodb_write_unit": 0.625 / 1e6,
     "dynamodb_read_unit": 0.125 / 1e6,
     "s3_put_list": 0.005 / 1000,
@@ -199,7 +199,7 @@ def _costs(records: int, counts: dict[tuple[str, str], int], invocations: dict[s
     gb_seconds = sum(seconds[k] * MEMORY_GB[k] for k in seconds)
     cost = {
         "lambda_requests": sum(invocations.values()) * PRICES["lambda_request"],
-        "lambda_compute_estimate": gb_seconds * PRICES["lambda_gb_second_arm"],
+        "lambda_compute_estimate": gb_seconds * PRICES["lambda_gb_second_x86"],
         "dynamodb": dyn_writes * PRICES["dynamodb_write_unit"]
         + dyn_reads * PRICES["dynamodb_read_unit"],
         "s3": s3_put * PRICES["s3_put_list"] + s3_get * PRICES["s3_get"],

@@ -413,15 +413,16 @@ app.add_typer(aws_app, name="aws")
 @aws_app.command("template")
 def aws_template(
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="write DIR/template.yaml and DIR/src/requirements.txt (then copy "
-        "your pipeline file to DIR/src/ and run `sam build && sam deploy --guided` in DIR)"
+        "--out", help="write DIR/template.yaml, DIR/src/Dockerfile and "
+        "DIR/src/requirements.txt (then copy your pipeline file to DIR/src/pipeline.yaml "
+        "and run `sam build && sam deploy --guided` in DIR)"
     )] = None,
 ) -> None:
     """Print the SAM template (S3 bucket, DynamoDB table, SQS queues with dead-letter
     queues, the plan, chunk, transform and sweeper functions, their schedules)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from canonflow.aws import template
+    from canonflow.aws import dockerfile, template
 
     text = template()
     if out_dir is None:
@@ -433,10 +434,12 @@ def aws_template(
         pin = ""
     (out_dir / "src").mkdir(parents=True, exist_ok=True)
     (out_dir / "template.yaml").write_text(text)
+    (out_dir / "src" / "Dockerfile").write_text(dockerfile())
     requirements = out_dir / "src" / "requirements.txt"
     if not requirements.exists():
         requirements.write_text(f"canonflow[aws]{pin}\n")
-    out.print(f"wrote {out_dir / 'template.yaml'} and {requirements}; copy your pipeline "
+    out.print(f"wrote {out_dir / 'template.yaml'}, a Dockerfile and {requirements}; copy "
+              "your pipeline "
               f"file to {out_dir / 'src'}/pipeline.yaml, then in {out_dir}: "
               "sam build && sam deploy --guided")
 

@@ -29,6 +29,13 @@ def resources(doc: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {name: r for name, r in doc["Resources"].items() if r["Type"] == kind}
 
 
+def handler(fn: dict[str, Any]) -> str:
+    """The handler an image function runs (its command)."""
+    assert fn["Properties"]["PackageType"] == "Image"
+    (command,) = fn["Properties"]["ImageConfig"]["Command"]
+    return str(command)
+
+
 def refs(value: Any) -> Iterator[str]:
     """Every resource or parameter name a value refers to (Ref, GetAtt, ${...} in Sub)."""
     import re
@@ -73,8 +80,7 @@ def test_every_queue_has_a_dead_letter_queue_and_outlasts_its_function(
     functions = resources(doc, "AWS::Serverless::Function")
     for fn in functions.values():  # functions with their own timeout take no queue
         assert fn["Properties"].get("Timeout", {"Ref": "FunctionTimeout"}) == {
-            "Ref": "FunctionTimeout"} or fn["Properties"]["Handler"].endswith(
-            ("plan", "sweeper"))
+            "Ref": "FunctionTimeout"} or handler(fn).endswith(("plan", "sweeper"))
     for mapping in resources(doc, "AWS::Lambda::EventSourceMapping").values():
         assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
@@ -84,7 +90,8 @@ def test_functions_name_real_handlers_with_schedules_and_reserved_concurrency(
     functions = resources(doc, "AWS::Serverless::Function")
     names = {}
     for name, fn in functions.items():
-        module, attr = fn["Properties"]["Handler"].rsplit(".", 1)
+        module, attr = handler(fn).rsplit(".", 1)
+        assert fn["Metadata"]["Dockerfile"] == "Dockerfile"
         assert callable(getattr(importlib.import_module(module), attr))
         names[attr] = fn["Properties"]
         assert "ReservedConcurrentExecutions" in fn["Properties"], name
@@ -181,3 +188,7 @@ def test_the_cli_prints_and_writes_the_template(tmp_path: Path) -> None:
     assert (tmp_path / "deploy" / "template.yaml").read_text() == template()
     assert (tmp_path / "deploy" / "src" / "requirements.txt").read_text().startswith(
         "canonflow[aws]")
+    docker = (tmp_path / "deploy" / "src" / "Dockerfile").read_text()
+    assert "public.ecr.aws/lambda/python:3.12" in docker
+    assert "COPY pipeline.yaml ${LAMBDA_TASK_ROOT}/" in docker
+    assert "requirements.txt" in docker

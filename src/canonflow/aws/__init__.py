@@ -11,3 +11,8 @@ from importlib.resources import files
 def template() -> str:
     """The SAM template shipped with the package."""
     return files("canonflow.aws").joinpath("template.yaml").read_text()
+
+
+def dockerfile() -> str:
+    """The Dockerfile of the functions' image (the template's ``DockerContext``)."""
+    return files("canonflow.aws").joinpath("Dockerfile").read_text()
