@@ -48,7 +48,7 @@ from canonflow.config import Settings, load_settings
 from canonflow.dispatch.base import Dispatcher, open_dispatcher
 from canonflow.dispatch.tasks import run_chunk, run_transform_task
 from canonflow.errors import CanonflowError, ConfigError, RequestRejected
-from canonflow.model import TERMINAL, ChunkError, ChunkResult, TriggerMode
+from canonflow.model import ChunkError, ChunkResult, TriggerMode
 from canonflow.runner import JobRunner, recover
 from canonflow.runtime import Runtime
 from canonflow.transform.run import continue_when as transform_continue_when
@@ -398,16 +398,6 @@ def sweeper(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                            unit=MetricUnit.Count, value=value)
     log.info("sweep done", extra=summary)
     return summary
-
-
-def job_state(job_id: str) -> dict[str, Any]:
-    """How a job stands (for scripts and tests): status, outcome, chunks."""
-    job = container().rt.state.job(job_id)
-    if job is None:
-        return {"job_id": job_id, "status": None}
-    return {"job_id": job_id, "status": job.status, "outcome": job.outcome,
-            "terminal": job.status in TERMINAL,
-            "chunks": f"{job.completed_chunks}/{job.total_chunks}"}
 
 
 __all__ = ["chunk", "configure", "plan", "reset", "sweeper", "transform"]
