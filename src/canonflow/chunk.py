@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,24 @@ if TYPE_CHECKING:
     from canonflow.runtime import Runtime
 
 log = logging.getLogger("canonflow.chunk")
+_time_low: ContextVar[Callable[[], bool] | None] = ContextVar("canonflow_chunk_time_low",
+                                                             default=None)
+
+
+class ChunkContinues(Exception):  # not an error: the chunk goes on elsewhere
+    """A sequential chunk stopped at a checkpoint because its time runs low (a Lambda's
+    deadline); running the same spec again resumes from that checkpoint."""
+
+
+@contextmanager
+def continue_when(time_low: Callable[[], bool]) -> Iterator[None]:
+    """Inside this block a sequential chunk stops after a checkpoint once ``time_low()``
+    is true, raising :class:`ChunkContinues` (the caller re-enqueues it)."""
+    token = _time_low.set(time_low)
+    try:
+        yield
+    finally:
+        _time_low.reset(token)
 
 
 def encode_batch(lines: list[bytes]) -> bytes:
@@ -130,7 +151,12 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
                     "files": writer.files, "records": records, "page": page,
                     "final_page": final_page, "next": asdict(nxt) if nxt else None,
                     "announced_total": announced})
+                if (time_low := _time_low.get()) is not None and nxt is not None \
+                        and time_low():
+                    raise ChunkContinues(f"{spec.chunk_id}: continues from page {page}")
         writer.close()
+    except ChunkContinues:
+        raise
     except Exception as exc:  # every failure becomes part of the chunk result
         error = ChunkError(**error_payload(exc))
         log.warning("chunk failed", extra={"chunk_id": spec.chunk_id, "job_id": spec.job_id,

@@ -443,6 +443,44 @@ def worker(
     run_worker(settings, concurrency, name, metrics_port, metrics_host)
 
 
+aws_app = typer.Typer(help="Run on AWS Lambda: the SAM template.", no_args_is_help=True)
+app.add_typer(aws_app, name="aws")
+
+
+@aws_app.command("template")
+def aws_template(
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="write DIR/template.yaml, DIR/src/Dockerfile and "
+        "DIR/src/requirements.txt (then copy your pipeline file to DIR/src/pipeline.yaml "
+        "and run `sam build && sam deploy --guided` in DIR)"
+    )] = None,
+) -> None:
+    """Print the SAM template (S3 bucket, DynamoDB table, SQS queues with dead-letter
+    queues, the plan, chunk, transform and sweeper functions, their schedules)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from canonflow.aws import dockerfile, template
+
+    text = template()
+    if out_dir is None:
+        sys.stdout.write(text)
+        return
+    try:
+        pin = f">={version('canonflow')}"
+    except PackageNotFoundError:
+        pin = ""
+    (out_dir / "src").mkdir(parents=True, exist_ok=True)
+    (out_dir / "template.yaml").write_text(text)
+    (out_dir / "src" / "Dockerfile").write_text(dockerfile())
+    requirements = out_dir / "src" / "requirements.txt"
+    if not requirements.exists():
+        requirements.write_text(f"canonflow[aws]{pin}\n")
+    out.print(f"wrote {out_dir / 'template.yaml'}, a Dockerfile and {requirements}; copy "
+              "your pipeline "
+              f"file to {out_dir / 'src'}/pipeline.yaml, then in {out_dir}: "
+              "sam build && sam deploy --guided")
+
+
 db_app = typer.Typer(help="State store schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

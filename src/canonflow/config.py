@@ -191,7 +191,12 @@ class Settings(_Cfg):
         for tenant in self.tenants:
             if tenant.tenant_id == tenant_id:
                 creds = tenant.credentials.get(service, {})
-                return {k: v.get_secret_value() for k, v in creds.items()}
+                values = {k: v.get_secret_value() for k, v in creds.items()}
+                if any(v.startswith("secretsmanager://") for v in values.values()):
+                    from canonflow.aws.secrets import resolve  # the aws extra
+
+                    values = {k: resolve(v) for k, v in values.items()}
+                return values
         raise ConfigError(f"tenant {tenant_id!r} is not in pipeline {self.name!r}")
 
 

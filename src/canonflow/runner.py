@@ -208,6 +208,23 @@ class JobRunner:
         works, _ = self._start(tenant_ids or [t.tenant_id for t in self.settings.tenants])
         return [w.plan for w in works]
 
+    def start(self, tenant_ids: list[str] | None = None
+              ) -> tuple[list[tuple[JobPlan, list[ChunkSpec]]], list[str]]:
+        """Plan and record one job per tenant (or adopt its orphaned one) without driving
+        it: each job's plan and the chunks to submit, and the ids of jobs that failed to
+        plan. For transports that hand nothing back (functions on a queue)."""
+        known = [t.tenant_id for t in self.settings.tenants]
+        unknown = sorted(set(tenant_ids or []) - set(known))
+        if unknown:
+            raise ConfigError(f"tenant(s) {', '.join(unknown)} not in pipeline "
+                              f"{self.settings.name!r} (it has: {', '.join(known)})")
+        with bind(pipeline=self.settings.name):
+            works, failed = self._start(list(dict.fromkeys(tenant_ids or known)))
+        for job_id, span in self._spans.items():  # planned: the job's trace goes on
+            tracing.finish(span, job_id=job_id, status="running")
+        self._spans.clear()
+        return [(w.plan, w.submit) for w in works], failed
+
     def _start(self, tenants: list[str]) -> tuple[list[_Work], list[str]]:
         """A job per tenant, each on its own: a tenant that cannot be planned is recorded
         as a failed job with its reason and the others go on; a tenant with an unfinished

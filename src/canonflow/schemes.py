@@ -84,4 +84,6 @@ DISPATCHERS = Port("dispatcher", {
     "celery+redis": Backend("canonflow.dispatch.celery:CeleryDispatcher", "celery"),
     "celery+rediss": Backend("canonflow.dispatch.celery:CeleryDispatcher", "celery"),
     "celery+amqp": Backend("canonflow.dispatch.celery:CeleryDispatcher", "celery"),
+    "sqs": Backend("canonflow.aws.dispatch:SqsDispatcher", "aws"),
+    "lambda": Backend("canonflow.aws.dispatch:LambdaDispatcher", "aws"),
 })

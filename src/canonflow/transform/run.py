@@ -14,6 +14,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from canonflow import jsonio, memory
-from canonflow.errors import CanonflowError, RequestRejected, TerminalError
+from canonflow.errors import CanonflowError, RequestRejected, RetryableError, TerminalError
 from canonflow.lease import holder_dead, worker_label
 from canonflow.mappings import Entity
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
@@ -48,6 +50,25 @@ if TYPE_CHECKING:
     from canonflow.runtime import Runtime
 
 log = logging.getLogger("canonflow.transform")
+_time_low: ContextVar[Callable[[], bool] | None] = ContextVar("canonflow_transform_time_low",
+                                                             default=None)
+
+
+class TransformContinues(RetryableError):
+    """A transform stopped after a committed group because its time runs low (a Lambda's
+    deadline); its next attempt skips the groups already committed."""
+
+
+@contextmanager
+def continue_when(time_low: Callable[[], bool]) -> Iterator[None]:
+    """Inside this block a transform stops after a committed group once ``time_low()`` is
+    true, raising :class:`TransformContinues` (a retryable failure: the request goes back
+    to the outbox; its next attempt resumes after the committed groups)."""
+    token = _time_low.set(time_low)
+    try:
+        yield
+    finally:
+        _time_low.reset(token)
 _SEQ = "_seq"
 _PARENT = "_parent_seq"  # a child row's parent: its _SEQ
 T = TypeVar("T")
@@ -236,7 +257,12 @@ class _Run:
             self.group.quarantine.append(self._quarantine_rows(raw.key, rejected))
         self.group.rows += raw.columns.num_rows
         if self.group.rows >= self.rt.settings.transform_group_records:
+            index = self.group_index
             self.flush()
+            fresh = not any(label.split("/")[0] == str(index) for _, label in self.skip)
+            if fresh and (time_low := _time_low.get()) is not None and time_low():
+                raise TransformContinues(f"{self.request.request_id}: time runs low after "
+                                         f"group {self.group_index - 1}; continues")
 
     def _quarantine_rows(self, key: str, rows: list[_Rejected]) -> pa.Table:
         r, n = self.request, len(rows)
