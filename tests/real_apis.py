@@ -23,13 +23,10 @@ import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-import orjson
-
-from tests.servers import ApiServer, serve_api
+from tests.servers import ApiServer, JsonHandler, serve_api
 
 HUBSPOT_TOKEN = "pat-na1-11111111-2222"
 ZENDESK_USER, ZENDESK_TOKEN = "ada@example.com/token", "zd-api-token-3333"
@@ -166,19 +163,7 @@ class RealApis:
             self.customers[c["id"]] = c
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def _send(self, status: int, doc: Any) -> None:
-        body = orjson.dumps(doc)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class _Handler(JsonHandler):
 
     @property
     def host(self) -> str:

@@ -17,13 +17,10 @@ import base64
 import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-import orjson
-
-from tests.servers import ApiServer, serve_api
+from tests.servers import ApiServer, JsonHandler, serve_api
 
 PAGE = 10
 
@@ -54,19 +51,7 @@ def record(service: str, i: int) -> dict[str, Any]:
     return {"id": f"{service}-{i:04d}", "name": f"item {i}", "updated_at": "2026-01-02T03:04:05Z"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def _send(self, status: int, doc: Any) -> None:
-        body = orjson.dumps(doc)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class _Handler(JsonHandler):
 
     def do_GET(self) -> None:
         api: SecretApi = self.server.api  # type: ignore[attr-defined]

@@ -6,11 +6,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import orjson
 
 from canonflow.connectors.demo_api import running
 
 A = TypeVar("A")
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Quiet, keep-alive, and ``_send`` answers a JSON document."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def _send(self, status: int, doc: Any) -> None:
+        body = orjson.dumps(doc)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class ApiServer(ThreadingHTTPServer, Generic[A]):
