@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from canonflow import jsonio, log, memory
+from canonflow import exits, jsonio, log, memory, render
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
 from canonflow.connectors.demo_api import TABLES, DemoApi, serve, tenant_token
 from canonflow.dispatch import Dispatcher, open_dispatcher
-from canonflow.errors import CanonflowError, ConfigError, TerminalError, UnknownJob
+from canonflow.errors import ConfigError, TerminalError, UnknownJob
 from canonflow.lease import runner_alive
 from canonflow.model import TERMINAL, TransformRequest, TriggerMode
 from canonflow.progress import RichProgress
@@ -35,8 +34,8 @@ app = typer.Typer(
     "exactly-once canonical processing, nothing lost.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
-console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 120)
+console = render.console(stderr=True)
+out = render.console()
 
 DEMO_SERVICES = ("crm", "helpdesk", "billing")
 PipelineOpt = Annotated[Path | None, typer.Option(
@@ -110,16 +109,14 @@ def _emit_json(doc: Any) -> None:
 def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
     jobs = ", ".join(f"{r['tenant_id']}={r['job_id']} ({r['status']}/{r['outcome']})"
                      for r in reports)
-    table = Table(title=f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s",
-                  caption=jobs)
-    table.add_column("table", no_wrap=True)
-    for col in ("chunks", "records", "files", "transforms", "canonical", "quarantined",
-                "read/ext", "chunk s", "trans. s"):
-        table.add_column(col, justify="right")
+    table = render.View(f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s", jobs)
+    table.column("table", "id").columns(
+        ("chunks", "records", "files", "transforms", "canonical", "quarantined", "read/ext",
+         "chunk s", "trans. s"), "number")
     for rep in reports:
         for label, t in rep["tables"].items():
             factor = t.get("read_per_extracted")
-            table.add_row(label, str(t["chunks"]), str(t["records_extracted"]),
+            table.row(label, str(t["chunks"]), str(t["records_extracted"]),
                           str(t["files_written"]), str(t["transforms_triggered"]),
                           str(t["records_canonical"]), str(t["records_quarantined"]),
                           "" if factor is None else f"{factor:.2f}",
@@ -128,13 +125,13 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
     sums = [totals(r) for r in reports]
     if sums:
         agg = {k: sum(s[k] for s in sums) for k in sums[0]}
-        table.add_section()
+        table.section()
         factor = (f"{agg['records_read'] / agg['records_extracted']:.2f}"
                   if agg["records_extracted"] else "")
-        table.add_row("total", str(agg["chunks"]), str(agg["records_extracted"]),
+        table.row("total", str(agg["chunks"]), str(agg["records_extracted"]),
                       str(agg["files_written"]), str(agg["transforms_triggered"]),
-                      str(agg["records_canonical"]), str(agg["records_quarantined"]), factor)
-    return table
+                  str(agg["records_canonical"]), str(agg["records_quarantined"]), factor)
+    return table.render()
 
 
 def _secs(value: float | None) -> str:
@@ -143,18 +140,17 @@ def _secs(value: float | None) -> str:
 
 def _timings(rep: dict[str, Any]) -> Table:
     """Where a job's time went, per table (times are the workers' clocks)."""
-    table = Table(title=f"timings (aggregated {rep.get('aggregated_at') or 'not yet'})")
-    table.add_column("table", no_wrap=True)
-    for col in ("extraction s", "wait for aggr. s", "transform s", "files/transform",
-                "read/ext"):
-        table.add_column(col, justify="right")
+    table = render.View(f"timings (aggregated {rep.get('aggregated_at') or 'not yet'})")
+    table.column("table", "id").columns(
+        ("extraction s", "wait for aggr. s", "transform s", "files/transform", "read/ext"),
+        "number")
     for label, t in rep["tables"].items():
         factor, per = t.get("read_per_extracted"), t.get("files_per_transform")
-        table.add_row(label, _secs(t.get("extraction_seconds")),
+        table.row(label, _secs(t.get("extraction_seconds")),
                       _secs(t.get("aggregation_wait_seconds")),
                       _secs(t.get("transform_seconds")), "" if per is None else str(per),
-                      "" if factor is None else f"{factor:.2f}")
-    return table
+                  "" if factor is None else f"{factor:.2f}")
+    return table.render()
 
 
 def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
@@ -202,10 +198,10 @@ def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
         for job_id in runner.resumed if runner else []:
             console.print(f"resumed job {job_id} (its runner was gone)", highlight=False)
         for message in refused.values():
-            console.print(f"[red]refused:[/red] {message}", highlight=False, soft_wrap=True)
+            console.print(f"refused: {message}", soft_wrap=True)
         for r in reports:
             if r.get("error"):
-                console.print(f"[red]{r['tenant_id']}:[/red] job {r['job_id']} failed: "
+                console.print(f"{r['tenant_id']}: job {r['job_id']} failed: "
                               f"{r['error']}", highlight=False, soft_wrap=True)
     failed = [r for r in reports if r["status"] != "done" or r["outcome"] != "completed"]
     return 1 if failed or refused else 0
@@ -325,17 +321,16 @@ def status(
         if as_json:
             _emit_json({"jobs": [job_report(rt.state, j.job_id) for j in jobs]})
             return
-        table = Table(title="recent jobs")
-        for col in ("job", "tenant", "status", "outcome", "chunks", "created"):
-            table.add_column(col)
+        table = render.View("recent jobs").columns(("job", "tenant"), "id").columns(
+            ("status", "outcome", "chunks", "created"))
         for j in jobs:
             lost = j.status not in TERMINAL and j.runner is not None \
                 and not runner_alive(rt.state, j)
-            table.add_row(j.job_id, j.tenant_id, j.status + (" (runner lost)" if lost else ""),
+            table.row(j.job_id, j.tenant_id, j.status + (" (runner lost)" if lost else ""),
                           j.outcome or "",
                           f"{j.completed_chunks}/{j.total_chunks}",
-                          j.created_at.isoformat(timespec="seconds"))
-        out.print(table)
+                      j.created_at.isoformat(timespec="seconds"))
+        out.print(table.render())
     finally:
         rt.close()
 
@@ -411,12 +406,7 @@ def query(
         writer.writerow(columns)
         writer.writerows(rows)
         return
-    table = Table()
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r))
-    out.print(table)
+    out.print(render.rows_view(columns, rows))
 
 
 @app.command()
@@ -511,15 +501,13 @@ def entities(
     if markdown:
         sys.stdout.write(entities_markdown(catalog))
         return
-    table = Table(title="canonical entities")
-    for col in ("entity", "primary key", "fields", "mapped from"):
-        table.add_column(col)
+    table = render.View("canonical entities").columns(
+        ("entity", "primary key", "fields", "mapped from"))
     for name, entity in sorted(catalog.entities.items()):
         sources = [f"{s}.{t}" for (s, t), m in sorted(catalog.mappings.items())
                    if m.entity == name or any(c.entity == name for c in m.children)]
-        table.add_row(name, ", ".join(entity.keys), str(len(entity.fields)),
-                      ", ".join(sources))
-    out.print(table)
+        table.row(name, ", ".join(entity.keys), len(entity.fields), ", ".join(sources))
+    out.print(table.render())
 
 
 connectors_app = typer.Typer(help="Connector specs: list the built-in ones, check your own.",
@@ -538,12 +526,11 @@ def connectors_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _emit_json(docs)
         return
-    view = Table(title="built-in connectors")
-    for col in ("service", "table", "pagination", "chunking", "auth"):
-        view.add_column(col)
+    view = render.View("built-in connectors").columns(
+        ("service", "table", "pagination", "chunking", "auth"))
     for d in docs:
-        view.add_row(d["service"], d["table"], d["pagination"], d["chunking"], d["auth"])
-    out.print(view)
+        view.row(d["service"], d["table"], d["pagination"], d["chunking"], d["auth"])
+    out.print(view.render())
 
 
 @connectors_app.command("check")
@@ -618,12 +605,9 @@ def quarantine_list(
     if not docs:
         out.print("no quarantined records")
         return
-    view = Table(title=f"quarantine: {total} unresolved record(s)")
-    for col in docs[0]:
-        view.add_column(col.lstrip("_"), overflow="fold")
-    for doc in docs:
-        view.add_row(*("" if v is None else str(v) for v in doc.values()))
-    out.print(view)
+    out.print(render.rows_view([col.lstrip("_") for col in docs[0]],
+                               [list(doc.values()) for doc in docs],
+                               f"quarantine: {total} unresolved record(s)"))
 
 
 @quarantine_app.command("replay")
@@ -740,12 +724,11 @@ def maintain(
     if as_json:
         _emit_json(rows)
         return
-    view = Table(title=f"maintenance (retention {retention_hours:g} h)")
-    for col in ("table", "files compacted", "files deleted"):
-        view.add_column(col, justify="left" if col == "table" else "right")
+    view = render.View(f"maintenance (retention {retention_hours:g} h)").column("table", "id")
+    view.columns(("files compacted", "files deleted"), "number")
     for r in rows:
-        view.add_row(r["table"], str(r["files_compacted"]), str(r["files_deleted"]))
-    out.print(view)
+        view.row(r["table"], r["files_compacted"], r["files_deleted"])
+    out.print(view.render())
 
 
 @app.command()
@@ -768,21 +751,33 @@ def cancel(
         rt.close()
 
 
+def _command_path(argv: list[str]) -> str:
+    """``canonflow`` and the (sub)command words of ``argv``, e.g. ``canonflow db upgrade``."""
+    command = typer.main.get_command(app)
+    words = ["canonflow"]
+    for arg in argv:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is not None:
+            command = sub
+            words.append(arg)
+    return " ".join(words)
+
+
 def main() -> None:
     """The ``canonflow`` entry point: any failure ends in one redacted line on stderr (exit 2
-    terminal, 3 retryable, 1 for an error canonflow did not expect)."""
-    from rich.markup import escape
-
-    from canonflow.redact import redact
-
+    when retrying will not help, 3 when it may, 130 interrupted, 1 for an error canonflow
+    did not expect); see :mod:`canonflow.exits`."""
     memory.tune()
+    argv = _hoist_log_options(sys.argv[1:])
     try:
-        app(args=_hoist_log_options(sys.argv[1:]))
+        code = app(args=argv, standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        console.print("error: interrupted; run the command again to continue", soft_wrap=True)
+        sys.exit(exits.INTERRUPTED)
     except Exception as exc:  # one line, never a traceback that could carry a secret
-        if isinstance(exc, CanonflowError):
-            text, code = str(exc), 3 if exc.retryable else 2
-        else:
-            text, code = f"{type(exc).__name__}: {exc}", 1
-        console.print(f"[red]error:[/red] {escape(redact(text))}", highlight=False,
-                      soft_wrap=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is printed already
+            sys.exit(exits.TERMINAL)
+        text, code = exits.describe(exc, _command_path(argv))
+        console.print(f"error: {exits.one_line(text)}", soft_wrap=True)
         sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -18,6 +18,7 @@ quarantine is visible in every demo run. :class:`DemoFaults` injects 429s (with
 from __future__ import annotations
 
 import base64
+import errno
 import threading
 import time
 import zlib
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from canonflow import jsonio
+from canonflow.errors import ConfigError
 
 _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances"]
@@ -389,7 +391,18 @@ class DemoServer(ThreadingHTTPServer):
 
     def __init__(self, api: DemoApi, port: int = 0) -> None:
         self.api = api
-        super().__init__(("127.0.0.1", port), _Handler)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"port {port} is not a TCP port: use 1-65535, or 0 for any "
+                              "free port")
+        try:
+            super().__init__(("127.0.0.1", port), _Handler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on 127.0.0.1 is in use: stop what listens "
+                                  "there, or choose another --port (0: any free port)"
+                                  ) from None
+            raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}; choose "
+                              "another --port (0: any free port)") from None
 
     @property
     def base_url(self) -> str:

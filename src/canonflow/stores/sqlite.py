@@ -22,7 +22,13 @@ def open_sqlite(url: str) -> SqlStateStore:
         raise ConfigError(f"invalid SQLite URL {url!r}")
     database = sa_url.database or ""
     if database and database != ":memory:":
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the state store's folder {folder}: "
+                              f"{exc.strerror}; choose a writable --data-dir or state_store "
+                              "path") from None
     engine = sa.create_engine(
         sa_url, connect_args={"timeout": 30, "isolation_level": None}
     )
