@@ -110,7 +110,7 @@ def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
     jobs = ", ".join(f"{r['tenant_id']}={r['job_id']} ({r['status']}/{r['outcome']})"
                      for r in reports)
     table = render.View(f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s", jobs)
-    table.column("table", "id").columns(
+    table.column("table").columns(
         ("chunks", "records", "files", "transforms", "canonical", "quarantined", "read/ext",
          "chunk s", "trans. s"), "number")
     for rep in reports:
@@ -141,7 +141,7 @@ def _secs(value: float | None) -> str:
 def _timings(rep: dict[str, Any]) -> Table:
     """Where a job's time went, per table (times are the workers' clocks)."""
     table = render.View(f"timings (aggregated {rep.get('aggregated_at') or 'not yet'})")
-    table.column("table", "id").columns(
+    table.column("table").columns(
         ("extraction s", "wait for aggr. s", "transform s", "files/transform", "read/ext"),
         "number")
     for label, t in rep["tables"].items():
@@ -154,10 +154,12 @@ def _timings(rep: dict[str, Any]) -> Table:
 
 
 def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
-              full_refresh: bool = False, wait_limit: float | None = None) -> int:
+              full_refresh: bool = False, wait_limit: float | None = None,
+              resume_with: str = "the same command again") -> int:
     """Run (or resume) one job per tenant and print the reports. Exit codes: 0 every job
     done and completed, 1 a job failed or a tenant was refused, 130 interrupted (the jobs
-    stay resumable); errors exit 2 (terminal) or 3 (retryable, a wait limit)."""
+    stay resumable: ``resume_with`` says how); errors exit 2 (terminal) or 3 (retryable, a
+    wait limit)."""
     started = time.perf_counter()
     rt = Runtime(settings)
     if telemetry.enabled():
@@ -177,12 +179,15 @@ def _run_jobs(settings: Settings, tenants: list[str] | None, as_json: bool,
                 job_ids = runner.run(tenants)
         reports = [job_report(rt.state, j) for j in job_ids]
     except KeyboardInterrupt:
-        left = [j.job_id for j in rt.state.unfinished_jobs()
+        left = [f"{j.tenant_id}={j.job_id}" for j in rt.state.unfinished_jobs()
                 if runner is not None and j.runner == runner.holder]
-        console.print(f"interrupted; unfinished job(s) {', '.join(left) or '(none)'} can be "
-                      "resumed: run the same command again, or `canonflow recover`",
-                      highlight=False, soft_wrap=True)
-        return 130
+        if left:
+            console.print(f"interrupted: {len(left)} unfinished job(s) {', '.join(left)} can "
+                          f"be resumed: run {resume_with}", soft_wrap=True)
+        else:
+            console.print("interrupted before any job started: nothing to resume",
+                          soft_wrap=True)
+        return exits.INTERRUPTED
     finally:
         if dispatcher is not None:
             dispatcher.close()
@@ -240,8 +245,9 @@ def demo(
                 "credentials": {svc: {"token": tenant_token(t)} for svc in DEMO_SERVICES}})
                 for t in tenant_ids],
         )
-        code = _run_jobs(settings, None, as_json)
-    if not as_json:
+        code = _run_jobs(settings, None, as_json,
+                         resume_with=f"`canonflow demo --data-dir {data_dir}` again")
+    if not as_json and code != exits.INTERRUPTED:
         console.print(f'Canonical tables are in {root}/canonical; try: '
                       f'canonflow query --data-dir {data_dir} "SELECT count(*) FROM contact"')
     raise typer.Exit(code)
@@ -268,8 +274,10 @@ def run(
     A tenant whose job another live run is driving is refused."""
     if verbose:
         log.at_least(logging.INFO)
-    raise typer.Exit(_run_jobs(load_settings(pipeline), tenant or None, as_json, full_refresh,
-                               wait_limit))
+    raise typer.Exit(_run_jobs(
+        load_settings(pipeline), tenant or None, as_json, full_refresh, wait_limit,
+        resume_with=f"`canonflow recover --pipeline {pipeline} --older-than 0` (their runner "
+        "is gone), or the same command again"))
 
 
 @app.command()
@@ -321,8 +329,8 @@ def status(
         if as_json:
             _emit_json({"jobs": [job_report(rt.state, j.job_id) for j in jobs]})
             return
-        table = render.View("recent jobs").columns(("job", "tenant"), "id").columns(
-            ("status", "outcome", "chunks", "created"))
+        table = render.View("recent jobs").column("job", "id").columns(
+            ("tenant", "status", "outcome", "chunks", "created"))
         for j in jobs:
             lost = j.status not in TERMINAL and j.runner is not None \
                 and not runner_alive(rt.state, j)
@@ -369,11 +377,18 @@ def transform(
         rt.close()
     if as_json:
         _emit_json(result.model_dump(mode="json"))
+    elif result.files_read == 0 and result.files_skipped == 0 and not source_file:
+        # nothing to do is not a failure (exit 0): a scheduled trigger may find no new data
+        out.print(f"no raw files for tenant {tenant} table {service}.{table} in the last "
+                  f"{lookback_hours:g} hours; nothing to transform (run a sync first, or "
+                  "widen --lookback-hours)", soft_wrap=True)
     else:
-        out.print(f"{result.processing_mode.value}: {result.files_read} files, "
+        skipped = (f", {result.files_skipped} skipped (already canonical; --reprocess reads "
+                   "them again)" if result.files_skipped else "")
+        out.print(f"{result.processing_mode.value}: {result.files_read} files{skipped}, "
                   f"{result.records_read} records read, {result.records_written} canonical, "
                   f"{result.records_quarantined} quarantined, {result.records_merged} merged "
-                  f"in {result.seconds:.2f} s")
+                  f"in {result.seconds:.2f} s", soft_wrap=True)
 
 
 @app.command()
@@ -724,7 +739,7 @@ def maintain(
     if as_json:
         _emit_json(rows)
         return
-    view = render.View(f"maintenance (retention {retention_hours:g} h)").column("table", "id")
+    view = render.View(f"maintenance (retention {retention_hours:g} h)").column("table")
     view.columns(("files compacted", "files deleted"), "number")
     for r in rows:
         view.row(r["table"], r["files_compacted"], r["files_deleted"])

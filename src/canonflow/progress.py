@@ -19,6 +19,9 @@ from canonflow.plan import JobPlan
 
 
 class RichProgress:
+    """Shown from the moment the jobs are planned: a run that fails before (a store that
+    does not open) prints its one error line and nothing else."""
+
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
             TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
@@ -28,19 +31,23 @@ class RichProgress:
         self._tables: dict[TableRef, TaskID] = {}
         self._transforms: TaskID | None = None
         self._records: dict[TableRef, int] = {}
+        self._started = False
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
     def planned(self, plans: list[JobPlan]) -> None:
         counts: dict[TableRef, int] = {}
         for plan in plans:
             for spec in plan.chunks:
                 counts[spec.table] = counts.get(spec.table, 0) + 1
+        if not self._started:
+            self._progress.start()
+            self._started = True
         for table, n in counts.items():
             self._records[table] = 0
             self._tables[table] = self._progress.add_task(table.label, total=n, records=0)

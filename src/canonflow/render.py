@@ -3,9 +3,10 @@
 - A cell shows its value as it is: tenant ids, subjects and error texts such as ``[urgent]``,
   ``[/]`` or ``:x:`` are never read as rich markup or emoji codes (every title, caption and
   cell becomes a :class:`rich.text.Text`).
-- Id columns (tenant, job, table labels) fold instead of being cut with an ellipsis, so a job
-  id can be copied whole into ``canonflow status JOB_ID``; number columns never shrink below
-  their widest value, so a long tenant id cannot blank them.
+- Id columns (job ids) and number columns never shrink below their widest value: a job id
+  stays whole, to be copied into ``canonflow status JOB_ID``, and a long tenant id cannot
+  blank the numbers. Text columns (tenants, table labels, values) fold onto more lines
+  instead of being cut with an ellipsis.
 - Output that is not a terminal (a pipe, a CI log) is never cut to a guessed width: the
   console is as wide as the widest table needs.
 """
@@ -40,8 +41,8 @@ def literal(value: object) -> Text:
 class View:
     """Build a table column by column, then row by row; ``render`` returns the rich table.
 
-    Column kinds: ``id`` (folds, never ellipsis), ``number`` (right-aligned, never narrower
-    than its widest value) and ``text`` (folds too: whole values, no ellipsis)."""
+    Column kinds: ``id`` (one line, never narrower than its widest value), ``number`` (the
+    same, right-aligned) and ``text`` (folds: whole values, never an ellipsis)."""
 
     def __init__(self, title: str | None = None, caption: str | None = None) -> None:
         self.title = title
@@ -75,9 +76,9 @@ class View:
                       caption=None if self.caption is None else literal(self.caption))
         for i, (header, kind) in enumerate(self._columns):
             widest = max([len(header), *(r[i].cell_len for r in self._rows if i < len(r))])
-            if kind == "number":
-                table.add_column(literal(header), justify="right", no_wrap=True,
-                                 min_width=widest)
+            if kind in ("id", "number"):
+                table.add_column(literal(header), no_wrap=True, min_width=widest,
+                                 justify="right" if kind == "number" else "left")
             else:
                 table.add_column(literal(header), overflow="fold")
         for i, cells in enumerate(self._rows):

@@ -92,7 +92,7 @@ class Runtime:
             self._clients[key] = RestClient(
                 self.settings.spec_for(service),
                 self.settings.credentials(tenant_id, service),
-                base_url=src.base_url,
+                base_url=src.base_url, tenant=tenant_id,
             )
         return self._clients[key]
 

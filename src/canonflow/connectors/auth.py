@@ -31,6 +31,16 @@ def _need(credentials: Mapping[str, str], key: str, service: str) -> str:
     return value
 
 
+def credential_names(spec: ConnectorSpec) -> list[str]:
+    """The keys of the tenant's credentials the spec's auth reads (names, never values)."""
+    auth = spec.auth
+    if isinstance(auth, BearerAuth | ApiKeyAuth):
+        return [auth.credential]
+    if isinstance(auth, BasicAuth):
+        return [auth.username_credential, auth.password_credential]
+    return [auth.client_id_credential, auth.client_secret_credential]
+
+
 class HeaderAuth(httpx.Auth):
     def __init__(self, name: str, value: str) -> None:
         self._name, self._value = name, value

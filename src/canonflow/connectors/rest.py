@@ -24,7 +24,7 @@ import httpx
 
 from canonflow import jsonio, retry
 from canonflow.connectors import tls
-from canonflow.connectors.auth import build_auth
+from canonflow.connectors.auth import build_auth, credential_names
 from canonflow.connectors.pagination import PageRequest, paginator, positional
 from canonflow.connectors.spec import ConnectorSpec, TableSpec
 from canonflow.errors import HttpRetryable, HttpTerminal, MalformedPage
@@ -59,6 +59,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 EXCERPT_CHARS = 200
+HTML_TYPES = {"text/html", "application/xhtml+xml"}  # a login page, a proxy's error page
 
 
 def _excerpt(body: bytes) -> str:
@@ -105,8 +106,10 @@ class RestClient:
         base_url: str | None = None,
         transport: httpx.BaseTransport | None = None,
         backoff_base: float = 0.2,
+        tenant: str | None = None,
     ) -> None:
         self.spec = spec
+        self.tenant = tenant  # named when the API refuses the credentials
         register_secret(*credentials.values())  # also for clients built outside a pipeline
         url = (base_url or spec.base_url).rstrip("/")
         register_url_secrets([url])
@@ -216,13 +219,31 @@ class RestClient:
             target = self._client.build_request("GET", path, params=params or None).url
             raise HttpRetryable(f"GET {self._shown(target)}: {type(exc).__name__}") from None
         metrics.http_response(self.spec.service, resp.status_code)
-        if resp.status_code < 300:
-            return resp.content, self._shown(resp.url), resp
         shown = self._shown(resp.url, query=False)
-        what = f"GET {shown}: HTTP {resp.status_code}{_excerpt(resp.content)}"
+        media = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        html = media in HTML_TYPES
+        if resp.status_code < 300:
+            if html:
+                raise MalformedPage(f"expected JSON, got {media} from {shown}: is the "
+                                    f"{self.spec.service} base URL right?")
+            return resp.content, self._shown(resp.url), resp
+        body = f" ({media} page)" if html else _excerpt(resp.content)
+        what = f"GET {shown}: HTTP {resp.status_code}{body}"
         if resp.status_code == 429 or resp.status_code >= 500 or resp.status_code == 408:
             raise HttpRetryable(what, _retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code in (401, 403):
+            raise HttpTerminal(f"{what}: {self._refused()}")
         raise HttpTerminal(what)
+
+    def _refused(self) -> str:
+        """What to check when the API refuses the credentials: whose, and which (names)."""
+        names = " and ".join(repr(n) for n in credential_names(self.spec))
+        service = self.spec.service
+        if self.tenant is None:
+            return f"the API refused credential {names} of service {service!r}: check it"
+        return (f"the API refused credential {names} of service {service!r} for tenant "
+                f"{self.tenant!r}: check or renew it (tenants.{self.tenant}.credentials."
+                f"{service} in the pipeline)")
 
     @staticmethod
     def _parse(tspec: TableSpec, body: bytes, url: str) -> Page:

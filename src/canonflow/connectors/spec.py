@@ -238,6 +238,15 @@ class ConnectorSpec(_Spec):
     max_retries: int = Field(default=5, ge=0)
     tables: dict[str, TableSpec]
 
+    @model_validator(mode="after")
+    def _usable(self) -> ConnectorSpec:
+        if not self.tables:
+            raise ValueError("no tables: list at least one under 'tables'")
+        if not self.base_url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url.split('?')[0]!r} is not an HTTP URL: "
+                             "use http:// or https://")
+        return self
+
     def table(self, name: str) -> TableSpec:
         try:
             return self.tables[name]
@@ -278,7 +287,8 @@ def _format_validation(source: str, exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{source}: at {where}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: at {where}: {message}{more}"
 
 
 def parse_spec(text: str, source: str) -> ConnectorSpec:
