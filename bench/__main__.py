@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console
 from rich.table import Table
 
 from bench.coordination import run as coordination_run
 from bench.coordination import run_dynamodb
 from bench.server import demo_api
+from canonflow import render
 
 ALL_TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets", "users"]}
 MODE_TABLES = {"crm": ["contacts", "companies", "deals"], "helpdesk": ["tickets"]}
-console = Console()
+console = render.console()  # CI logs get whole tables, not 80 columns
 
 
 def child(module: str, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -237,10 +237,11 @@ def main() -> None:
     if args.json:
         print(orjson.dumps(result).decode())
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from canonflow import render
+
+    console = render.console()
     table = Table(title=f"AWS requests for {result['records']:,} records, per million records")
     table.add_column("what")
     table.add_column("per million records", justify="right")

@@ -785,7 +785,7 @@ def main() -> None:
     memory.tune()
     argv = _hoist_log_options(sys.argv[1:])
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="canonflow", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):
         console.print("error: interrupted; run the command again to continue", soft_wrap=True)
         sys.exit(exits.INTERRUPTED)

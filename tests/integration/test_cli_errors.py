@@ -1,0 +1,179 @@
+"""Every failure of the command line is one line on stderr with a next step, never a
+traceback: exit 2 when retrying will not help, 3 when it may."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from canonflow.connectors.demo_api import DemoServer
+from tests.integration.test_cli import cli
+from tests.servers import JsonHandler, serve_api
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *parts: str) -> str:
+    """The single ``error:`` line of a failed command, which mentions every part."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with the canonical tables of a small demo (one tenant)."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    proc = cli("demo", "--records", "50", "--tenants", "1", "--data-dir", str(root), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_invalid_argument_values_name_their_option(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    transform = ("transform", "--data-dir", data, "--service", "crm", "--table", "contacts")
+    one_error_line(cli(*transform, "--tenant", "a/b"), 2,
+                   "--tenant: invalid tenant_id 'a/b'", "canonflow transform --help")
+    one_error_line(cli(*transform, "--tenant", "a", "--lookback-hours", "-5"), 2,
+                   "--lookback-hours: Input should be greater than 0",
+                   "canonflow transform --help")
+    one_error_line(cli("demo", "--tenants", "0"), 2, "'--tenants'", "canonflow demo --help")
+    one_error_line(cli("db", "upgrade", "--nope"), 2, "No such option: --nope",
+                   "canonflow db upgrade --help")
+    one_error_line(cli("nosuch"), 2, "No such command 'nosuch'", "canonflow --help")
+
+
+def test_query_errors_of_duckdb_are_one_line(data: Path) -> None:
+    for sql, message in (("SELEC 1", "Parser Error"),
+                         ("SELECT nope FROM contact", 'column "nope" not found'),
+                         ("SELECT CAST(id || 'x' AS INTEGER) FROM contact", "Conversion Error"),
+                         ("SELECT error('boom ' || id) FROM contact", "boom")):
+        one_error_line(cli("query", "--data-dir", str(data), sql), 2, "query failed", message)
+
+
+def test_demo_api_port_that_is_busy_or_invalid(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        one_error_line(cli("demo-api", "--port", port, timeout=60), 2,
+                       f"port {port} on 127.0.0.1 is in use", "--port")
+    for port in ("70000", "-1"):
+        one_error_line(cli("demo-api", "--port", port, timeout=60), 2,
+                       f"port {port} is not a TCP port", "use 1-65535")
+
+
+def test_state_store_path_that_cannot_be_created(tmp_path: Path) -> None:
+    # a path under a regular file fails for every user, root too
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    one_error_line(cli("status", "--data-dir", str(blocker / "data")), 2,
+                   f"cannot create the state store's folder {blocker / 'data'}",
+                   "Not a directory", "--data-dir")
+
+
+def test_unknown_store_scheme_is_one_line_and_nothing_else(tmp_path: Path) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"""
+object_store: foo://x
+state_store: sqlite:///{tmp_path}/state.db
+sources: [{{service: crm, base_url: 'http://127.0.0.1:9/crm/v1', tables: [contacts]}}]
+tenants: [{{tenant_id: acme}}]
+""")
+    # before: the progress display printed an empty line ahead of the error
+    proc = cli("run", str(pipeline))
+    one_error_line(proc, 2, "unsupported object store URL 'foo://x'", "file://")
+    assert proc.stderr.startswith("error: ")
+
+
+SPEC = """
+service: crm
+base_url: {base_url}
+auth: {auth}
+tables:
+  contacts: {{path: /contacts, records_path: results, primary_key: id,
+              chunking: {{type: sequential}}}}
+"""
+
+
+def test_connectors_check_rejects_a_spec_without_tables_or_http(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("service: crm\nbase_url: https://api.example\ntables: {}\n")
+    one_error_line(cli("connectors", "check", str(empty)), 2,
+                   "no tables: list at least one under 'tables'")
+    ftp = tmp_path / "ftp.yaml"
+    ftp.write_text(SPEC.format(base_url="ftp://files.example/crm", auth="{type: bearer}"))
+    one_error_line(cli("connectors", "check", str(ftp)), 2,
+                   "base_url 'ftp://files.example/crm' is not an HTTP URL", "https://")
+
+
+def test_a_401_names_the_tenant_and_the_credential_never_its_value(
+        tmp_path: Path, demo_server: DemoServer) -> None:
+    spec = tmp_path / "crm.yaml"
+    spec.write_text(SPEC.format(base_url="http://127.0.0.1:9", auth="{type: bearer}"))
+    probe = cli("connectors", "check", str(spec), "--probe",
+                f"{demo_server.base_url}/crm/v1", "--credential", "token=wrong-Secret-42")
+    line = one_error_line(probe, 2, "HTTP 401", "credential 'token' of service 'crm'")
+    assert "wrong-Secret-42" not in probe.stdout + line
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"""
+name: refused
+object_store: file://./data
+state_store: sqlite:///./data/state.db
+dispatcher: inline://
+sources: [{{service: crm, base_url: '{demo_server.base_url}/crm/v1', tables: [contacts]}}]
+tenants:
+  - {{tenant_id: acme, credentials: {{crm: {{token: wrong-Secret-42}}}}}}
+""")
+    run = cli("run", str(pipeline))
+    assert run.returncode == 1 and "Traceback" not in run.stderr  # a job failed
+    assert "credential 'token' of service 'crm' for tenant 'acme'" in run.stderr
+    assert "wrong-Secret-42" not in run.stdout + run.stderr
+
+
+class HtmlHandler(JsonHandler):
+    """A login page where the API should be."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>Please sign in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def html_server() -> Iterator[str]:
+    with serve_api(None, HtmlHandler, "html-api") as server:
+        yield server.base_url
+
+
+def test_an_html_page_where_json_was_expected(tmp_path: Path, html_server: str) -> None:
+    spec = tmp_path / "crm.yaml"
+    spec.write_text(SPEC.format(base_url="http://127.0.0.1:9",
+                                auth="{type: api_key, name: key, location: query}"))
+    probe = cli("connectors", "check", str(spec), "--probe", f"{html_server}/crm/v1",
+                "--credential", "api_key=query-Secret-42")
+    line = one_error_line(probe, 2, "expected JSON, got text/html from "
+                                    f"{html_server}/crm/v1/contacts")
+    assert "query-Secret-42" not in line
+
+
+def test_transform_says_when_there_is_nothing_to_transform(data: Path) -> None:
+    nothing = cli("transform", "--data-dir", str(data), "--tenant", "nobody", "--service",
+                  "crm", "--table", "contacts", "--lookback-hours", "12")
+    assert nothing.returncode == 0, nothing.stderr
+    assert nothing.stdout.strip().startswith(
+        "no raw files for tenant nobody table crm.contacts in the last 12 hours; nothing to "
+        "transform")
+    skipped = cli("transform", "--data-dir", str(data), "--tenant", "acme", "--service", "crm",
+                  "--table", "contacts")
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.startswith("time_based: 0 files, 1 skipped (already canonical")
