@@ -1,17 +1,30 @@
-"""Every failure of the command line is one line on stderr with a next step, never a
-traceback: exit 2 when retrying will not help, 3 when it may."""
+"""What the command line prints. Every failure is one line on stderr with a next step,
+never a traceback: exit 2 when retrying will not help, 3 when it may. Tables show values as
+they are, keep ids whole and are never cut when piped. An interrupted run says which jobs it
+left and how to resume them."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import pty
+import re
+import signal
 import socket
+import struct
 import subprocess
+import sys
+import termios
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from canonflow.connectors.demo_api import DemoServer
+from canonflow.connectors.demo_api import DemoApi, DemoServer, serve, tenant_token
 from tests.integration.test_cli import cli
+from tests.reliability.test_killed_runs import wait_for_a_job
 from tests.servers import JsonHandler, serve_api
 
 
@@ -177,3 +190,130 @@ def test_transform_says_when_there_is_nothing_to_transform(data: Path) -> None:
                   "--table", "contacts")
     assert skipped.returncode == 0, skipped.stderr
     assert skipped.stdout.startswith("time_based: 0 files, 1 skipped (already canonical")
+
+
+def on_terminal(*args: str, columns: int = 80) -> str:
+    """The output of a command run on a terminal ``columns`` wide (colours removed)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", "from canonflow.cli import main; main()",
+                             *args], stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": str(columns)})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", b"".join(chunks).decode()).replace("\r", "")
+
+
+def test_table_values_print_as_they_are(data: Path) -> None:
+    values = ("[urgent]", "[/]", ":x:", "[bold]x[/bold]", "[red]acme[/red]")
+    sql = "SELECT " + ", ".join(f"'{v}' AS c{i}" for i, v in enumerate(values)) + \
+        " FROM contact LIMIT 1"
+    for shown in (cli("query", "--data-dir", str(data), sql).stdout,
+                  on_terminal("query", "--data-dir", str(data), sql, columns=120)):
+        for value in values:
+            assert value in shown, (value, shown)
+        assert "\u274c" not in shown  # :x: is not an emoji
+
+
+LONG_TENANT = "t" * 120 + "-tenant1"  # 128 characters, the longest id allowed
+
+
+@pytest.fixture(scope="module")
+def long_tenant_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished job of a tenant with a 128-character id: its data dir and job id."""
+    root = tmp_path_factory.mktemp("long")
+    pipeline = root / "pipeline.yaml"
+    with serve(DemoApi(300)) as server:
+        pipeline.write_text(f"""
+name: long
+object_store: file://./data
+state_store: sqlite:///./data/state.db
+dispatcher: inline://
+sources: [{{service: helpdesk, base_url: '{server.base_url}/helpdesk/v1', tables: [users]}}]
+tenants:
+  - {{tenant_id: {LONG_TENANT}, credentials: {{helpdesk: {{token: {tenant_token(LONG_TENANT)}}}}}}}
+""")
+        proc = cli("run", str(pipeline), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return root / "data", json.loads(proc.stdout)["jobs"][0]["job_id"]
+
+
+def test_ids_stay_whole_and_numbers_visible_on_80_columns(
+        long_tenant_job: tuple[Path, str]) -> None:
+    data, job_id = long_tenant_job
+    recent = on_terminal("status", "--data-dir", str(data))
+    assert job_id in recent, recent  # copyable into `canonflow status JOB_ID`
+    assert "\u2026" not in recent  # never an ellipsis
+    one = on_terminal("status", "--data-dir", str(data), job_id)
+    rows = [line for line in one.splitlines() if "300" in line]
+    assert len(rows) >= 2, one  # the table's row and the total: the numbers are shown
+    assert all(len(line) <= 80 for line in one.splitlines()), one
+
+
+def test_piped_tables_are_never_cut(long_tenant_job: tuple[Path, str]) -> None:
+    data, job_id = long_tenant_job
+    proc = subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                           "status", "--data-dir", str(data), job_id], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    label = f"{LONG_TENANT}/helpdesk.users"
+    summary, _timings = [line for line in proc.stdout.splitlines() if label in line]
+    assert summary.split("\u2502")[3].strip() == "300"  # the records column, after the label
+    assert f"{LONG_TENANT}={job_id}" in proc.stdout and "\u2026" not in proc.stdout
+
+
+def test_an_interrupted_run_says_what_it_left_and_recover_finishes_it(
+        tmp_path: Path) -> None:
+    records = 1500
+    pipeline = tmp_path / "pipeline.yaml"
+    with serve(DemoApi(records, page_delay=0.5)) as server:  # slow: the run is still going
+        pipeline.write_text(f"""
+name: interrupted
+object_store: file://./data
+state_store: sqlite:///./data/state.db
+dispatcher: local://?workers=2
+sources:
+  - {{service: crm, base_url: '{server.base_url}/crm/v1', tables: [contacts, companies],
+      page_size: 100, pages_per_chunk: 1}}
+tenants:
+  - {{tenant_id: acme, credentials: {{crm: {{token: {tenant_token("acme")}}}}}}}
+""")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from canonflow.cli import main; main()", "run",
+             str(pipeline)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        wait_for_a_job(tmp_path / "data" / "state.db", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group, workers too
+        # the pool's workers hold the same pipes: communicate returns once they are gone
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]
+        (job_id,) = re.findall(r"acme=(job-\S+)", line)
+        assert f"canonflow recover --pipeline {pipeline} --older-than 0" in line
+
+        recovered = cli("recover", "--pipeline", str(pipeline), "--older-than", "0", "--json")
+        assert recovered.returncode == 0, recovered.stderr
+        assert json.loads(recovered.stdout)["jobs_resumed"] == 1
+    status = json.loads(cli("status", "--data-dir", str(tmp_path / "data"), "--json",
+                            job_id).stdout)
+    assert (status["status"], status["outcome"]) == ("done", "completed")
+    for table in ("contacts", "companies"):
+        t = status["tables"][f"acme/crm.{table}"]
+        assert (t["records_extracted"], t["records_canonical"]) == (records, records), t
+        assert t["transforms_triggered"] == 1
+    count = cli("query", "--data-dir", str(tmp_path / "data"), "--json",
+                "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM contact")
+    assert json.loads(count.stdout) == [{"n": records, "ids": records}]
