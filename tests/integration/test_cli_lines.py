@@ -28,6 +28,21 @@ from tests.reliability.test_killed_runs import wait_for_a_job
 from tests.servers import JsonHandler, serve_api
 
 
+def write_pipeline(path: Path, base_url: str, service: str, tables: str, tenant: str,
+                   token: str, dispatcher: str = "inline://", paging: str = "") -> Path:
+    """A pipeline file: one source (``paging``: its extra fields), one tenant, data next to
+    the file."""
+    path.write_text(f"""
+name: {path.stem}
+object_store: file://./data
+state_store: sqlite:///./data/state.db
+dispatcher: {dispatcher}
+sources: [{{service: {service}, base_url: '{base_url}/{service}/v1', tables: [{tables}]{paging}}}]
+tenants: [{{tenant_id: {tenant}, credentials: {{{service}: {{token: {token}}}}}}}]
+""")
+    return path
+
+
 def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *parts: str) -> str:
     """The single ``error:`` line of a failed command, which mentions every part."""
     assert proc.returncode == code, (proc.returncode, proc.stderr)
@@ -134,16 +149,8 @@ def test_a_401_names_the_tenant_and_the_credential_never_its_value(
                 f"{demo_server.base_url}/crm/v1", "--credential", "token=wrong-Secret-42")
     line = one_error_line(probe, 2, "HTTP 401", "credential 'token' of service 'crm'")
     assert "wrong-Secret-42" not in probe.stdout + line
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(f"""
-name: refused
-object_store: file://./data
-state_store: sqlite:///./data/state.db
-dispatcher: inline://
-sources: [{{service: crm, base_url: '{demo_server.base_url}/crm/v1', tables: [contacts]}}]
-tenants:
-  - {{tenant_id: acme, credentials: {{crm: {{token: wrong-Secret-42}}}}}}
-""")
+    pipeline = write_pipeline(tmp_path / "refused.yaml", demo_server.base_url, "crm",
+                              "contacts", "acme", "wrong-Secret-42")
     run = cli("run", str(pipeline))
     assert run.returncode == 1 and "Traceback" not in run.stderr  # a job failed
     assert "credential 'token' of service 'crm' for tenant 'acme'" in run.stderr
@@ -232,17 +239,9 @@ LONG_TENANT = "t" * 120 + "-tenant1"  # 128 characters, the longest id allowed
 def long_tenant_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A finished job of a tenant with a 128-character id: its data dir and job id."""
     root = tmp_path_factory.mktemp("long")
-    pipeline = root / "pipeline.yaml"
     with serve(DemoApi(300)) as server:
-        pipeline.write_text(f"""
-name: long
-object_store: file://./data
-state_store: sqlite:///./data/state.db
-dispatcher: inline://
-sources: [{{service: helpdesk, base_url: '{server.base_url}/helpdesk/v1', tables: [users]}}]
-tenants:
-  - {{tenant_id: {LONG_TENANT}, credentials: {{helpdesk: {{token: {tenant_token(LONG_TENANT)}}}}}}}
-""")
+        pipeline = write_pipeline(root / "long.yaml", server.base_url, "helpdesk", "users",
+                                  LONG_TENANT, tenant_token(LONG_TENANT))
         proc = cli("run", str(pipeline), "--json")
     assert proc.returncode == 0, proc.stderr
     return root / "data", json.loads(proc.stdout)["jobs"][0]["job_id"]
@@ -275,19 +274,10 @@ def test_piped_tables_are_never_cut(long_tenant_job: tuple[Path, str]) -> None:
 def test_an_interrupted_run_says_what_it_left_and_recover_finishes_it(
         tmp_path: Path) -> None:
     records = 1500
-    pipeline = tmp_path / "pipeline.yaml"
     with serve(DemoApi(records, page_delay=0.5)) as server:  # slow: the run is still going
-        pipeline.write_text(f"""
-name: interrupted
-object_store: file://./data
-state_store: sqlite:///./data/state.db
-dispatcher: local://?workers=2
-sources:
-  - {{service: crm, base_url: '{server.base_url}/crm/v1', tables: [contacts, companies],
-      page_size: 100, pages_per_chunk: 1}}
-tenants:
-  - {{tenant_id: acme, credentials: {{crm: {{token: {tenant_token("acme")}}}}}}}
-""")
+        pipeline = write_pipeline(tmp_path / "interrupted.yaml", server.base_url, "crm",
+                                  "contacts, companies", "acme", tenant_token("acme"),
+                                  "local://?workers=2", ", page_size: 100, pages_per_chunk: 1")
         proc = subprocess.Popen(
             [sys.executable, "-c", "from canonflow.cli import main; main()", "run",
              str(pipeline)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
