@@ -246,7 +246,8 @@ def demo(
                 for t in tenant_ids],
         )
         code = _run_jobs(settings, None, as_json,
-                         resume_with=f"`canonflow demo --data-dir {data_dir}` again")
+                         resume_with="the same `canonflow demo` command again (the same "
+                         "--data-dir and --records)")
     if not as_json and code != exits.INTERRUPTED:
         console.print(f'Canonical tables are in {root}/canonical; try: '
                       f'canonflow query --data-dir {data_dir} "SELECT count(*) FROM contact"')
