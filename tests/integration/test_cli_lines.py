@@ -307,3 +307,23 @@ def test_an_interrupted_run_says_what_it_left_and_recover_finishes_it(
     count = cli("query", "--data-dir", str(tmp_path / "data"), "--json",
                 "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM contact")
     assert json.loads(count.stdout) == [{"n": records, "ids": records}]
+
+
+def test_a_worker_that_cannot_start_is_one_line_after_no_traceback(
+        tmp_path: Path, demo_server: DemoServer) -> None:
+    pipeline = write_pipeline(tmp_path / "workers.yaml", demo_server.base_url, "crm",
+                              "companies", "acme", tenant_token("acme"), "local://?workers=2")
+    # what the workers receive: settings they cannot read (the parent's are fine)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from canonflow.config import Settings; "
+         "Settings.to_worker_json = lambda self: '{\"batch_records\": \"not a number\"}'; "
+         "from canonflow.cli import main; main()", "run", str(pipeline)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line == ("error: a local worker could not start: its settings do not validate: "
+                    "at batch_records: Input should be a valid integer, unable to parse "
+                    "string as an integer; fix that and run the command again (unfinished "
+                    "jobs resume)")
+    assert line == proc.stderr.strip().splitlines()[-1]

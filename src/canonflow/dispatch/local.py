@@ -81,9 +81,13 @@ class LocalDispatcher:
         if not failure.exists():
             return
         payload = jsonio.loads(failure.read_text())
-        kind = RetryableError if payload.get("retryable") else TerminalError
+        retryable = bool(payload.get("retryable"))
         reason = " ".join(str(payload.get("message")).split())  # one line
-        raise kind(f"a local worker could not start: {reason}")
+        then = ("run the command again when that is back" if retryable else
+                "fix that and run the command again")
+        kind = RetryableError if retryable else TerminalError
+        raise kind(f"a local worker could not start: {reason}; {then} (unfinished jobs "
+                   "resume)")
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
         return self._submit(run_chunk, chunk_key(spec), spec.model_dump_json())

@@ -55,7 +55,10 @@ def init_worker(settings_json: str, parent: str | None = None,
             raise
         payload = error_payload(exc)
         if isinstance(exc, ValidationError):  # settings a retry cannot fix
-            payload["retryable"] = False
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+            payload.update(retryable=False,
+                           message=f"its settings do not validate: at {where}: {first['msg']}")
         Path(report_failure).write_text(jsonio.dumps(payload).decode())
         os._exit(3)
 
