@@ -176,21 +176,25 @@ def history(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     sizes = [(100_000, 1_000)] if quick else [(100_000, 1_000), (1_000_000, 10_000)]
     rows = []
     for held, changed in sizes:
-        rows.append(child("bench.history", {"root": str(work / f"history-{held}"),
-                                            "history": held, "changed": changed}))
-        shutil.rmtree(work / f"history-{held}", ignore_errors=True)
+        for writes in ("copy_on_write", "merge_on_read"):
+            rows.append(child("bench.history", {"root": str(work / f"history-{held}"),
+                                                "history": held, "changed": changed,
+                                                "writes": writes}))
+            shutil.rmtree(work / f"history-{held}", ignore_errors=True)
     table = Table(title="6. history: an incremental transform (1% of the keys changed, "
                   "spread across the partition) vs the same records into an empty table")
+    table.add_column("canonical_writes")
     for col in ("rows held", "changed", "seconds", "empty table s", "x empty",
-                "MB written", "empty MB", "x empty ", "files after"):
+                "MB written", "empty MB", "x empty ", "files after", "compact s"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            f"{r['history']:,}", f"{r['changed']:,}", f"{r['incremental_seconds']:.2f}",
+            r["writes"], f"{r['history']:,}", f"{r['changed']:,}",
+            f"{r['incremental_seconds']:.2f}",
             f"{r['empty_seconds']:.2f}", f"{r['incremental_seconds'] / r['empty_seconds']:.1f}",
             f"{r['incremental_bytes'] / 1e6:.1f}", f"{r['empty_bytes'] / 1e6:.2f}",
             f"{r['incremental_bytes'] / max(1, r['empty_bytes']):.0f}",
-            str(r["incremental_files"]))
+            str(r["incremental_files"]), f"{r['compact_seconds']:.2f}")
     return table, rows
 
 

@@ -29,6 +29,7 @@ from canonflow.connectors.spec import ConnectorSpec, builtin_specs, load_spec
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName, TableName, TenantId, TriggerMode
 from canonflow.redact import register_secret, register_url_secrets
+from canonflow.transform.versions import CanonicalWrites
 
 DEFAULT_DATA = "./canonflow-data"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -106,6 +107,12 @@ class Settings(_Cfg):
     plan_concurrency: int = Field(
         default=8, ge=1, description="tenants planned at once by a run (planning waits on "
         "each API's first page)")
+    canonical_writes: CanonicalWrites = Field(
+        default="copy_on_write",
+        description="copy_on_write: a changed record rewrites the files holding its key (one "
+        "row per key in the Delta table); merge_on_read: it is appended as a new version, "
+        "`canonflow query` shows the current one and compaction folds the versions — writes "
+        "cost what changed, not what the tenant holds")
     compact_after_files: int = Field(
         default=8, ge=0,
         description="after a transform, a tenant's partition of a canonical table holding "

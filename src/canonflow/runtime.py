@@ -39,7 +39,7 @@ class Runtime:
     def canonical(self) -> CanonicalWriter:
         url = self.settings.canonical_store
         return CanonicalWriter(open_object_store(url) if url else self.objects,
-                               lock=self.table_lock)
+                               lock=self.table_lock, writes=self.settings.canonical_writes)
 
     @contextmanager
     def table_lock(self, name: str, ttl: float = LOCK_TTL,
