@@ -68,7 +68,7 @@ def transform(rt: Runtime, files: list[str]) -> tuple[float, int, int]:
     return seconds, added, len(rows)
 
 
-def runtime(root: Path, writes: CanonicalWrites) -> Runtime:
+def runtime(root: Path, writes: CanonicalWrites = "copy_on_write") -> Runtime:
     return Runtime(Settings(object_store=f"file://{root}",
                             state_store=f"sqlite:///{root}/state.db", canonical_writes=writes))
 
