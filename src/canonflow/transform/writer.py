@@ -255,7 +255,8 @@ class CanonicalWriter:
         with self._lock(f"{name}/{tenant_id}"):
             if rows.num_rows == 0 and self._open(name) is None:
                 return Upserted(constant(False, 0), 0)  # nothing to write, nothing held
-            table = self._retry(f"open {name}", lambda: self._table(name, schema))
+            table = self._recalled(name) or self._retry(f"open {name}",
+                                                        lambda: self._table(name, schema))
             seen = self._before_group(name, table, request_id, group, done)
             if parents is not None and parents.num_rows and f"{group}/replace" not in done:
                 self._replace(name, seen, entity, tenant_id, service, rows, parents,
@@ -304,11 +305,17 @@ class CanonicalWriter:
         than ``max_files`` (each sync adds one for its new keys); under the tenant's lock,
         so its writers wait and other tenants' commits carry on. The files it replaced (0:
         nothing to do). Readers of earlier versions keep their files until a vacuum."""
+        table = self._recalled(name) or self._open(name)
+        if table is None:
+            return 0
+        partition = [("_tenant_id", "=", tenant_id)]
+        # looked at without the lock first: most syncs leave too few files to compact, and
+        # a count a concurrent writer just made stale only moves compaction to the next sync
+        if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
+            self._remember(name, table)
+            return 0
         with self._lock(f"{name}/{tenant_id}"):
-            table = self._recalled(name) or self._open(name)
-            if table is None:
-                return 0
-            partition = [("_tenant_id", "=", tenant_id)]
+            table.update_incremental()
             if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
                 return 0
             props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
@@ -398,8 +405,12 @@ class CanonicalWriter:
         """The table this thread last wrote to, brought up to date (cheaper than an open:
         only the log's new commits are read); None if there is none."""
         table: DeltaTable | None = getattr(self._recent, "tables", {}).pop(name, None)
-        if table is not None:
+        if table is None:
+            return None
+        try:
             table.update_incremental()
+        except DeltaError:  # e.g. the log it knew was cleaned up: open the table anew
+            return None
         return table
 
     @staticmethod
