@@ -49,6 +49,10 @@ _GROUP = "canonflow.group"
 T = TypeVar("T")
 
 
+# rows a key look-up holds at once (a few columns of them): matching a slice against a
+# group's keys builds one hash set, so larger slices are faster, smaller ones leaner
+SCAN_ROWS = 1_000_000
+
 # a checkpoint every 10 commits: opening a table replays at most 9 commit files, however
 # many syncs it has seen (Delta's default is 100)
 TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
@@ -171,34 +175,46 @@ class CanonicalWriter:
     @staticmethod
     def _scan(table: DeltaTable, tenant_id: str, service: str, column: str,
               values: pa.Array, columns: list[str]) -> pa.Table:
-        """This tenant's and service's rows whose ``column`` is one of ``values``: memory
-        bounded by the group, not the table."""
+        """This tenant's and service's rows whose ``column`` is one of ``values``. When the
+        key column holds any of them, reads the wanted columns in slices of at most
+        ``SCAN_ROWS`` rows, each matched against the values at once (one hash set a slice):
+        memory bounded by the key column, the slice and the group."""
         if table.version() == 0 and not table.file_uris():
             return pa.table({})
         dataset = table.to_pyarrow_dataset(
             file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
-        # first the key column alone, read in one go (keys only, as before): a load of keys
-        # the table does not hold yet (the common case) never reads the other columns
-        keys = dataset.to_table(columns=[column, "_service_name"])
-        if not pc.any(pc.and_(
-                pc.equal(pc.cast(keys.column("_service_name"), pa.string()), service),
-                pc.is_in(pc.cast(keys.column(column), pa.string()), value_set=wanted),
-        )).as_py():
+        # first the key column alone, in one go: a load of keys the table does not hold yet
+        # (the common case of a first load) never reads the other columns
+        keys = dataset.to_table(columns=[column]).column(column)
+        if not pc.any(pc.is_in(pc.cast(keys, pa.string()), value_set=wanted)).as_py():
             return pa.table({})
         del keys
+        needed = list(dict.fromkeys([*columns, column, "_service_name"]))
         found: list[pa.Table] = []
-        # filtered batch by batch here (a pushed-down filter trips over the string_view
-        # columns delta-rs reads): only the matching rows are kept
-        for batch in dataset.to_batches(columns=list(dict.fromkeys(
-                [*columns, column, "_service_name"]))):
-            part = pa.Table.from_batches([batch])
+
+        def match(batches: list[pa.RecordBatch]) -> None:
+            part = pa.Table.from_batches(batches)
+            hit = pc.is_in(pc.cast(part.column(column), pa.string()), value_set=wanted)
+            if not pc.any(hit).as_py():
+                return
+            # plain strings before filtering on them: files written by a merge carry
+            # string_view columns, which pyarrow cannot compare with strings
+            part = part.filter(hit)
             part = part.cast(plain_strings(part.schema))
-            match = pc.and_(pc.equal(part.column("_service_name"), service),
-                            pc.is_in(pc.cast(part.column(column), pa.string()),
-                                     value_set=wanted))
-            if pc.any(match).as_py():
-                found.append(part.filter(match).select(columns))
+            found.append(part.filter(pc.equal(part.column("_service_name"), service))
+                         .select(columns))
+
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for batch in dataset.to_batches(columns=needed):
+            pending.append(batch)
+            held += batch.num_rows
+            if held >= SCAN_ROWS:
+                match(pending)
+                pending, held = [], 0
+        if pending:
+            match(pending)
         if not found:
             return pa.table({})
         return pa.concat_tables(found)
