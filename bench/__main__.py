@@ -202,15 +202,18 @@ def history(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
 
 def syncs(quick: bool) -> tuple[Table, list[dict[str, Any]]]:
     held, count = (20_000, 50) if quick else (50_000, 1000)
-    rows = [child("bench.syncs", {"held": held, "syncs": count})]
+    rows = [child("bench.syncs", {"held": held, "syncs": count, "writes": writes})
+            for writes in ("copy_on_write", "merge_on_read")]
     table = Table(title="7. syncs: one tenant synced again and again (1% of the keys changed "
                   "and 10 new each time), then vacuumed")
+    table.add_column("canonical_writes")
     for col in ("rows held", "syncs", "s/sync", "most files in the partition",
                 "read s", "fresh read s", "x fresh", "data files on disk",
                 "after vacuum", "log files after"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['held']:,}", f"{r['syncs']:,}", f"{r['sync_seconds']:.2f}",
+        table.add_row(r["writes"], f"{r['held']:,}", f"{r['syncs']:,}",
+                      f"{r['sync_seconds']:.2f}",
                       str(r["most_files"]), f"{r['read_seconds']:.3f}",
                       f"{r['fresh_read_seconds']:.3f}",
                       f"{r['read_seconds'] / r['fresh_read_seconds']:.2f}",
