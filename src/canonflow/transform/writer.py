@@ -331,7 +331,7 @@ class CanonicalWriter:
             self._remember(name, table)
             return 0
         with self._lock(f"{name}/{tenant_id}"):
-            table.update_incremental()
+            self._retry(f"open {name}", table.update_incremental)
             if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
                 return 0
             props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
