@@ -112,11 +112,7 @@ def _load_settings() -> Settings:
         ("object_store", "CANONFLOW_OBJECT_STORE"), ("state_store", "CANONFLOW_STATE_STORE"),
         ("dispatcher", "CANONFLOW_DISPATCHER")) if os.environ.get(env)}
     if overrides:
-        settings = Settings.model_validate({**settings.model_dump(mode="json"),
-                                            **overrides, "tenants": [
-            {"tenant_id": t.tenant_id, "credentials": {
-                svc: {k: v.get_secret_value() for k, v in creds.items()}
-                for svc, creds in t.credentials.items()}} for t in settings.tenants]})
+        settings = Settings.model_validate({**settings.to_worker_data(), **overrides})
     return settings
 
 
