@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
@@ -22,13 +23,16 @@ from pydantic import (
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName
 
+_HOST = re.compile(r"[a-z0-9._\-:\[\]]+|[a-z0-9._\-]*\{tenant\.[a-z0-9_]+\}[a-z0-9._\-{}]*",
+                   re.IGNORECASE)  # a host name, an IP address, or a tenant placeholder
+
 
 def check_base_url(url: str) -> str:
     """An API's base URL is http(s) with a host: anything else is a configuration mistake
     (exit 2), not a connection error worth retrying."""
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(
-            c.isspace() for c in url.strip()):
+    if parts.scheme not in ("http", "https") or not _HOST.fullmatch(parts.hostname or "") \
+            or any(c.isspace() for c in url.strip()):
         raise ValueError(f"base_url {url!r} is not an http(s) URL "
                          "(expected e.g. https://api.example.com/v2)")
     return url
