@@ -1,6 +1,7 @@
 import httpx
 import pytest
 
+from canonflow import jsonio
 from canonflow.connectors.rest import RestClient
 from canonflow.connectors.spec import builtin_specs
 from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
@@ -246,7 +247,8 @@ tables:
 """
 
 
-def flagged_pages(pages: dict[int, bytes]) -> tuple[RestClient, list[int]]:
+def flagged_pages(pages: dict[int, bytes], spec: str = HAS_MORE_SPEC
+                  ) -> tuple[RestClient, list[int]]:
     from canonflow.connectors.spec import parse_spec
 
     asked: list[int] = []
@@ -255,7 +257,7 @@ def flagged_pages(pages: dict[int, bytes]) -> tuple[RestClient, list[int]]:
         asked.append(int(req.url.params["page"]))
         return httpx.Response(200, content=pages[asked[-1]])
 
-    return RestClient(parse_spec(HAS_MORE_SPEC, "flagged.yaml"), {"token": "t"},
+    return RestClient(parse_spec(spec, "flagged.yaml"), {"token": "t"},
                       transport=httpx.MockTransport(handler)), asked
 
 
@@ -287,3 +289,22 @@ def test_a_first_page_read_before_is_not_asked_for_again() -> None:
 def test_a_base_url_that_is_not_http_is_a_config_error_not_a_retry(url: str) -> None:
     with pytest.raises(ConfigError, match=r"crm: base_url .* is not an http\(s\) URL"):
         RestClient(SPEC, {"token": "t"}, base_url=url)
+
+
+def test_the_stored_first_page_keeps_only_what_paging_reads() -> None:
+    from canonflow.connectors.rest import paging_view
+    from canonflow.connectors.spec import parse_spec
+
+    text = HAS_MORE_SPEC.replace("page_size: 2,", "page_size: 2, total_path: meta.total,")
+    spec = parse_spec(text, "flagged.yaml")
+    body = (b'{"links": {"next": "https://api.test/items?page=2&api_key=Echoed-k3y"},\n'
+            b' "data": [{"id": 1},\n {"id": 2}], "meta": {"total": 9, "more": true, "x": 1}}')
+    view = paging_view(spec.tables["items"], body)
+    assert b"Echoed" not in view and b"links" not in view
+    assert jsonio.loads(view) == {"data": [{"id": 1}, {"id": 2}],
+                                  "meta": {"total": 9, "more": True}}
+    client, asked = flagged_pages({2: b'{"data": [], "meta": {"total": 9, "more": false}}'},
+                                  text)
+    (first, nxt), _ = list(client.walk("items", first_body=view))
+    assert first.records == [b'{"id": 1}', b'{"id": 2}'] and first.total == 9
+    assert nxt is not None and nxt.index == 2 and asked == [2]

@@ -70,6 +70,31 @@ def _excerpt(body: bytes) -> str:
     return ": " + (text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "...")
 
 
+def paging_view(tspec: TableSpec, body: bytes) -> bytes:
+    """A page body reduced to what the table's paging reads (its records, total and
+    has_more flag, at the same paths): stored, it keeps nothing else the API sent, such as
+    a next link that echoes a key."""
+    pagination = tspec.pagination
+    paths = [tspec.records_path, pagination.total_path,
+             getattr(pagination, "has_more_path", None)]
+    tree: dict[str, Any] = {}
+    for path in paths:
+        raw = jsonio.raw_at(body, path) if path else None
+        if path is None or raw is None:
+            continue
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = raw
+
+    def text(node: dict[str, Any]) -> bytes:
+        return b"{" + b",".join(jsonio.dumps(k) + b":" + (v if isinstance(v, bytes) else text(v))
+                                for k, v in node.items()) + b"}"
+
+    return text(tree)
+
+
 def storable(request: PageRequest) -> bool:
     """True if a next-page request holds no secret (by name or known value), so a checkpoint
     may store it; a request the API signed with a secret of its own is not stored."""
@@ -143,13 +168,13 @@ class RestClient:
 
     def first_page(self, table: str, page_size: int | None = None,
                    params: Mapping[str, str] | None = None) -> tuple[Page, bytes]:
-        """Page 1 and its body as the API sent it: planning reads the total from it and
-        hands the body to the first chunk (``walk(first_body=...)``), which does not ask
-        for it again."""
+        """Page 1 and what paging reads of its body (:func:`paging_view`): planning reads
+        the total from it and hands the view to the first chunk (``walk(first_body=...)``),
+        which does not ask for it again."""
         tspec = self.spec.table(table)
         request = paginator(tspec.pagination).first(1, page_size or tspec.pagination.page_size)
         body, url, _ = self._get(tspec.path, self._query(tspec, request, params))
-        return self._parse(tspec, body, url), body
+        return self._parse(tspec, body, url), paging_view(tspec, body)
 
     @staticmethod
     def _query(tspec: TableSpec, request: PageRequest,
