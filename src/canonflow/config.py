@@ -258,7 +258,9 @@ def _locate_paths(data: dict[str, Any], base: Path) -> None:
             src["spec"] = _locate(src["spec"], base)
 
 
-def load_settings(path: str | Path) -> Settings:
+def load_settings(path: str | Path, relative_to: Path | None = None) -> Settings:
+    """The pipeline file at ``path``; its relative paths are relative to its folder (or to
+    ``relative_to``, for a file fetched to a temporary place)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -272,7 +274,7 @@ def load_settings(path: str | Path) -> Settings:
         data = expand_env(data)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    _locate_paths(data, p.resolve().parent)
+    _locate_paths(data, relative_to.resolve() if relative_to else p.resolve().parent)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

@@ -205,3 +205,9 @@ def test_load_settings_expands_before_validation(tmp_path: Path,
         "{tenant_id: acme}", "{tenant_id: acme, values: {shop: '${ACME_SHOP}'}}")))
     assert settings.sources[0].page_size == 25
     assert settings.tenants[0].values == {"shop": "acme-shop"}
+
+
+def test_a_fetched_file_can_be_read_relative_to_another_folder(tmp_path: Path) -> None:
+    fetched = write(tmp_path, "mapping_dirs: [mappings]\n" + MINIMAL, "fetched.yaml")
+    home = tmp_path / "task"
+    assert load_settings(fetched, relative_to=home).mapping_dirs == [str(home / "mappings")]

@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Metrics
@@ -105,7 +106,7 @@ def _load_settings() -> Settings:
             body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
             with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as f:
                 f.write(body)
-            settings = load_settings(f.name)
+            settings = load_settings(f.name, relative_to=Path.cwd())  # as if it were here
         else:
             settings = load_settings(where)
     overrides = {field: os.environ[env] for field, env in (
