@@ -222,16 +222,13 @@ class Settings(_Cfg):
                 connect(spec, src.base_url, tenant.tenant_id, tenant.values)
 
     def credentials(self, tenant_id: str, service: str) -> dict[str, str]:
-        for tenant in self.tenants:
-            if tenant.tenant_id == tenant_id:
-                creds = tenant.credentials.get(service, {})
-                values = {k: v.get_secret_value() for k, v in creds.items()}
-                if any(v.startswith("secretsmanager://") for v in values.values()):
-                    from canonflow.aws.secrets import resolve  # the aws extra
+        creds = self.tenant(tenant_id).credentials.get(service, {})
+        values = {k: v.get_secret_value() for k, v in creds.items()}
+        if any(v.startswith("secretsmanager://") for v in values.values()):
+            from canonflow.aws.secrets import resolve  # the aws extra
 
-                    values = {k: resolve(v) for k, v in values.items()}
-                return values
-        raise ConfigError(f"tenant {tenant_id!r} is not in pipeline {self.name!r}")
+            values = {k: resolve(v) for k, v in values.items()}
+        return values
 
 
 def _locate(text: str, base: Path) -> str:

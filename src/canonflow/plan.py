@@ -66,9 +66,9 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
              full_refresh: bool = False) -> JobPlan:
     """Read each table's total (first page) and split it into page-range chunks, the last
     one open-ended; every chunk carries the total as ``announced_total`` so the aggregator
-    can tell a table that came up short. The first page is read once: its body is stored
-    for the first chunk. Tables synced incrementally ask only for what changed since their
-    high-water mark."""
+    can tell a table that came up short. The first page is read once: what paging reads of
+    it is stored for the first chunk. Tables synced incrementally ask only for what changed
+    since their high-water mark."""
     validate_identifier(tenant_id, "tenant_id")
     job_id = validate_identifier(job_id or new_job_id(), "job_id")
     for src in settings.sources:  # every source's tenant values, before any request
