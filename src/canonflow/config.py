@@ -11,6 +11,7 @@ passwords (and secret query parameters) of the store, dispatcher and source base
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ from canonflow.redact import register_secret, register_url_secrets
 
 DEFAULT_DATA = "./canonflow-data"
 _VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _repeated(names: Iterable[str]) -> str | None:
+    """The first name listed a second time, if any."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 class _Cfg(BaseModel):
@@ -145,24 +156,13 @@ class Settings(_Cfg):
         return self
 
     @model_validator(mode="after")
-    def _unique_sources(self) -> Settings:
-        seen: set[str] = set()
-        for src in self.sources:
-            if src.service in seen:
-                raise ValueError(f"duplicate source service {src.service}: each service is "
-                                 "listed once under sources (tenant values tell its tenants "
-                                 "apart)")
-            seen.add(src.service)
-        return self
-
-    @model_validator(mode="after")
-    def _unique_tenants(self) -> Settings:
-        seen: set[str] = set()
-        for tenant in self.tenants:
-            if tenant.tenant_id in seen:
-                raise ValueError(f"duplicate tenant_id {tenant.tenant_id}: each tenant is "
-                                 "listed once (one job per tenant and run)")
-            seen.add(tenant.tenant_id)
+    def _listed_once(self) -> Settings:
+        if (service := _repeated(src.service for src in self.sources)) is not None:
+            raise ValueError(f"duplicate source service {service}: each service is listed "
+                             "once under sources (tenant values tell its tenants apart)")
+        if (tenant := _repeated(t.tenant_id for t in self.tenants)) is not None:
+            raise ValueError(f"duplicate tenant_id {tenant}: each tenant is listed once (one "
+                             "job per tenant and run)")
         return self
 
     @property

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 
 from canonflow.config import load_settings
 from canonflow.dispatch import open_dispatcher
@@ -98,25 +99,19 @@ def write_pipeline(tmp_path: Path) -> Path:
     (folder / "mappings").mkdir(parents=True)
     (folder / "tenantcrm.yaml").write_text(SPEC)
     (folder / "mappings" / "contacts.yaml").write_text(MAPPING)
-    tenants = "".join(f"""
-  - tenant_id: {t}
-    values: {{region: {region}, account: "acct-${{ACCOUNT_PREFIX_{t.upper()}}}"}}
-    credentials: {{tenantcrm: {{token: "${{TOKEN_{t.upper()}}}"}}}}""" for t, (region, _) in
-                      TENANTS.items())
+    pipeline = {
+        "name": "tenants", "dispatcher": "local://?workers=2", "batch_records": 15,
+        "object_store": "file://./data", "state_store": "sqlite:///./data/state.db",
+        "mapping_dirs": ["mappings"],
+        "sources": [{"service": "tenantcrm", "spec": "tenantcrm.yaml",
+                     "base_url": "${TENANT_API}/regions/{tenant.region}"}],
+        "tenants": [{"tenant_id": t,
+                     "values": {"region": region, "account": f"acct-${{ACCOUNT_{t.upper()}}}"},
+                     "credentials": {"tenantcrm": {"token": f"${{TOKEN_{t.upper()}}}"}}}
+                    for t, (region, _) in TENANTS.items()],
+    }
     path = folder / "pipeline.yaml"
-    path.write_text(f"""
-name: tenants
-object_store: file://./data
-state_store: sqlite:///./data/state.db
-dispatcher: local://?workers=2
-batch_records: 15
-mapping_dirs: [mappings]
-sources:
-  - service: tenantcrm
-    spec: tenantcrm.yaml
-    base_url: "${{TENANT_API}}/regions/{{tenant.region}}"
-tenants:{tenants}
-""")
+    path.write_text(yaml.safe_dump(pipeline))
     return path
 
 
@@ -127,7 +122,7 @@ def test_three_tenants_of_one_api_in_one_run_each_get_exactly_their_records(
         monkeypatch.setenv("TENANT_API", server.base_url)
         for tenant in TENANTS:
             monkeypatch.setenv(f"TOKEN_{tenant.upper()}", f"tok-{tenant}")
-            monkeypatch.setenv(f"ACCOUNT_PREFIX_{tenant.upper()}", tenant)
+            monkeypatch.setenv(f"ACCOUNT_{tenant.upper()}", tenant)
         monkeypatch.chdir(tmp_path)  # paths in the file are relative to the file, not here
         settings = load_settings(write_pipeline(tmp_path))
         rt = Runtime(settings)
