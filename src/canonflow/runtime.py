@@ -88,11 +88,11 @@ class Runtime:
         """One keep-alive client per (tenant, service) per process."""
         key = (tenant_id, service)
         if key not in self._clients:
-            src = self.settings.source(service)
+            connection = self.settings.connection(tenant_id, service)
             self._clients[key] = RestClient(
-                self.settings.spec_for(service),
+                connection.spec,
                 self.settings.credentials(tenant_id, service),
-                base_url=src.base_url,
+                base_url=connection.base_url,
             )
         return self._clients[key]
 
