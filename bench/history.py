@@ -4,8 +4,10 @@ holds many rows, against the same records into an empty table.
 ``python -m bench.history CONFIG``: loads ``history`` demo contacts for one tenant (not
 timed), then times one transform of ``changed`` records — every 100th key of the history,
 each with a newer ``updated_at`` and a new phone, so the changes are spread across the whole
-partition — and the same records into a fresh table. Reports seconds, bytes written (the
-data files the transform's commits added) and files in the tenant's partition.
+partition — and the same records into a fresh table, with ``writes`` copy_on_write or
+merge_on_read. Reports seconds, bytes written (the data files the transform's commits
+added), files in the tenant's partition, and the seconds of compacting the partition after
+(for merge-on-read: the fold back to one row per key).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from canonflow.connectors.demo_api import contact
 from canonflow.model import TableRef, TransformRequest, raw_key
 from canonflow.runtime import Runtime
 from canonflow.transform.run import run_transform
+from canonflow.transform.versions import CanonicalWrites
 
 TABLE = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
 
@@ -65,25 +68,30 @@ def transform(rt: Runtime, files: list[str]) -> tuple[float, int, int]:
     return seconds, added, len(rows)
 
 
-def runtime(root: Path) -> Runtime:
+def runtime(root: Path, writes: CanonicalWrites = "copy_on_write") -> Runtime:
     return Runtime(Settings(object_store=f"file://{root}",
-                            state_store=f"sqlite:///{root}/state.db"))
+                            state_store=f"sqlite:///{root}/state.db", canonical_writes=writes))
 
 
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     memory.tune()
     root, history, n = Path(cfg["root"]), cfg["history"], cfg["changed"]
     batch = cfg.get("batch_records", 5000)
-    full = runtime(root / "history")
+    writes = cfg.get("writes", "copy_on_write")
+    full = runtime(root / "history", writes)
     base = write_batches(full, "job-history", [contact("acme", i) for i in range(history)],
                          batch)
     load_seconds, _, _ = transform(full, base)
     step = max(1, history // n)
     changes = [changed(i) for i in range(0, step * n, step)][:n]
     incremental = transform(full, write_batches(full, "job-changes", changes, batch))
-    empty = runtime(root / "empty")
+    started = time.perf_counter()  # what compaction (a fold, merge-on-read) costs after
+    full.canonical.compact("canonical/contact", "acme", max_files=0)
+    compact_seconds = time.perf_counter() - started
+    empty = runtime(root / "empty", writes)
     fresh = transform(empty, write_batches(empty, "job-changes", changes, batch))
-    return {"history": history, "changed": len(changes), "load_seconds": load_seconds,
+    return {"writes": writes, "history": history, "changed": len(changes),
+            "load_seconds": load_seconds, "compact_seconds": compact_seconds,
             "incremental_seconds": incremental[0], "incremental_bytes": incremental[1],
             "incremental_files": incremental[2], "empty_seconds": fresh[0],
             "empty_bytes": fresh[1], "empty_files": fresh[2]}

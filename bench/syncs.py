@@ -4,8 +4,8 @@
 ``syncs`` incremental transforms (1% of the keys changed, spread across the partition, and
 10 new keys each), then ``canonflow maintain``'s vacuum with a zero retention. Reports the
 most data files the tenant's partition held, the Delta log's files, the time to read the
-tenant's table against a freshly written one, and data files on disk before and after the
-vacuum.
+tenant's table against a freshly written one (same ``writes``: copy_on_write or
+merge_on_read), and data files on disk before and after the vacuum.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def read_seconds(rt: Runtime, repeat: int = 5) -> float:
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     memory.tune()
     root, held, syncs = Path(cfg["root"]), cfg["held"], cfg["syncs"]
-    rt = runtime(root / "synced")
+    writes = cfg.get("writes", "copy_on_write")
+    rt = runtime(root / "synced", writes)
     sync(rt, "job-0", [contact("acme", i) for i in range(held)])
     most, started = 0, time.perf_counter()
     uri, opts = rt.canonical.uri(ENTITY)
@@ -67,10 +68,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     rt.canonical.vacuum(ENTITY, 0)
     after = len(list(table_dir.glob("_tenant_id=*/*.parquet")))
     log_files = len(list((table_dir / "_delta_log").iterdir()))
-    fresh = runtime(root / "fresh")
+    fresh = runtime(root / "fresh", writes)
     total = held + 10 * syncs
     sync(fresh, "job-0", [contact("acme", i) for i in range(total)])
-    return {"held": held, "syncs": syncs, "most_files": most, "sync_seconds": sync_seconds,
+    return {"writes": writes, "held": held, "syncs": syncs, "most_files": most,
+            "sync_seconds": sync_seconds,
             "read_seconds": synced_read, "fresh_read_seconds": read_seconds(fresh),
             "files_on_disk": on_disk, "files_after_vacuum": after, "log_files": log_files,
             "version": DeltaTable(uri, storage_options=opts or None).version()}

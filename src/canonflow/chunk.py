@@ -27,6 +27,7 @@ from canonflow.model import (
     ChunkSpec,
     TransformRequest,
     TriggerMode,
+    first_page_key,
     raw_key,
 )
 from canonflow.telemetry import tracing
@@ -107,6 +108,17 @@ class _BatchWriter:
             ))
 
 
+def _handed_page(spec: ChunkSpec, rt: Runtime) -> bytes | None:
+    """The body of page 1 that planning read for this chunk, if it is still there (else
+    the chunk asks the API, as it would without it)."""
+    if not spec.first_page_stored:
+        return None
+    try:
+        return rt.objects.get(first_page_key(spec.table, spec.job_id, spec.chunk_id))
+    except FileNotFoundError:
+        return None
+
+
 def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
     started, started_at = time.perf_counter(), time.time()
     t = spec.table
@@ -135,7 +147,7 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
         client = rt.client(t.tenant_id, t.service_name)
         walk = iter(()) if finished else client.walk(
             t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume,
-            params=spec.params)
+            params=spec.params, first_body=None if resume else _handed_page(spec, rt))
         for fetched, nxt in walk:
             if announced is None:
                 announced = fetched.total

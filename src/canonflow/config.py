@@ -1,6 +1,8 @@
 """Pipeline configuration (YAML), typed; credentials are secrets and never printed.
 
-``${NAME}`` in a credential value is read from the environment when the file is loaded.
+``${NAME}`` in any string value is read from the environment when the file is loaded
+(:mod:`canonflow.interpolation`), and relative paths (``spec:``, ``mapping_dirs``,
+``file://./`` and ``sqlite:///./`` stores) are relative to the file.
 Validating settings — from a file, in code, or from a worker's JSON in another process —
 registers every secret they hold with :mod:`canonflow.redact`: each credential value, the
 passwords (and secret query parameters) of the store, dispatcher and source base URLs.
@@ -8,8 +10,8 @@ passwords (and secret query parameters) of the store, dispatcher and source base
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,26 @@ from pydantic import (
 )
 
 from canonflow import jsonio
-from canonflow.connectors.spec import ConnectorSpec, builtin_specs, load_spec
+from canonflow.connectors.spec import BaseUrl, ConnectorSpec, builtin_specs, load_spec
+from canonflow.connectors.tenancy import Connection, connect
 from canonflow.errors import ConfigError
+from canonflow.interpolation import expand_env
 from canonflow.model import ServiceName, TableName, TenantId, TriggerMode
 from canonflow.redact import register_secret, register_url_secrets
+from canonflow.transform.versions import CanonicalWrites
 
 DEFAULT_DATA = "./canonflow-data"
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _repeated(names: Iterable[str]) -> str | None:
+    """The first name listed a second time, if any."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 class _Cfg(BaseModel):
@@ -41,7 +56,9 @@ class _Cfg(BaseModel):
 class SourceConfig(_Cfg):
     service: ServiceName
     spec: str | None = Field(default=None, description="spec file; default: the built-in one")
-    base_url: str | None = None
+    base_url: BaseUrl | None = Field(
+        default=None, description="the spec's base_url for this pipeline; may name tenant "
+        "values: https://{tenant.subdomain}.zendesk.com/api/v2")
     tables: list[TableName] | None = None
     page_size: int | None = Field(default=None, gt=0)
     pages_per_chunk: int | None = Field(default=None, gt=0)
@@ -54,25 +71,21 @@ class SourceConfig(_Cfg):
 
 class TenantConfig(_Cfg):
     tenant_id: TenantId
+    values: dict[str, str] = Field(
+        default_factory=dict, description="not secrets: what a source's base_url, paths and "
+        "params name as {tenant.NAME}, e.g. the tenant's subdomain")
     credentials: dict[str, dict[str, SecretStr]] = Field(default_factory=dict)
 
-    @field_validator("credentials", mode="before")
+    @field_validator("values")
     @classmethod
-    def _expand_env(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        out: dict[str, dict[str, str]] = {}
-        for service, creds in value.items():
-            if not isinstance(creds, dict):
-                return value
-            out[service] = {}
-            for key, raw in creds.items():
-                text = str(raw)
-                for name in _ENV.findall(text):
-                    if name not in os.environ:
-                        raise ValueError(f"environment variable {name} is not set")
-                out[service][key] = _ENV.sub(lambda m: os.environ[m.group(1)], text)
-        return out
+    def _value_names(cls, values: dict[str, str]) -> dict[str, str]:
+        for name in values:
+            if name == "tenant_id":
+                raise ValueError("tenant_id is not a value: {tenant.tenant_id} is the "
+                                 "tenant's own id")
+            if not _VALUE_NAME.fullmatch(name):
+                raise ValueError(f"value name {name!r}: use letters, digits and _")
+        return values
 
     @model_validator(mode="after")
     def _register_secrets(self) -> TenantConfig:
@@ -106,6 +119,12 @@ class Settings(_Cfg):
     plan_concurrency: int = Field(
         default=8, ge=1, description="tenants planned at once by a run (planning waits on "
         "each API's first page)")
+    canonical_writes: CanonicalWrites = Field(
+        default="copy_on_write",
+        description="copy_on_write: a changed record rewrites the files holding its key (one "
+        "row per key in the Delta table); merge_on_read: it is appended as a new version, "
+        "`canonflow query` shows the current one and compaction folds the versions — writes "
+        "cost what changed, not what the tenant holds")
     compact_after_files: int = Field(
         default=8, ge=0,
         description="after a transform, a tenant's partition of a canonical table holding "
@@ -144,13 +163,13 @@ class Settings(_Cfg):
         return self
 
     @model_validator(mode="after")
-    def _unique_tenants(self) -> Settings:
-        seen: set[str] = set()
-        for tenant in self.tenants:
-            if tenant.tenant_id in seen:
-                raise ValueError(f"duplicate tenant_id {tenant.tenant_id}: each tenant is "
-                                 "listed once (one job per tenant and run)")
-            seen.add(tenant.tenant_id)
+    def _listed_once(self) -> Settings:
+        if (service := _repeated(src.service for src in self.sources)) is not None:
+            raise ValueError(f"duplicate source service {service}: each service is listed "
+                             "once under sources (tenant values tell its tenants apart)")
+        if (tenant := _repeated(t.tenant_id for t in self.tenants)) is not None:
+            raise ValueError(f"duplicate tenant_id {tenant}: each tenant is listed once (one "
+                             "job per tenant and run)")
         return self
 
     @property
@@ -158,17 +177,21 @@ class Settings(_Cfg):
         """The Celery queue of this pipeline's tasks."""
         return self.celery_queue or f"canonflow.{self.name}"
 
-    def to_worker_json(self) -> str:
+    def to_worker_data(self) -> dict[str, Any]:
         """The settings for a worker process: secrets revealed (they travel only to the
         worker's initializer, never to a log, the state store or a task payload)."""
         data = self.model_dump(mode="json")
         data["tenants"] = [
-            {"tenant_id": t.tenant_id,
-             "credentials": {svc: {k: v.get_secret_value() for k, v in creds.items()}
-                             for svc, creds in t.credentials.items()}}
-            for t in self.tenants
+            {**tenant, "credentials": {
+                svc: {k: v.get_secret_value() for k, v in creds.items()}
+                for svc, creds in t.credentials.items()}}
+            for tenant, t in zip(data["tenants"], self.tenants, strict=True)
         ]
-        return jsonio.dumps_str(data)
+        return data
+
+    def to_worker_json(self) -> str:
+        """:meth:`to_worker_data` as JSON."""
+        return jsonio.dumps_str(self.to_worker_data())
 
     def spec_for(self, service: str) -> ConnectorSpec:
         for src in self.sources:
@@ -187,29 +210,61 @@ class Settings(_Cfg):
                 return src
         raise ConfigError(f"service {service!r} is not a source of pipeline {self.name!r}")
 
-    def credentials(self, tenant_id: str, service: str) -> dict[str, str]:
+    def tenant(self, tenant_id: str) -> TenantConfig:
         for tenant in self.tenants:
             if tenant.tenant_id == tenant_id:
-                creds = tenant.credentials.get(service, {})
-                values = {k: v.get_secret_value() for k, v in creds.items()}
-                if any(v.startswith("secretsmanager://") for v in values.values()):
-                    from canonflow.aws.secrets import resolve  # the aws extra
-
-                    values = {k: resolve(v) for k, v in values.items()}
-                return values
+                return tenant
         raise ConfigError(f"tenant {tenant_id!r} is not in pipeline {self.name!r}")
+
+    def connection(self, tenant_id: str, service: str) -> Connection:
+        """The tenant's connection to the service: base URL and spec with its values."""
+        return connect(self.spec_for(service), self.source(service).base_url, tenant_id,
+                       self.tenant(tenant_id).values)
+
+    def check_connections(self) -> None:
+        """Every tenant has the values its sources name (before any job starts)."""
+        for src in self.sources:
+            spec = self.spec_for(src.service)
+            for tenant in self.tenants:
+                connect(spec, src.base_url, tenant.tenant_id, tenant.values)
+
+    def credentials(self, tenant_id: str, service: str) -> dict[str, str]:
+        creds = self.tenant(tenant_id).credentials.get(service, {})
+        values = {k: v.get_secret_value() for k, v in creds.items()}
+        if any(v.startswith("secretsmanager://") for v in values.values()):
+            from canonflow.aws.secrets import resolve  # the aws extra
+
+            values = {k: resolve(v) for k, v in values.items()}
+        return values
 
 
 def _locate(text: str, base: Path) -> str:
-    """Relative file:// and sqlite:/// paths in a pipeline file are relative to that file."""
-    if text.startswith("file://./") or text.startswith("file://../"):
-        return "file://" + str((base / text[len("file://"):]).resolve())
-    if text.startswith("sqlite:///./") or text.startswith("sqlite:///../"):
-        return "sqlite:///" + str((base / text[len("sqlite:///"):]).resolve())
-    return text
+    """A store URL or file path as written in a pipeline file at ``base``: relative
+    file://, sqlite:/// and plain paths are relative to that file."""
+    for scheme in ("file://", "sqlite:///"):
+        if text.startswith(scheme):
+            rest = text[len(scheme):]
+            return scheme + str((base / rest).resolve()) if rest.startswith(("./", "../")) \
+                else text
+    return str((base / Path(text).expanduser()).resolve()) if "://" not in text else text
 
 
-def load_settings(path: str | Path) -> Settings:
+def _locate_paths(data: dict[str, Any], base: Path) -> None:
+    """Every relative path of a pipeline file (stores, mapping folders, spec files) made
+    relative to the file, in one place."""
+    for key in ("object_store", "state_store", "canonical_store"):
+        if isinstance(data.get(key), str):
+            data[key] = _locate(data[key], base)
+    if isinstance(dirs := data.get("mapping_dirs"), list):
+        data["mapping_dirs"] = [_locate(d, base) if isinstance(d, str) else d for d in dirs]
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("spec"), str):
+            src["spec"] = _locate(src["spec"], base)
+
+
+def load_settings(path: str | Path, relative_to: Path | None = None) -> Settings:
+    """The pipeline file at ``path``; its relative paths are relative to its folder (or to
+    ``relative_to``, for a file fetched to a temporary place)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -219,10 +274,11 @@ def load_settings(path: str | Path) -> Settings:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
-    base = p.resolve().parent
-    for key in ("object_store", "state_store", "canonical_store"):
-        if isinstance(data.get(key), str):
-            data[key] = _locate(data[key], base)
+    try:
+        data = expand_env(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    _locate_paths(data, relative_to.resolve() if relative_to else p.resolve().parent)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

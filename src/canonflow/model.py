@@ -74,6 +74,13 @@ def raw_key(table: TableRef, job_id: str, chunk_id: str, part: int, ext: str = R
     return f"{table.raw_prefix}{job_id}/{chunk_id}/part-{part:05d}.{ext}"
 
 
+def first_page_key(table: TableRef, job_id: str, chunk_id: str) -> str:
+    """Where planning leaves the page 1 it read for the chunk that starts there (outside
+    ``raw/``: no transform ever reads it as a batch file)."""
+    return (f"plan/{table.tenant_id}/{table.service_name}/{table.table_name}/{job_id}/"
+            f"{chunk_id}/page-00001.json")
+
+
 class TriggerMode(StrEnum):
     AGGREGATED = "aggregated"
     PER_BATCH = "per_batch"  # rollback flag: the legacy per-batch time-based trigger
@@ -99,6 +106,9 @@ class ChunkSpec(Contract):
     full_extraction: bool = Field(
         default=False, description="the chunk's query lists the whole table (no incremental "
         "mark): when all of a table's chunks succeed, keys it no longer lists are deleted")
+    first_page_stored: bool = Field(
+        default=False, description="planning read page 1 and stored its body (at "
+        "first_page_key): the chunk uses it instead of asking the API again")
     trace_context: dict[str, str] | None = Field(
         default=None, description="W3C trace context (traceparent, tracestate) of the job's "
         "trace: the task's span joins it whichever dispatcher carried the task")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from canonflow.config import Settings
 from canonflow.connectors.spec import PageRangeChunking, TimeWindowChunking
 from canonflow.errors import ConfigError
-from canonflow.model import ChunkSpec, TableRef, validate_identifier
+from canonflow.model import ChunkSpec, TableRef, first_page_key, validate_identifier
 from canonflow.telemetry import tracing
 
 if TYPE_CHECKING:
@@ -66,10 +66,13 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
              full_refresh: bool = False) -> JobPlan:
     """Read each table's total (first page) and split it into page-range chunks, the last
     one open-ended; every chunk carries the total as ``announced_total`` so the aggregator
-    can tell a table that came up short. Tables synced incrementally ask only for what
-    changed since their high-water mark."""
+    can tell a table that came up short. The first page is read once: what paging reads of
+    it is stored for the first chunk. Tables synced incrementally ask only for what changed
+    since their high-water mark."""
     validate_identifier(tenant_id, "tenant_id")
     job_id = validate_identifier(job_id or new_job_id(), "job_id")
+    for src in settings.sources:  # every source's tenant values, before any request
+        settings.connection(tenant_id, src.service)
     chunks: list[ChunkSpec] = []
     for src in settings.sources:
         spec = settings.spec_for(src.service)
@@ -94,10 +97,11 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                 if since is not None:  # time windows start at the mark (ISO)
                     params[inc.cursor_param] = since if isinstance(
                         tspec.chunking, TimeWindowChunking) else inc.render(since)
-            total = None
+            total, first_body = None, None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
-                total = rt.client(tenant_id, src.service).fetch_page(
-                    table, 1, page_size, params).total
+                first, first_body = rt.client(tenant_id, src.service).first_page(
+                    table, page_size, params)
+                total = first.total
             work: list[tuple[int, int | None, dict[str, str]]]
             if isinstance(tspec.chunking, TimeWindowChunking):
                 tw = tspec.chunking
@@ -110,12 +114,18 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                         for a, b in windows]
             else:
                 work = [(a, b, params) for a, b in page_ranges(total, page_size, per_chunk)]
-            for n, (first, last, chunk_params) in enumerate(work):
+            for n, (start, last, chunk_params) in enumerate(work):
+                chunk_id = f"{src.service}-{table}-{n:05d}"
+                handed = False
+                if first_body is not None and start == 1:
+                    rt.objects.put(first_page_key(ref, job_id, chunk_id), first_body)
+                    handed = True
                 chunks.append(ChunkSpec(
-                    job_id=job_id, chunk_id=f"{src.service}-{table}-{n:05d}", table=ref,
-                    start_page=first, end_page=last, page_size=page_size,
+                    job_id=job_id, chunk_id=chunk_id, table=ref,
+                    start_page=start, end_page=last, page_size=page_size,
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
                     params=chunk_params, announced_total=total, full_extraction=full,
+                    first_page_stored=handed,
                     trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)

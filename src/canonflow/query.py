@@ -32,6 +32,7 @@ from deltalake.fs import DeltaStorageHandler
 from canonflow.errors import ConfigError, TerminalError
 from canonflow.mappings import load_catalog
 from canonflow.stores.object_store import ObjectStore
+from canonflow.transform.versions import VERSIONS_SUFFIX, Versioning, ident
 from canonflow.transform.writer import QUARANTINE_TABLE, canonical_path
 
 _PLAIN = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
@@ -114,11 +115,10 @@ class _PushdownDataset(pds.FileSystemDataset):  # type: ignore[misc]
         return pds.Scanner.from_batches(batches, schema=plain, filter=filter, columns=columns)
 
 
-def delta_dataset(uri: str, storage_options: dict[str, str] | None,
+def delta_dataset(table: DeltaTable, storage_options: dict[str, str] | None,
                   scan: Scan | None = None) -> pds.Dataset:
     """The table's current version as a dataset DuckDB pushes filters into; with
     ``scan``, the files it opens are recorded there."""
-    table = DeltaTable(uri, storage_options=storage_options or None)
     filesystem = None
     if scan is not None:
         adds = pa.table(table.get_add_actions(flatten=True))
@@ -141,13 +141,24 @@ def quote(text: str) -> str:
 def register(con: duckdb.DuckDBPyConnection, tables: TableUris,
              scan: Scan | None = None) -> list[str]:
     """Register each existing Delta table (SQL name -> (uri, storage options)) on ``con``;
-    the names registered."""
+    the names registered. A merge-on-read table is a view of each key's current version
+    (its versions are ``<name>__versions``); a tenant filter still reaches the scan, as the
+    tenant is one of the view's window partitions."""
     registered = []
     for sql_name, (uri, opts) in tables.items():
         try:
-            con.register(sql_name, delta_dataset(uri, opts, scan))
+            table = DeltaTable(uri, storage_options=opts or None)
         except TableNotFoundError:
             continue
+        dataset = delta_dataset(table, opts, scan)
+        versioning = Versioning.from_properties(table.metadata().configuration)
+        if versioning is None:
+            con.register(sql_name, dataset)
+        else:
+            versions = sql_name + VERSIONS_SUFFIX
+            con.register(versions, dataset)
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {ident(sql_name)} AS "
+                        + versioning.current_sql(ident(versions)))
         registered.append(sql_name)
     return registered
 

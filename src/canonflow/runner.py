@@ -181,7 +181,8 @@ class JobRunner:
     # -- starting ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Everything that can be checked before a job exists: the stores open, the
-        mappings load, every source has a spec and every tenant credentials for it."""
+        mappings load, every source has a spec and every tenant the values its connection
+        names."""
         rt = self.rt
         rt.warm_up()
         _ = rt.canonical
@@ -189,6 +190,7 @@ class JobRunner:
             spec = self.settings.spec_for(src.service)
             for table in src.tables or []:
                 spec.table(table)
+        self.settings.check_connections()
 
     @contextmanager
     def _leased(self) -> Iterator[None]:

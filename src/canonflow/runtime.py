@@ -39,7 +39,7 @@ class Runtime:
     def canonical(self) -> CanonicalWriter:
         url = self.settings.canonical_store
         return CanonicalWriter(open_object_store(url) if url else self.objects,
-                               lock=self.table_lock)
+                               lock=self.table_lock, writes=self.settings.canonical_writes)
 
     @contextmanager
     def table_lock(self, name: str, ttl: float = LOCK_TTL,
@@ -88,11 +88,11 @@ class Runtime:
         """One keep-alive client per (tenant, service) per process."""
         key = (tenant_id, service)
         if key not in self._clients:
-            src = self.settings.source(service)
+            connection = self.settings.connection(tenant_id, service)
             self._clients[key] = RestClient(
-                self.settings.spec_for(service),
+                connection.spec,
                 self.settings.credentials(tenant_id, service),
-                base_url=src.base_url, tenant=tenant_id,
+                base_url=connection.base_url, tenant=tenant_id,
             )
         return self._clients[key]
 

@@ -28,10 +28,11 @@ def deal(i: str, companies: list[str | None], ts: str = T1) -> bytes:
                          "associations": {"companies": companies}, "updated_at": ts})
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Runtime:
+@pytest.fixture(params=["copy_on_write", "merge_on_read"])
+def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Runtime:
     return Runtime(Settings(object_store=f"file://{tmp_path}/data",
                             state_store=f"sqlite:///{tmp_path}/data/state.db",
+                            canonical_writes=request.param,
                             transform_group_records=2))
 
 

@@ -131,3 +131,39 @@ def test_status_timings_and_timeline(tmp_path: Path) -> None:
         assert failed.returncode == 2 and failed.stderr.strip().startswith("error:"), args
         assert message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
     assert "--timeline" in cli("status", "--help").stdout
+
+
+def test_pipeline_file_mistakes_exit_2_with_one_line_before_any_request(
+        tmp_path: Path) -> None:
+    stores = "object_store: file://./data\nstate_store: sqlite:///./data/state.db\n" \
+             "dispatcher: inline://\n"
+    cases = {
+        "sources: [{service: crm, base_url: 'ftp://x'}]\ntenants: [{tenant_id: acme}]\n":
+            "at sources.0.base_url: Value error, base_url 'ftp://x' is not an http(s) URL",
+        "sources: [{service: crm, base_url: 'not a url'}]\ntenants: [{tenant_id: acme}]\n":
+            "base_url 'not a url' is not an http(s) URL",
+        "sources: [{service: crm, base_url: '${CF_UNSET_HOST}/crm'}]\n"
+        "tenants: [{tenant_id: acme}]\n":
+            "at sources.0.base_url: environment variable CF_UNSET_HOST is not set",
+        "sources: [{service: crm, base_url: 'https://$HOST/crm'}]\n"
+        "tenants: [{tenant_id: acme}]\n":
+            "at sources.0.base_url: $HOST is not read from the environment: write ${HOST}",
+        "sources: [{service: crm}, {service: crm}]\ntenants: [{tenant_id: acme}]\n":
+            "duplicate source service crm",
+        "sources: [{service: crm, base_url: 'http://127.0.0.1:9/{tenant.region}'}]\n"
+        "tenants: [{tenant_id: acme, values: {region: eu}}, {tenant_id: globex}]\n":
+            "tenant 'globex' has no value 'region' (crm base_url uses {tenant.region})",
+    }
+    for n, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"p{n}.yaml"
+        path.write_text(stores + text)
+        proc = cli("run", str(path))
+        assert proc.returncode == 2, (text, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.strip().startswith("error: ") and message in proc.stderr, proc.stderr
+    spec = tmp_path / "crm.yaml"
+    spec.write_text("service: crm\nbase_url: https://api.example\ntables:\n  contacts:\n"
+                    "    {path: /c, records_path: data, primary_key: id,"
+                    " chunking: {type: sequential}}\n")
+    probe = cli("connectors", "check", str(spec), "--probe", "ftp://x")
+    assert probe.returncode == 2 and "base_url 'ftp://x' is not an http(s) URL" in probe.stderr

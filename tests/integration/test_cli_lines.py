@@ -138,7 +138,8 @@ def test_connectors_check_rejects_a_spec_without_tables_or_http(tmp_path: Path) 
     ftp = tmp_path / "ftp.yaml"
     ftp.write_text(SPEC.format(base_url="ftp://files.example/crm", auth="{type: bearer}"))
     one_error_line(cli("connectors", "check", str(ftp)), 2,
-                   "base_url 'ftp://files.example/crm' is not an HTTP URL", "https://")
+                   "at base_url: base_url 'ftp://files.example/crm' is not an http(s) URL",
+                   "https://")
 
 
 def test_a_401_names_the_tenant_and_the_credential_never_its_value(

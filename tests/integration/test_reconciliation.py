@@ -17,10 +17,11 @@ from canonflow.runtime import Runtime
 from canonflow.transform.run import run_transform
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Runtime:
+@pytest.fixture(params=["copy_on_write", "merge_on_read"])
+def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Runtime:
     return Runtime(Settings(object_store=f"file://{tmp_path}/data",
-                            state_store=f"sqlite:///{tmp_path}/data/state.db"))
+                            state_store=f"sqlite:///{tmp_path}/data/state.db",
+                            canonical_writes=request.param))
 
 
 def contact(i: int, updated: str = "2026-01-01T00:00:00Z") -> bytes:

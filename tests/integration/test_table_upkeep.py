@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from deltalake import DeltaTable
 
 from canonflow.chunk import encode_batch
@@ -20,6 +21,7 @@ from canonflow.model import TableRef, TransformRequest, raw_key
 from canonflow.query import run_query
 from canonflow.runtime import Runtime
 from canonflow.transform.run import run_transform
+from canonflow.transform.versions import CanonicalWrites
 
 ENTITY = "canonical/contact"
 
@@ -48,10 +50,12 @@ def partition_files(rt: Runtime, tenant: str) -> list[str]:
     return table(rt).file_uris(file_pruning_predicate=[("_tenant_id", "=", tenant)])
 
 
-def test_partitions_stay_few_filed_and_vacuum_keeps_time_travel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writes", ["copy_on_write", "merge_on_read"])
+def test_partitions_stay_few_filed_and_vacuum_keeps_time_travel(
+        tmp_path: Path, writes: CanonicalWrites) -> None:
     rt = Runtime(Settings(object_store=f"file://{tmp_path / 'data'}",
                           state_store=f"sqlite:///{tmp_path / 'data' / 'state.db'}",
-                          compact_after_files=4))
+                          compact_after_files=4, canonical_writes=writes))
     sync(rt, "acme", "job-0", [contact("acme", i) for i in range(2000)])
     sync(rt, "globex", "job-0", [contact("globex", i) for i in range(500)])
     globex_files = partition_files(rt, "globex")

@@ -27,11 +27,12 @@ def contact(i: int, name: str = "first", ts: str = OLD) -> bytes:
                          "updated_at": ts})
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Runtime:
+@pytest.fixture(params=["copy_on_write", "merge_on_read"])
+def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Runtime:
     # groups of 4 records: each file below is one group
     return Runtime(Settings(object_store=f"file://{tmp_path}/data",
                             state_store=f"sqlite:///{tmp_path}/data/state.db",
+                            canonical_writes=request.param,
                             transform_group_records=4))
 
 

@@ -40,3 +40,36 @@ def test_plan_job_reads_totals_and_splits_tables(runtime: Runtime) -> None:
         == {5000}
     last = [c for c in plan.chunks if c.table.table_name == "contacts"][-1]
     assert (last.start_page, last.end_page) == (49, None)  # open: follows full pages
+
+
+def test_the_first_chunk_gets_page_one_from_the_plan_or_else_from_the_api(
+        runtime: Runtime) -> None:
+    from canonflow.chunk import process_chunk
+    from canonflow.model import first_page_key
+    from canonflow.stores import open_object_store
+    from canonflow.transform.reader import decompress
+
+    plan = plan_job(runtime.settings, runtime, "acme", job_id="job-1")
+    contacts = [c for c in plan.chunks if c.table.table_name == "contacts"]
+    assert [c.first_page_stored for c in contacts] == [True] + [False] * (len(contacts) - 1)
+    first = contacts[0]
+    key = first_page_key(first.table, first.job_id, first.chunk_id)
+    assert key.startswith("plan/acme/crm/contacts/job-1/")  # never read as a raw batch
+    # a stored page 1 that is not the API's: the chunk uses it as page 1
+    planned = ",".join(f'{{"id": "planned-{i}"}}' for i in range(100))
+    runtime.objects.put(key, f'{{"results": [{planned}], "total": 5000}}'.encode())
+    with_page = process_chunk(first, runtime)
+    assert with_page.completed and with_page.records_processed == 200
+    raw = b"".join(decompress(runtime.objects.get(k), k) for k in with_page.s3_files_written)
+    assert raw.count(b'"planned-') == 100
+    # the stored page gone (another store, cleaned up): the chunk asks the API for it
+    gone = Runtime(runtime.settings.model_copy(update={
+        "object_store": runtime.settings.object_store + "-elsewhere"}))
+    try:
+        assert not open_object_store(gone.settings.object_store).exists(key)
+        without = process_chunk(first, gone)
+        assert without.completed and without.records_processed == 200
+        raw = b"".join(decompress(gone.objects.get(k), k) for k in without.s3_files_written)
+        assert b'"planned-' not in raw
+    finally:
+        gone.close()

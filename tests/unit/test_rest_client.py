@@ -1,6 +1,7 @@
 import httpx
 import pytest
 
+from canonflow import jsonio
 from canonflow.connectors.rest import RestClient
 from canonflow.connectors.spec import builtin_specs
 from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
@@ -231,3 +232,79 @@ def test_only_next_requests_without_secrets_are_storable() -> None:
     assert not storable(PageRequest(2, url="http://api.test/v1/items?after=2&sig=Zm9v"))
     assert not storable(PageRequest(2, url="http://u:pw@api.test/v1/items?after=2"))
     assert not storable(PageRequest(2, {"cursor": "Registered-Value-1"}))
+
+
+HAS_MORE_SPEC = """
+service: flagged
+base_url: https://api.test
+tables:
+  items:
+    path: /items
+    records_path: data
+    primary_key: id
+    pagination: {type: page_number, page_size: 2, has_more_path: meta.more}
+    chunking: {type: sequential}
+"""
+
+
+def flagged_pages(pages: dict[int, bytes], spec: str = HAS_MORE_SPEC
+                  ) -> tuple[RestClient, list[int]]:
+    from canonflow.connectors.spec import parse_spec
+
+    asked: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        asked.append(int(req.url.params["page"]))
+        return httpx.Response(200, content=pages[asked[-1]])
+
+    return RestClient(parse_spec(spec, "flagged.yaml"), {"token": "t"},
+                      transport=httpx.MockTransport(handler)), asked
+
+
+def test_page_numbers_follow_has_more_not_page_fullness() -> None:
+    client, asked = flagged_pages({
+        1: b'{"data": [{"id": 1}], "meta": {"more": true}}',  # short, but more follow
+        2: b'{"data": [{"id": 2}, {"id": 3}], "meta": {"more": true}}',
+        3: b'{"data": [{"id": 4}, {"id": 5}], "meta": {"more": false}}',  # full, but last
+    })
+    assert sum(len(p.records) for p in client.pages("items")) == 5
+    assert asked == [1, 2, 3]
+
+
+def test_a_missing_has_more_flag_ends_the_table() -> None:
+    client, asked = flagged_pages({1: b'{"data": [{"id": 1}, {"id": 2}], "meta": {}}'})
+    assert [len(p.records) for p in client.pages("items")] == [2]
+    assert asked == [1]
+
+
+def test_a_first_page_read_before_is_not_asked_for_again() -> None:
+    body = b'{"data": [{"id": 1}, {"id": 2}], "meta": {"more": true}}'
+    client, asked = flagged_pages({2: b'{"data": [{"id": 3}], "meta": {"more": false}}'})
+    walked = list(client.walk("items", first_body=body))
+    assert [len(p.records) for p, _ in walked] == [2, 1] and asked == [2]
+    assert walked[0][1] is not None and walked[0][1].index == 2 and walked[1][1] is None
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "not a url"])
+def test_a_base_url_that_is_not_http_is_a_config_error_not_a_retry(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"crm: base_url .* is not an http\(s\) URL"):
+        RestClient(SPEC, {"token": "t"}, base_url=url)
+
+
+def test_the_stored_first_page_keeps_only_what_paging_reads() -> None:
+    from canonflow.connectors.rest import paging_view
+    from canonflow.connectors.spec import parse_spec
+
+    text = HAS_MORE_SPEC.replace("page_size: 2,", "page_size: 2, total_path: meta.total,")
+    spec = parse_spec(text, "flagged.yaml")
+    body = (b'{"links": {"next": "https://api.test/items?page=2&api_key=Echoed-k3y"},\n'
+            b' "data": [{"id": 1},\n {"id": 2}], "meta": {"total": 9, "more": true, "x": 1}}')
+    view = paging_view(spec.tables["items"], body)
+    assert b"Echoed" not in view and b"links" not in view
+    assert jsonio.loads(view) == {"data": [{"id": 1}, {"id": 2}],
+                                  "meta": {"total": 9, "more": True}}
+    client, asked = flagged_pages({2: b'{"data": [], "meta": {"total": 9, "more": false}}'},
+                                  text)
+    (first, nxt), _ = list(client.walk("items", first_body=view))
+    assert first.records == [b'{"id": 1}', b'{"id": 2}'] and first.total == 9
+    assert nxt is not None and nxt.index == 2 and asked == [2]

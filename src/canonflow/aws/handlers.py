@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Metrics
@@ -105,18 +106,14 @@ def _load_settings() -> Settings:
             body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
             with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as f:
                 f.write(body)
-            settings = load_settings(f.name)
+            settings = load_settings(f.name, relative_to=Path.cwd())  # as if it were here
         else:
             settings = load_settings(where)
     overrides = {field: os.environ[env] for field, env in (
         ("object_store", "CANONFLOW_OBJECT_STORE"), ("state_store", "CANONFLOW_STATE_STORE"),
         ("dispatcher", "CANONFLOW_DISPATCHER")) if os.environ.get(env)}
     if overrides:
-        settings = Settings.model_validate({**settings.model_dump(mode="json"),
-                                            **overrides, "tenants": [
-            {"tenant_id": t.tenant_id, "credentials": {
-                svc: {k: v.get_secret_value() for k, v in creds.items()}
-                for svc, creds in t.credentials.items()}} for t in settings.tenants]})
+        settings = Settings.model_validate({**settings.to_worker_data(), **overrides})
     return settings
 
 

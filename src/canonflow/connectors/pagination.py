@@ -41,12 +41,15 @@ class Paginator(Protocol):
              response: httpx.Response) -> PageRequest | None: ...
 
 
-def _ended(body: bytes, path: str | None) -> bool:
-    """True when the body says this is the last page (``path`` is a true boolean)."""
-    if path is None:
-        return False
+def _true(body: bytes, path: str) -> bool:
+    """True when the value at ``path`` in the body is the boolean true."""
     raw = jsonio.raw_at(body, path)
     return raw is not None and jsonio.decode(raw) is True
+
+
+def _ended(body: bytes, path: str | None) -> bool:
+    """True when the body says this is the last page (``path`` is a true boolean)."""
+    return path is not None and _true(body, path)
 
 
 def _full(records: int, page_size: int) -> bool:
@@ -55,7 +58,10 @@ def _full(records: int, page_size: int) -> bool:
 
 class _Positional(ABC):
     """Pages addressed by position (page number or offset): the next one follows a full
-    page, so ranges of them can be split into chunks."""
+    page, or, when the API says so (``has_more_path``), a page whose flag is true; ranges
+    of them can be split into chunks."""
+
+    spec: PageNumberPagination | OffsetPagination
 
     def first(self, start_page: int, page_size: int) -> PageRequest:
         return PageRequest(start_page, self.params(start_page, page_size))
@@ -66,7 +72,8 @@ class _Positional(ABC):
 
     def next(self, prev: PageRequest, records: list[bytes], page_size: int, body: bytes,
              response: httpx.Response) -> PageRequest | None:
-        if not _full(len(records), page_size):
+        flag = self.spec.has_more_path
+        if not records or not (_true(body, flag) if flag else _full(len(records), page_size)):
             return None
         return self.first(prev.index + 1, page_size)
 
@@ -99,10 +106,8 @@ class BodyCursor:
              response: httpx.Response) -> PageRequest | None:
         if not records or _ended(body, self.spec.end_path):
             return None
-        if self.spec.has_more_path is not None:
-            more = jsonio.raw_at(body, self.spec.has_more_path)
-            if more is None or jsonio.decode(more) is not True:
-                return None
+        if self.spec.has_more_path is not None and not _true(body, self.spec.has_more_path):
+            return None
         if self.spec.last_record_field is not None:  # e.g. Stripe's starting_after
             cursor = jsonio.loads(records[-1]).get(self.spec.last_record_field)
         else:

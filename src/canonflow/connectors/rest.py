@@ -26,8 +26,8 @@ from canonflow import jsonio, retry
 from canonflow.connectors import tls
 from canonflow.connectors.auth import build_auth, credential_names
 from canonflow.connectors.pagination import PageRequest, paginator, positional
-from canonflow.connectors.spec import ConnectorSpec, TableSpec
-from canonflow.errors import HttpRetryable, HttpTerminal, MalformedPage
+from canonflow.connectors.spec import ConnectorSpec, TableSpec, check_base_url
+from canonflow.errors import ConfigError, HttpRetryable, HttpTerminal, MalformedPage
 from canonflow.redact import redact, register_secret, register_url_secrets
 from canonflow.telemetry import metrics
 
@@ -69,6 +69,31 @@ def _excerpt(body: bytes) -> str:
         return ""
     text = redact(text)
     return ": " + (text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "...")
+
+
+def paging_view(tspec: TableSpec, body: bytes) -> bytes:
+    """A page body reduced to what the table's paging reads (its records, total and
+    has_more flag, at the same paths): stored, it keeps nothing else the API sent, such as
+    a next link that echoes a key."""
+    pagination = tspec.pagination
+    paths = [tspec.records_path, pagination.total_path,
+             getattr(pagination, "has_more_path", None)]
+    tree: dict[str, Any] = {}
+    for path in paths:
+        raw = jsonio.raw_at(body, path) if path else None
+        if path is None or raw is None:
+            continue
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = raw
+
+    def text(node: dict[str, Any]) -> bytes:
+        return b"{" + b",".join(jsonio.dumps(k) + b":" + (v if isinstance(v, bytes) else text(v))
+                                for k, v in node.items()) + b"}"
+
+    return text(tree)
 
 
 def storable(request: PageRequest) -> bool:
@@ -113,6 +138,10 @@ class RestClient:
         register_secret(*credentials.values())  # also for clients built outside a pipeline
         url = (base_url or spec.base_url).rstrip("/")
         register_url_secrets([url])
+        try:
+            check_base_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{spec.service}: {exc}") from None
         auth, self._secret_params = build_auth(spec, credentials, transport)
         self._client = httpx.Client(
             base_url=url,
@@ -140,6 +169,24 @@ class RestClient:
         """One page by its position (page-number and offset pagination)."""
         return next(self.walk(table, page, page, page_size, params=params))[0]
 
+    def first_page(self, table: str, page_size: int | None = None,
+                   params: Mapping[str, str] | None = None) -> tuple[Page, bytes]:
+        """Page 1 and what paging reads of its body (:func:`paging_view`): planning reads
+        the total from it and hands the view to the first chunk (``walk(first_body=...)``),
+        which does not ask for it again."""
+        tspec = self.spec.table(table)
+        request = paginator(tspec.pagination).first(1, page_size or tspec.pagination.page_size)
+        body, url, _ = self._get(tspec.path, self._query(tspec, request, params))
+        return self._parse(tspec, body, url), paging_view(tspec, body)
+
+    @staticmethod
+    def _query(tspec: TableSpec, request: PageRequest,
+               params: Mapping[str, str] | None) -> dict[str, Any]:
+        """A request's query: a next URL as the API sent it, else the table's static params,
+        the paging params and the chunk's own (an incremental filter, a time window)."""
+        return request.params if request.url else {
+            **tspec.params, **request.params, **(params or {})}
+
     def pages(self, table: str, start_page: int = 1, end_page: int | None = None,
               page_size: int | None = None) -> Iterator[Page]:
         """The table's pages from ``start_page`` (to ``end_page`` inclusive), following the
@@ -150,11 +197,12 @@ class RestClient:
 
     def walk(self, table: str, start_page: int = 1, end_page: int | None = None,
              page_size: int | None = None, resume: PageRequest | None = None,
-             params: Mapping[str, str] | None = None,
+             params: Mapping[str, str] | None = None, first_body: bytes | None = None,
              ) -> Iterator[tuple[Page, PageRequest | None]]:
         """Each page with the request for the next one (None after the last): a checkpoint
         saves that request, and ``resume`` starts from it. The next request never carries
-        the client's own credentials (see :meth:`_without_credentials`)."""
+        the client's own credentials (see :meth:`_without_credentials`). ``first_body``
+        is the first page's body when it was read already (:meth:`first_page`)."""
         tspec = self.spec.table(table)
         size = page_size or tspec.pagination.page_size
         strategy = paginator(tspec.pagination)
@@ -166,9 +214,14 @@ class RestClient:
                 raise MalformedPage(f"{self.spec.service}.{table}: the API sent page "
                                     f"{request.index} again (a repeated cursor or link)")
             seen.add(request.identity())
-            query = request.params if request.url else {
-                **tspec.params, **request.params, **(params or {})}
-            body, url, response = self._get(request.url or tspec.path, query)
+            query = self._query(tspec, request, params)
+            if first_body is not None:
+                target = self._client.build_request("GET", tspec.path, params=query).url
+                body, url = first_body, self._shown(target)
+                response = httpx.Response(200, content=body)
+                first_body = None
+            else:
+                body, url, response = self._get(request.url or tspec.path, query)
             page = self._parse(tspec, body, url)
             if positional(strategy) and page.records and page.records == previous:
                 # an API that clamps page numbers answers every page past its last with the

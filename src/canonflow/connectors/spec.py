@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName
+
+_HOST = re.compile(r"[a-z0-9._\-:\[\]]+|[a-z0-9._\-]*\{tenant\.[a-z0-9_]+\}[a-z0-9._\-{}]*",
+                   re.IGNORECASE)  # a host name, an IP address, or a tenant placeholder
+
+
+def check_base_url(url: str) -> str:
+    """An API's base URL is http(s) with a host: anything else is a configuration mistake
+    (exit 2), not a connection error worth retrying."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not _HOST.fullmatch(parts.hostname or "") \
+            or any(c.isspace() for c in url.strip()):
+        raise ValueError(f"base_url {url!r} is not an http(s) URL "
+                         "(expected e.g. https://api.example.com/v2)")
+    return url
+
+
+BaseUrl = Annotated[str, AfterValidator(check_base_url)]
 
 
 class _Spec(BaseModel):
@@ -58,6 +84,8 @@ class PageNumberPagination(_Spec):
     total_path: str | None = Field(
         default=None, description="dotted path of the total record count in the response"
     )
+    has_more_path: str | None = Field(
+        default=None, description="dotted path of a boolean: false on the last page")
 
 
 class OffsetPagination(_Spec):
@@ -67,6 +95,8 @@ class OffsetPagination(_Spec):
     page_size: int = Field(default=100, gt=0, le=100_000)
     max_page_size: int | None = Field(default=None, gt=0, description="the API's maximum")
     total_path: str | None = None
+    has_more_path: str | None = Field(
+        default=None, description="dotted path of a boolean: false on the last page")
 
 
 class CursorPagination(_Spec):
@@ -228,7 +258,7 @@ class TableSpec(_Spec):
 class ConnectorSpec(_Spec):
     service: ServiceName
     description: str = ""
-    base_url: str
+    base_url: BaseUrl = Field(description="may name tenant values: {tenant.subdomain}")
     auth: Auth = BearerAuth()
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=30.0, gt=0)
@@ -239,12 +269,9 @@ class ConnectorSpec(_Spec):
     tables: dict[str, TableSpec]
 
     @model_validator(mode="after")
-    def _usable(self) -> ConnectorSpec:
+    def _has_tables(self) -> ConnectorSpec:
         if not self.tables:
             raise ValueError("no tables: list at least one under 'tables'")
-        if not self.base_url.lower().startswith(("http://", "https://")):
-            raise ValueError(f"base_url {self.base_url.split('?')[0]!r} is not an HTTP URL: "
-                             "use http:// or https://")
         return self
 
     def table(self, name: str) -> TableSpec:

@@ -7,6 +7,7 @@ writers (two tenants' transforms into one entity table) retry on a commit confli
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Field, write_deltalake
@@ -25,6 +27,7 @@ from canonflow.errors import CommitConflict, StoreUnavailable
 from canonflow.mappings import Entity
 from canonflow.stores.object_store import ObjectStore
 from canonflow.transform.mapping import constant, entity_schema, key_column, sequence
+from canonflow.transform.versions import CanonicalWrites, Versioning
 
 QUARANTINE_TABLE = "quarantine"
 QUARANTINE_SCHEMA = pa.schema([
@@ -45,6 +48,10 @@ _REQ = "canonflow.request_id"
 _GROUP = "canonflow.group"
 T = TypeVar("T")
 
+
+# rows a key look-up holds at once (a few columns of them): matching a slice against a
+# group's keys builds one hash set, so larger slices are faster, smaller ones leaner
+SCAN_ROWS = 1_000_000
 
 # a checkpoint every 10 commits: opening a table replays at most 9 commit files, however
 # many syncs it has seen (Delta's default is 100)
@@ -88,20 +95,28 @@ class _Held:
     held: pa.Array  # bool per row: the table holds the key
     won: pa.Array  # bool per row: new key, or ordering >= the held one (the merge's rule)
     mine: pa.Array  # bool per row: the held key was written by this request
+    # bool per row, held keys: a version a merge-on-read table must add — a greater
+    # ordering (a non-null one over null), or an equal one while the key is deleted; an
+    # equal version is the same version (no copy)
+    newer: pa.Array
 
 
 class CanonicalWriter:
     """Upserts go in two commits under a per-(entity, tenant) lock: rows whose key is new to
     the table are appended (no file rewritten), rows whose key exists are merged (newest
-    wins). The lock makes "is this key new?" and the append one step against other writers
-    of the same tenant's entity, on any machine. Quarantine entries are upserted on their
-    identity under the same kind of lock (``quarantine/{tenant}``)."""
+    wins) — or, with ``writes="merge_on_read"``, appended as new versions of their keys
+    (:mod:`canonflow.transform.versions`). The lock makes "is this key new?" and the append
+    one step against other writers of the same tenant's entity, on any machine. Quarantine
+    entries are upserted on their identity under the same kind of lock
+    (``quarantine/{tenant}``)."""
 
     def __init__(self, store: ObjectStore, attempts: int = 12,
-                 lock: TableLock | None = None) -> None:
+                 lock: TableLock | None = None,
+                 writes: CanonicalWrites = "copy_on_write") -> None:
         self._store = store
         self._attempts = attempts
         self._lock = lock or _no_lock
+        self._writes = writes
         self._recent = threading.local()  # name -> the table this thread last wrote
 
     def uri(self, name: str) -> tuple[str, dict[str, str]]:
@@ -160,37 +175,46 @@ class CanonicalWriter:
     @staticmethod
     def _scan(table: DeltaTable, tenant_id: str, service: str, column: str,
               values: pa.Array, columns: list[str]) -> pa.Table:
-        """This tenant's and service's rows whose ``column`` is one of ``values``: memory
-        bounded by the group, not the table."""
+        """This tenant's and service's rows whose ``column`` is one of ``values``. When the
+        key column holds any of them, reads the wanted columns in slices of at most
+        ``SCAN_ROWS`` rows, each matched against the values at once (one hash set a slice):
+        memory bounded by the key column, the slice and the group."""
         if table.version() == 0 and not table.file_uris():
             return pa.table({})
         dataset = table.to_pyarrow_dataset(
             file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
-        # first the key column alone, read in one go (keys only, as before): a load of keys
-        # the table does not hold yet (the common case) never reads the other columns
-        keys = dataset.to_table(columns=[column, "_service_name"])
-        if not pc.any(pc.and_(
-                pc.equal(pc.cast(keys.column("_service_name"), pa.string()), service),
-                pc.is_in(pc.cast(keys.column(column), pa.string()), value_set=wanted),
-        )).as_py():
+        # first the key column alone, in one go: a load of keys the table does not hold yet
+        # (the common case of a first load) never reads the other columns
+        keys = dataset.to_table(columns=[column]).column(column)
+        if not pc.any(pc.is_in(pc.cast(keys, pa.string()), value_set=wanted)).as_py():
             return pa.table({})
         del keys
+        needed = list(dict.fromkeys([*columns, column, "_service_name"]))
         found: list[pa.Table] = []
-        # filtered batch by batch here (a pushed-down filter trips over the string_view
-        # columns delta-rs reads): only the matching rows are kept
-        for batch in dataset.to_batches(columns=list(dict.fromkeys(
-                [*columns, column, "_service_name"]))):
-            part = pa.Table.from_batches([batch])
-            plain = pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type)
-                               or pa.types.is_large_string(f.type) else f
-                               for f in part.schema])
-            part = part.cast(plain)
-            match = pc.and_(pc.equal(part.column("_service_name"), service),
-                            pc.is_in(pc.cast(part.column(column), pa.string()),
-                                     value_set=wanted))
-            if pc.any(match).as_py():
-                found.append(part.filter(match).select(columns))
+
+        def match(batches: list[pa.RecordBatch]) -> None:
+            part = pa.Table.from_batches(batches)
+            hit = pc.is_in(pc.cast(part.column(column), pa.string()), value_set=wanted)
+            if not pc.any(hit).as_py():
+                return
+            # plain strings before filtering on them: files written by a merge carry
+            # string_view columns, which pyarrow cannot compare with strings
+            part = part.filter(hit)
+            part = part.cast(plain_strings(part.schema))
+            found.append(part.filter(pc.equal(part.column("_service_name"), service))
+                         .select(columns))
+
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for batch in dataset.to_batches(columns=needed):
+            pending.append(batch)
+            held += batch.num_rows
+            if held >= SCAN_ROWS:
+                match(pending)
+                pending, held = [], 0
+        if pending:
+            match(pending)
         if not found:
             return pa.table({})
         return pa.concat_tables(found)
@@ -203,24 +227,34 @@ class CanonicalWriter:
         n = rows.num_rows
         none = constant(False, n)
         order = entity.ordering
+        deletes = "_deleted_at" in table.schema().to_arrow().names
         held = self._scan(table, tenant_id, service, entity.keys[0], rows.column(entity.keys[0]),
-                          [*entity.keys, order, "_request_id"])
+                          [*entity.keys, order, "_request_id"]
+                          + (["_deleted_at"] if deletes else []))
         if held.num_rows == 0:
-            return _Held(none, constant(True, n), none)
+            return _Held(none, constant(True, n), none, none)
+        live = (pc.is_null(held.column("_deleted_at")) if deletes
+                else constant(True, held.num_rows))
         by_key = pa.table({
             "_key": key_column(held, entity.keys), "_order": held.column(order),
             "_mine": pc.equal(pc.cast(held.column("_request_id"), pa.string()), request_id),
-            "_held": constant(True, held.num_rows),
-        }).group_by("_key").aggregate([("_order", "max"), ("_mine", "any"), ("_held", "any")])
+            "_held": constant(True, held.num_rows), "_live": live,
+        }).group_by("_key").aggregate([("_order", "max"), ("_mine", "any"), ("_held", "any"),
+                                       ("_live", "any")])
         mine_rows = pa.table({"_key": key_column(rows, entity.keys),
                               "_row": sequence(0, n), "_new": rows.column(order)})
         joined = mine_rows.join(by_key, "_key", join_type="left outer").sort_by("_row")
         is_held = pc.fill_null(joined.column("_held_any"), False).combine_chunks()
-        theirs = joined.column("_order_max")
+        theirs, new = joined.column("_order_max"), joined.column("_new")
         won = pc.fill_null(pc.or_kleene(pc.invert(is_held), pc.or_kleene(
-            pc.is_null(theirs), pc.greater_equal(joined.column("_new"), theirs))), False)
+            pc.is_null(theirs), pc.greater_equal(new, theirs))), False)
+        newer = pc.fill_null(pc.and_kleene(is_held, pc.or_kleene(pc.or_kleene(
+            pc.and_kleene(pc.is_null(theirs), pc.is_valid(new)), pc.greater(new, theirs)),
+            pc.and_kleene(won, pc.invert(pc.fill_null(joined.column("_live_any"), True))))),
+            False)
         mine = pc.fill_null(joined.column("_mine_any"), False)
-        return _Held(is_held, won.combine_chunks(), mine.combine_chunks())
+        return _Held(is_held, won.combine_chunks(), mine.combine_chunks(),
+                     newer.combine_chunks())
 
     def upsert(self, entity: Entity, tenant_id: str, service: str, rows: pa.Table,
                request_id: str, group: int, done: set[str] | None = None,
@@ -237,7 +271,8 @@ class CanonicalWriter:
         with self._lock(f"{name}/{tenant_id}"):
             if rows.num_rows == 0 and self._open(name) is None:
                 return Upserted(constant(False, 0), 0)  # nothing to write, nothing held
-            table = self._retry(f"open {name}", lambda: self._table(name, schema))
+            table = self._recalled(name) or self._retry(f"open {name}",
+                                                        lambda: self._table(name, schema))
             seen = self._before_group(name, table, request_id, group, done)
             if parents is not None and parents.num_rows and f"{group}/replace" not in done:
                 self._replace(name, seen, entity, tenant_id, service, rows, parents,
@@ -250,31 +285,60 @@ class CanonicalWriter:
             else:
                 fresh, known = rows.filter(pc.invert(held.held)), rows.filter(held.held)
             if fresh.num_rows and f"{group}/append" not in done:
-                props = CommitProperties(
-                    custom_metadata={_REQ: request_id, _GROUP: f"{group}/append"})
-                handle: list[DeltaTable | None] = [table]
-                self._retry(f"append to {name}", lambda: write_deltalake(
-                    self._latest(handle, lambda: self._table(name, schema)), fresh,
-                    mode="append", schema_mode="merge", commit_properties=props))
+                self._append(name, schema, fresh, f"{group}/append", request_id, table)
             if known.num_rows and f"{group}/merge" not in done:
-                self._merge(name, schema, entity, tenant_id, service, known,
-                            f"{group}/merge", request_id, table)
+                if self._writes == "merge_on_read":  # newer versions appended, none rewritten
+                    table = self._versioned(name, table, entity)
+                    newer = rows.filter(held.newer)
+                    if newer.num_rows:
+                        self._append(name, schema, newer, f"{group}/merge", request_id, table)
+                else:
+                    self._merge(name, schema, entity, tenant_id, service, known,
+                                f"{group}/merge", request_id, table)
             self._remember(name, table)
             return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
+
+    def _append(self, name: str, schema: pa.Schema, rows: pa.Table, label: str,
+                request_id: str, table: DeltaTable) -> None:
+        props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
+        handle: list[DeltaTable | None] = [table]
+        self._retry(f"append to {name}", lambda: write_deltalake(
+            self._latest(handle, lambda: self._table(name, schema)), rows,
+            mode="append", schema_mode="merge", commit_properties=props))
+
+    def _versioned(self, name: str, table: DeltaTable, entity: Entity) -> DeltaTable:
+        """``table``, its properties declaring it merge-on-read (set before its first
+        second version of a key lands, so no reader ever misses them)."""
+        wanted = Versioning.of(entity).properties()
+        if all(table.metadata().configuration.get(k) == v for k, v in wanted.items()):
+            return table
+        self._retry(f"declare {name} merge-on-read", lambda: self._table_or_fail(
+            name).alter.set_table_properties(wanted, raise_if_not_exists=False))
+        return self._table_or_fail(name)
 
     def compact(self, name: str, tenant_id: str, max_files: int) -> int:
         """Rewrite the tenant's partition of ``name`` into few files once it holds more
         than ``max_files`` (each sync adds one for its new keys); under the tenant's lock,
         so its writers wait and other tenants' commits carry on. The files it replaced (0:
         nothing to do). Readers of earlier versions keep their files until a vacuum."""
+        table = self._recalled(name) or self._open(name)
+        if table is None:
+            return 0
+        partition = [("_tenant_id", "=", tenant_id)]
+        # looked at without the lock first: most syncs leave too few files to compact, and
+        # a count a concurrent writer just made stale only moves compaction to the next sync
+        if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
+            self._remember(name, table)
+            return 0
         with self._lock(f"{name}/{tenant_id}"):
-            table = self._recalled(name) or self._open(name)
-            if table is None:
-                return 0
-            partition = [("_tenant_id", "=", tenant_id)]
+            self._retry(f"open {name}", table.update_incremental)
             if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
                 return 0
             props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
+            versioning = Versioning.from_properties(table.metadata().configuration)
+            if versioning is not None:
+                return self._retry(f"fold {name}/{tenant_id}", lambda: _fold(
+                    self._table_or_fail(name), tenant_id, versioning, props))
             handle: list[DeltaTable | None] = [table]
             done = self._retry(f"compact {name}/{tenant_id}", lambda: self._latest(
                 handle, lambda: self._table_or_fail(name)).optimize.compact(
@@ -357,8 +421,12 @@ class CanonicalWriter:
         """The table this thread last wrote to, brought up to date (cheaper than an open:
         only the log's new commits are read); None if there is none."""
         table: DeltaTable | None = getattr(self._recent, "tables", {}).pop(name, None)
-        if table is not None:
+        if table is None:
+            return None
+        try:
             table.update_incremental()
+        except DeltaError:  # e.g. the log it knew was cleaned up: open the table anew
+            return None
         return table
 
     @staticmethod
@@ -449,9 +517,32 @@ class CanonicalWriter:
             return int(metrics.get("num_target_rows_updated", 0))
 
         with self._lock(f"{name}/{tenant_id}"):
-            if self._open(name) is None:
+            table = self._open(name)
+            if table is None:
                 return 0
-            return self._retry(f"mark deleted in {name}", op)
+            if Versioning.from_properties(table.metadata().configuration) is None:
+                return self._retry(f"mark deleted in {name}", op)
+            # versions of a key are all marked: the count is of keys, not rows
+            live = self._live_keys(table, entity, tenant_id, service, marks)
+            self._retry(f"mark deleted in {name}", op)
+            return live
+
+    def _live_keys(self, table: DeltaTable, entity: Entity, tenant_id: str, service: str,
+                   marks: pa.Table) -> int:
+        """How many of the keys ``marks`` lists have a version not yet deleted."""
+        if "_deleted_at" not in table.schema().to_arrow().names:
+            held = self._scan(table, tenant_id, service, entity.keys[0],
+                              marks.column(entity.keys[0]), entity.keys)
+        else:
+            held = self._scan(table, tenant_id, service, entity.keys[0],
+                              marks.column(entity.keys[0]), [*entity.keys, "_deleted_at"])
+            if held.num_rows:
+                held = held.filter(pc.is_null(held.column("_deleted_at")))
+        if held.num_rows == 0:
+            return 0
+        keys = pc.unique(key_column(held, entity.keys))
+        return int(pc.sum(pc.cast(pc.is_in(keys, value_set=key_column(marks, entity.keys)),
+                                  pa.int64())).as_py() or 0)
 
     def absent_keys(self, entity: Entity, tenant_id: str, service: str, source_table: str,
                     seen: pa.Array) -> pa.Table:
@@ -471,9 +562,7 @@ class CanonicalWriter:
             part = pa.Table.from_batches([batch])
             # plain strings first: pyarrow cannot filter (take) string_view columns, which
             # files written by a merge carry
-            part = part.cast(pa.schema([
-                f.with_type(pa.string()) if pa.types.is_string_view(f.type)
-                or pa.types.is_large_string(f.type) else f for f in part.schema]))
+            part = part.cast(plain_strings(part.schema))
             mine = pc.and_(pc.equal(part.column("_service_name"), service),
                            pc.equal(part.column("_source_table"), source_table))
             if "_deleted_at" in have:
@@ -554,6 +643,39 @@ class CanonicalWriter:
 
             with self._lock(f"{QUARANTINE_TABLE}/{tenant}"):
                 self._retry("upsert into quarantine", op)
+
+
+def plain_strings(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with plain ``string`` for ``string_view`` and ``large_string`` (files a
+    Delta merge writes carry views, which pyarrow cannot filter or compare with strings)."""
+    return pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type)
+                      or pa.types.is_large_string(f.type) else f for f in schema])
+
+
+def _fold(table: DeltaTable, tenant_id: str, versioning: Versioning,
+          props: CommitProperties) -> int:
+    """Rewrite a merge-on-read table's partition of ``tenant_id`` with the current version
+    of each key only, in one commit (the files it replaced). Streams: DuckDB ranks the
+    versions, spilling to a temporary folder beyond its memory limit."""
+    partition = [("_tenant_id", "=", tenant_id)]
+    replaced = len(table.file_uris(file_pruning_predicate=partition))
+    if not replaced:
+        return 0
+    dataset = table.to_pyarrow_dataset(file_pruning_predicate=partition)
+    schema = plain_strings(dataset.schema)
+    versions = pa.RecordBatchReader.from_batches(
+        schema, (b.cast(schema) for b in dataset.to_batches()))
+    with tempfile.TemporaryDirectory(prefix="canonflow-fold-") as spill:
+        con = duckdb.connect(config={"temp_directory": spill})
+        try:
+            con.register("versions", versions)
+            current = con.sql(versioning.current_sql("versions")).to_arrow_reader()
+            write_deltalake(table, current, mode="overwrite",
+                            predicate=f"_tenant_id = {_lit(tenant_id)}",
+                            commit_properties=props)
+        finally:
+            con.close()
+    return replaced
 
 
 def _with_identity_columns(rows: pa.Table) -> pa.Table:
