@@ -209,7 +209,10 @@ def _locate(text: str, base: Path) -> str:
     return text
 
 
-def load_settings(path: str | Path) -> Settings:
+def load_settings(path: str | Path, credentials: bool = True) -> Settings:
+    """The pipeline file, validated. ``credentials=False`` is for commands that read the
+    stores and never call an API (query, status, quarantine): the tenants' credentials are
+    left out unread, so an unset ``${VAR}`` or a secret manager in them does not matter."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -219,6 +222,9 @@ def load_settings(path: str | Path) -> Settings:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
+    if not credentials and isinstance(data.get("tenants"), list):
+        data["tenants"] = [{**t, "credentials": {}} if isinstance(t, dict) else t
+                           for t in data["tenants"]]
     base = p.resolve().parent
     for key in ("object_store", "state_store", "canonical_store"):
         if isinstance(data.get(key), str):
