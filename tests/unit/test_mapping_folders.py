@@ -39,11 +39,18 @@ def test_a_spec_and_a_pipeline_beside_a_mapping_are_skipped(tmp_path: Path, capl
     (tmp_path / "crm-spec.yaml").write_text(SPEC)
     (tmp_path / "pipeline.yml").write_text(PIPELINE)
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "job.yaml").write_text("kind: job\nsource: x\nentity: y\n")  # not ours
     with caplog.at_level(logging.DEBUG, logger="canonflow.mappings"):
         catalog = load_catalog([tmp_path])
     assert catalog.mappings[("crm", "deals")].origin == str(tmp_path / "deals.yaml")
     skipped = {getattr(r, "file", None) for r in caplog.records}
-    assert {str(tmp_path / n) for n in ("crm-spec.yaml", "pipeline.yml", "list.yaml")} <= skipped
+    assert {str(tmp_path / n) for n in ("crm-spec.yaml", "pipeline.yml", "list.yaml",
+                                         "job.yaml")} <= skipped
+
+
+def test_a_mapping_folder_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mapping folder .*nope does not exist"):
+        load_catalog([tmp_path / "nope"])
 
 
 @pytest.mark.parametrize(("body", "message"), [
