@@ -110,6 +110,12 @@ def test_a_user_entity_and_an_added_field_land_and_query_without_credentials(
     assert docs.returncode == 0, docs.stderr
     assert "## support_case\n" in docs.stdout and "`helpdesk.tickets`" in docs.stdout
     assert "| `currency` | string |" in docs.stdout and "| `_extra` | string |" in docs.stdout
+    # a mapping broken after the sync does not keep the tables from being read
+    (model / "broken.yaml").write_text("kind: mapping\nsource: {service: crm, table: deals}\n")
+    again = cli("query", "--pipeline", str(pipeline), "--json",
+                "SELECT count(*) AS n FROM support_case")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == json.loads(count.stdout)
     # a command that calls the API still needs the credentials
     run = cli("run", str(pipeline))
     assert run.returncode == 2 and "CANONFLOW_TEST_UNSET_TOKEN is not set" in run.stderr
