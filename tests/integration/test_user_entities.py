@@ -140,11 +140,17 @@ def test_a_table_without_a_mapping_is_refused_before_any_extraction(
 
 
 def test_mappings_check_reports_invalid_mappings_and_probes_one_page(
-        tmp_path: Path, make_settings: SettingsFactory, demo_server: DemoServer) -> None:
+        tmp_path: Path, make_settings: SettingsFactory, demo_server: DemoServer,
+        monkeypatch) -> None:
+    monkeypatch.delenv("CANONFLOW_TEST_UNSET_TOKEN", raising=False)
     model = _model(tmp_path / "model")
     settings = make_settings(tables={"crm": ["deals"], "helpdesk": ["tickets"]})
-    pipeline = _pipeline(tmp_path / "pipeline.yaml", settings, model).read_text()
-    path = tmp_path / "pipeline.yaml"
+    path = _pipeline(tmp_path / "pipeline.yaml", settings, model)
+    static = cli("mappings", "check", "--pipeline", str(path))  # no credentials needed
+    assert static.returncode == 0, static.stderr
+    no_creds = cli("mappings", "check", "--pipeline", str(path), "--probe")
+    assert no_creds.returncode == 2 and "CANONFLOW_TEST_UNSET_TOKEN" in no_creds.stderr
+    pipeline = path.read_text()
     path.write_text(pipeline.replace("${CANONFLOW_TEST_UNSET_TOKEN}", "demo-acme"))
 
     ok = cli("mappings", "check", "--pipeline", str(path), "--probe", "--json")
