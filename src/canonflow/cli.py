@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from canonflow import exits, jsonio, log, memory, render
 from canonflow.config import DEFAULT_DATA, Settings, SourceConfig, TenantConfig, load_settings
@@ -94,9 +95,11 @@ def _hoist_log_options(argv: list[str]) -> list[str]:
 
 
 def _settings(pipeline: Path | None, data_dir: Path, mapping_dir: list[Path] | None = None,
-              ) -> Settings:
+              credentials: bool = False) -> Settings:
+    """The pipeline's settings, or the embedded default's; without ``credentials`` (for
+    commands that never call an API) the tenants' credentials are not read."""
     if pipeline is not None:
-        return load_settings(pipeline)
+        return load_settings(pipeline, credentials=credentials)
     root = data_dir.resolve()
     return Settings(object_store=f"file://{root}", state_store=f"sqlite:///{root}/state.db",
                     mapping_dirs=[str(d) for d in mapping_dir or []])
@@ -403,12 +406,16 @@ def query(
         "--scanned", help="Also print, on stderr, how many data files the query read of "
         "those its tables hold (filters on _tenant_id and other columns skip files).")
     ] = False,
+    mapping_dir: MappingDirOpt = None,
 ) -> None:
-    """Query canonical tables (one per entity) and `quarantine` with DuckDB SQL."""
-    settings = _settings(pipeline, data_dir)
+    """Query canonical tables (one per entity) and `quarantine` with DuckDB SQL. Reads
+    tables only: the pipeline's credentials are not needed."""
+    settings = _settings(pipeline, data_dir, mapping_dir)
     store = open_object_store(settings.canonical_store or settings.object_store)
     scan = Scan() if scanned else None
-    columns, rows = run_query(store, sql, settings.mapping_dirs, scan)
+    dirs = [*settings.mapping_dirs, *(str(d) for d in mapping_dir or []
+                                      if str(d) not in settings.mapping_dirs)]
+    columns, rows = run_query(store, sql, dirs, scan)
     if scan is not None:
         console.print(f"read {scan.files_read} of {scan.total} data files", highlight=False)
     if as_json:  # decimals as exact text, timestamps and dates as ISO text
@@ -507,13 +514,15 @@ def db_upgrade(pipeline: PipelineOpt = None, data_dir: DataDirOpt = Path(DEFAULT
 def entities(
     markdown: Annotated[bool, typer.Option(help="Print the Markdown reference.")] = False,
     pipeline: PipelineOpt = None,
+    mapping_dir: MappingDirOpt = None,
 ) -> None:
-    """List the canonical entities (with --markdown: the reference in docs/entities.md)."""
+    """List the canonical entities (with --markdown: the reference in docs/entities.md),
+    with the pipeline's or --mapping-dir's own entities and added fields."""
     from canonflow.mappings import load_catalog
     from canonflow.mappings.docs import entities_markdown
 
-    dirs = load_settings(pipeline).mapping_dirs if pipeline else []
-    catalog = load_catalog(dirs)
+    dirs = load_settings(pipeline, credentials=False).mapping_dirs if pipeline else []
+    catalog = load_catalog([*dirs, *(str(d) for d in mapping_dir or [])])
     if markdown:
         sys.stdout.write(entities_markdown(catalog))
         return
@@ -585,6 +594,75 @@ def connectors_check(
             page = next(client.pages(name, 1, 1))
             total = f", total {page.total}" if page.total is not None else ""
             out.print(f"  {name}: {len(page.records)} record(s) on the first page{total}")
+
+
+mappings_app = typer.Typer(help="Mappings: check them against their entities and the API.",
+                           no_args_is_help=True)
+app.add_typer(mappings_app, name="mappings")
+
+
+@mappings_app.command("check")
+def mappings_check(
+    pipeline: PipelineOpt = None,
+    mapping_dir: MappingDirOpt = None,
+    probe: Annotated[bool, typer.Option(
+        "--probe", help="Fetch one page of each table of the pipeline (credentials from it) "
+        "and show how many records would land or be quarantined, and why; writes nothing."
+    )] = False,
+    tenant: Annotated[str | None, typer.Option(
+        help="The tenant whose credentials the probe uses (default: the first).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate every mapping (built-in and your folders) against its entity; with a
+    pipeline, also that each table it syncs has one. Exit code 2 if any is invalid."""
+    from canonflow.mappings.check import check_mappings, source_tables
+    from canonflow.mappings.check import probe as probe_tables
+
+    if probe and pipeline is None:
+        raise ConfigError("--probe needs --pipeline (its sources and credentials)")
+    settings = load_settings(pipeline, credentials=probe) if pipeline else None
+    dirs = [*(settings.mapping_dirs if settings else []), *(str(d) for d in mapping_dir or [])]
+    catalog, rows = check_mappings(dirs, source_tables(settings) if settings else [])
+    probes = []
+    if probe and settings is not None:
+        tenant_id = tenant or settings.tenants[0].tenant_id
+        if tenant_id not in [t.tenant_id for t in settings.tenants]:
+            raise ConfigError(f"tenant {tenant_id!r} is not in pipeline {settings.name!r}")
+        probes = probe_tables(settings, catalog, tenant_id)
+    invalid = [r for r in rows if r.status != "ok"]
+    failed = [p for p in probes if p.error is not None]
+    if as_json:
+        from dataclasses import asdict
+
+        _emit_json({"mappings": [asdict(r) for r in rows],
+                    "probe": [asdict(p) for p in probes]})
+    else:
+        view = Table(title=f"mappings: {len(rows) - len(invalid)} ok, {len(invalid)} "
+                     "invalid or missing")
+        for col in ("service", "table", "entity", "status", "problems"):
+            view.add_column(col, overflow="fold")
+        for r in rows:
+            status = r.status if r.status == "ok" else f"[red]{r.status}[/red]"
+            view.add_row(r.service, r.table, r.entity, status, Text("; ".join(r.problems)))
+        out.print(view)
+        if probes:
+            pview = Table(title=f"probe: one page per table, tenant {tenant_id}")
+            for col in ("service", "table", "entity", "fetched", "would land", "quarantined",
+                        "reasons", "examples"):
+                pview.add_column(col, overflow="fold")
+            for p in probes:
+                reasons = "; ".join(f"{n} x {why}" for why, n in p.reasons.items())
+                examples = "; ".join(f"line {e['line']}"
+                                     + (f" ({e['key']})" if e["key"] else "")
+                                     + f": {e['reason']}" for e in p.examples)
+                pview.add_row(p.service, p.table, p.entity, str(p.fetched), str(p.landed),
+                              str(p.quarantined), Text(p.error or reasons), Text(examples),
+                              style="red" if p.error else None)
+            out.print(pview)
+    if invalid or any(not p.retryable for p in failed):
+        raise typer.Exit(2)
+    if failed:
+        raise typer.Exit(3)
 
 
 quarantine_app = typer.Typer(help="Rejected records: list them, replay them.",
@@ -683,7 +761,7 @@ def recover_cmd(
     """Sweep: settle finished jobs, aggregate jobs stuck after their last chunk, re-send
     pending or abandoned transforms; with --pipeline, also resume that pipeline's jobs whose
     runner is gone (only their missing chunks run again)."""
-    settings = _settings(pipeline, data_dir)
+    settings = _settings(pipeline, data_dir, credentials=True)  # it may resume chunks
     rt = Runtime(settings)
     dispatcher = open_dispatcher(settings.dispatcher, settings)
     try:

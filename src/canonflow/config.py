@@ -262,9 +262,13 @@ def _locate_paths(data: dict[str, Any], base: Path) -> None:
             src["spec"] = _locate(src["spec"], base)
 
 
-def load_settings(path: str | Path, relative_to: Path | None = None) -> Settings:
-    """The pipeline file at ``path``; its relative paths are relative to its folder (or to
-    ``relative_to``, for a file fetched to a temporary place)."""
+def load_settings(path: str | Path, relative_to: Path | None = None,
+                  credentials: bool = True) -> Settings:
+    """The pipeline file at ``path``, validated; its relative paths are relative to its
+    folder (or to ``relative_to``, for a file fetched to a temporary place).
+    ``credentials=False`` is for commands that read the stores and never call an API
+    (query, status, quarantine): the tenants' credentials are left out unread, so an unset
+    ``${VAR}`` or a secret manager in them does not matter."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -274,6 +278,9 @@ def load_settings(path: str | Path, relative_to: Path | None = None) -> Settings
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
+    if not credentials and isinstance(data.get("tenants"), list):
+        data["tenants"] = [{**t, "credentials": {}} if isinstance(t, dict) else t
+                           for t in data["tenants"]]
     try:
         data = expand_env(data)
     except ConfigError as exc:

@@ -30,7 +30,7 @@ from deltalake.exceptions import TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
 
 from canonflow.errors import ConfigError, TerminalError
-from canonflow.mappings import load_catalog
+from canonflow.mappings.catalog import inspect_catalog
 from canonflow.stores.object_store import ObjectStore
 from canonflow.transform.versions import VERSIONS_SUFFIX, Versioning, ident
 from canonflow.transform.writer import QUARANTINE_TABLE, canonical_path
@@ -164,8 +164,11 @@ def register(con: duckdb.DuckDBPyConnection, tables: TableUris,
 
 
 def canonical_tables(store: ObjectStore, mapping_dirs: list[str] | None = None) -> TableUris:
-    """Every entity's table, plus ``quarantine``, by SQL name (whether it exists or not)."""
-    names = {e: canonical_path(e) for e in load_catalog(mapping_dirs or []).entities}
+    """Every entity's table (the user's entities of ``mapping_dirs`` too), plus
+    ``quarantine``, by SQL name (whether it exists or not). A mapping that cannot work does
+    not keep the tables from being read."""
+    entities = inspect_catalog(mapping_dirs or []).catalog.entities
+    names = {e: canonical_path(e) for e in entities}
     names[QUARANTINE_TABLE] = QUARANTINE_TABLE
     return {sql_name: store.delta_uri(path) for sql_name, path in names.items()}
 

@@ -181,15 +181,22 @@ class JobRunner:
     # -- starting ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Everything that can be checked before a job exists: the stores open, the
-        mappings load, every source has a spec and every tenant the values its connection
-        names."""
+        mappings load, every source has a spec, every table it syncs a mapping, and every
+        tenant the values its connection names."""
         rt = self.rt
         rt.warm_up()
         _ = rt.canonical
         for src in self.settings.sources:
             spec = self.settings.spec_for(src.service)
-            for table in src.tables or []:
+            for table in src.tables or list(spec.tables):
                 spec.table(table)
+                if (src.service, table) not in rt.catalog.mappings:
+                    raise ConfigError(
+                        f"no mapping for {src.service}.{table}: its records would have "
+                        "nowhere to land; add a mapping YAML (source: {service: "
+                        f"{src.service}, table: {table}}}, entity, fields) to a folder "
+                        "listed in the pipeline's mapping_dirs (see docs/mappings.md), "
+                        f"or leave {table} out of the source's tables")
         self.settings.check_connections()
 
     @contextmanager

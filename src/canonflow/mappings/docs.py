@@ -19,6 +19,9 @@ def entities_markdown(catalog: Catalog) -> str:
         + ", ".join(f"`{name}`" for name, _ in LINEAGE) + ".",
         "`_deleted_at` is set when the source deleted or archived the record (a soft delete: "
         "the row keeps its last values; `WHERE _deleted_at IS NULL` selects live rows).",
+        "Your own entities and fields added to these live in an entities file in your mapping "
+        "folder ([mappings.md](mappings.md#your-own-entities)); `canonflow entities --markdown "
+        "--pipeline P` includes them.",
         "",
     ]
     sources: dict[str, list[str]] = {}

@@ -15,8 +15,9 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from canonflow import jsonio
 from canonflow.mappings import ChildMapping, Entity, FieldDef, FieldRule, MappingSpec
-from canonflow.mappings.catalog import ITEM
+from canonflow.mappings.catalog import EXTRA, ITEM
 
 DECIMAL = pa.decimal128(38, 6)
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -404,6 +405,35 @@ def _template(source: SourceColumns, template: str, n: int) -> pa.Array:
     return pc.if_else(any_value, joined, None)
 
 
+def _drop(record: dict[str, object], path: list[str]) -> None:
+    """Remove a dotted path from a record, and the objects it leaves empty."""
+    head, *rest = path
+    if not rest:
+        record.pop(head, None)
+        return
+    inner = record.get(head)
+    if isinstance(inner, dict):
+        _drop(inner, rest)
+        if not inner:
+            del record[head]
+
+
+def unmapped(lines: list[bytes], paths: list[str]) -> pa.Array:
+    """Each raw record without the paths a mapping reads, as JSON text (null when nothing
+    is left). One JSON parse per record: only mappings with ``keep_unmapped`` pay it."""
+    split = [p.split(".") for p in paths]
+    out: list[str | None] = []
+    for line in lines:
+        record = jsonio.loads(line)
+        if not isinstance(record, dict):
+            out.append(None)
+            continue
+        for path in split:
+            _drop(record, path)
+        out.append(jsonio.dumps_str(record) if record else None)
+    return pa.array(out, pa.string())
+
+
 class CompiledMapping:
     def __init__(self, spec: MappingSpec | ChildMapping, entity: Entity,
                  entities: dict[str, Entity] | None = None) -> None:
@@ -468,7 +498,14 @@ class CompiledMapping:
             decided = pc.or_(decided, present)
         return out, failed, repr(paths[0]) if len(paths) == 1 else f"first of {paths}"
 
-    def apply(self, source: SourceColumns) -> Mapped:
+    @property
+    def keeps_unmapped(self) -> bool:
+        return isinstance(self.spec, MappingSpec) and self.spec.keep_unmapped
+
+    def apply(self, source: SourceColumns,
+              lines: Callable[[int], bytes] | None = None) -> Mapped:
+        """Map every row of ``source``; ``lines`` (row -> its raw JSON line) feeds
+        ``keep_unmapped``: the good rows' other fields, as JSON in ``_extra``."""
         n = source.num_rows
         columns: dict[str, pa.Array] = {}
         reason: pa.Array = pa.nulls(n, pa.string())
@@ -517,6 +554,9 @@ class CompiledMapping:
         good = table.filter(pc.invert(bad))
         idx = pc.indices_nonzero(bad)
         kept = pc.indices_nonzero(pc.invert(bad))
+        if self.keeps_unmapped and lines is not None and good.num_rows:
+            extra = unmapped([lines(i) for i in kept.to_pylist()], self.paths)
+            good = good.set_column(good.schema.get_field_index(EXTRA), EXTRA, extra)
         keys = pc.take(key_column(table, self.entity.keys), idx)
         lands = pc.invert(bad)  # only the records that land count
         counts = {why: c for why, rows in nulled.items() if (c := count_true(pc.and_(rows, lands)))}

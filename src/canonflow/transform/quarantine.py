@@ -118,7 +118,7 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
     raw = read_raw("replay.jsonl", data, mapping.paths)
     # rows of the raw file that parse: their positions in ``part``
     parsed = raw.good_lines if raw.good_lines is not None else list(range(raw.columns.num_rows))
-    mapped = mapping.apply(raw.columns)
+    mapped = mapping.apply(raw.columns, raw.raw_line)
     origin = pa.array(parsed, pa.int64())
     landed_positions = pc.take(origin, mapped.kept)
 

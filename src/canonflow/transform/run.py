@@ -202,7 +202,7 @@ class _Run:
         return rows.append_column("_extracted_at", at).append_column("_deleted_at", gone)
 
     def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
-        mapped = self.mapping.apply(raw.columns)
+        mapped = self.mapping.apply(raw.columns, raw.raw_line)
         self.read += raw.columns.num_rows + len(raw.broken)
         for why, n in mapped.nulled.items():
             self.nulled[why] = self.nulled.get(why, 0) + n
