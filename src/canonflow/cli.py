@@ -642,7 +642,7 @@ def mappings_check(
         for col in ("service", "table", "entity", "status", "problems"):
             view.add_column(col, overflow="fold")
         for r in rows:
-            status = r.status if r.status == "ok" else f"[red]{r.status}[/red]"
+            status = Text(r.status, style="" if r.status == "ok" else "red")
             view.add_row(r.service, r.table, r.entity, status, Text("; ".join(r.problems)))
         out.print(view)
         if probes:
