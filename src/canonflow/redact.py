@@ -18,7 +18,10 @@ MASK = "***"
 _SECRET_NAMES = (
     r"api[_-]?key|apikey|access[_-]?token|refresh[_-]?token|id[_-]?token|token|"
     r"client[_-]?secret|secret|password|passwd|pwd|signature|sig|x-amz-signature|"
-    r"x-amz-security-token|x-amz-credential|auth|authorization|key|session[_-]?token|code"
+    r"x-amz-security-token|x-amz-credential|auth|authorization|session[_-]?token|code|"
+    # a bare "key" is a secret's name, a compound one only when it says so: primary_key,
+    # sort_key or partition_key name columns, not secrets
+    r"(?:secret|access|private|signing|master|encryption)[_-]?key|(?<![\w-])key"
 )
 # scheme://user:password@host -> scheme://user:***@host
 _USERINFO = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)[^\s@/]+(?=@)")

@@ -120,3 +120,13 @@ def test_the_cli_error_line_is_redacted_for_any_exception(
     assert "CliPgPw-6" not in err and "CliKey-12" not in err
     assert "RuntimeError" in err and "page[after]=7" in err  # one readable line
     assert len(err.strip().splitlines()) == 1
+
+
+def test_names_that_end_in_key_are_secrets_only_when_they_say_so() -> None:
+    """A spec error about ``primary_key`` keeps its words; secret-named keys are masked."""
+    assert redact("at tables.x.primary_key: Field required") == \
+        "at tables.x.primary_key: Field required"
+    assert redact("sort_key = 5, partition_key: tenant") == "sort_key = 5, partition_key: tenant"
+    for text in ("key: abc123", "private_key: abc123", "X-Api-Key: abc123",
+                 "aws_secret_access_key: abc123", '{"key": "abc123"}', "?key=abc123&x=1"):
+        assert "abc123" not in redact(text), text
