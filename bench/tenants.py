@@ -134,7 +134,6 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             with postgres_schema() as state:
                 settings = settings_for(base_url, root, tenants, state, f"celery+{REDIS}")
-                Runtime(settings).state.upgrade()
                 with celery_worker(settings, root):
                     result = run(settings)
     seconds = result["seconds"]

@@ -530,14 +530,12 @@ class CanonicalWriter:
     def _live_keys(self, table: DeltaTable, entity: Entity, tenant_id: str, service: str,
                    marks: pa.Table) -> int:
         """How many of the keys ``marks`` lists have a version not yet deleted."""
-        if "_deleted_at" not in table.schema().to_arrow().names:
-            held = self._scan(table, tenant_id, service, entity.keys[0],
-                              marks.column(entity.keys[0]), entity.keys)
-        else:
-            held = self._scan(table, tenant_id, service, entity.keys[0],
-                              marks.column(entity.keys[0]), [*entity.keys, "_deleted_at"])
-            if held.num_rows:
-                held = held.filter(pc.is_null(held.column("_deleted_at")))
+        deletes = "_deleted_at" in table.schema().to_arrow().names
+        held = self._scan(table, tenant_id, service, entity.keys[0],
+                          marks.column(entity.keys[0]),
+                          [*entity.keys, *(["_deleted_at"] if deletes else [])])
+        if deletes and held.num_rows:
+            held = held.filter(pc.is_null(held.column("_deleted_at")))
         if held.num_rows == 0:
             return 0
         keys = pc.unique(key_column(held, entity.keys))
