@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,10 +46,15 @@ class FakeContext:
 
 
 class _Killer:
-    """Wraps a store: its ``n``-th method call raises :class:`Killed`."""
+    """Wraps a store: the invocation's ``n``-th method call raises :class:`Killed`.
+
+    Only calls made on the invocation's own thread count down: a killed Lambda takes its
+    threads with it, so a heartbeat thread must not be the one that "dies" while the handler
+    goes on (the kill would be lost)."""
 
     def __init__(self, inner: Any, countdown: list[int]) -> None:
         self._inner, self._countdown = inner, countdown
+        self._thread = threading.get_ident()
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._inner, name)
@@ -56,12 +62,24 @@ class _Killer:
             return value
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._countdown[0] -= 1
-            if self._countdown[0] == 0:
-                raise Killed(name)
+            if threading.get_ident() == self._thread:
+                self._countdown[0] -= 1
+                if self._countdown[0] == 0:
+                    raise Killed(name)
             return value(*args, **kwargs)
 
         return call
+
+
+def _arm(rng: random.Random, kill: float, kills_so_far: int, min_kills: int) -> int | None:
+    """The countdown for a killable invocation, or None to let it run. Until ``min_kills``
+    kills have happened every invocation is armed with a short countdown, so a run always
+    kills what its test says it kills, whatever order the queue hands messages in."""
+    if kills_so_far < min_kills:
+        return rng.randint(1, 4)
+    if rng.random() < kill:
+        return rng.randint(1, 12)
+    return None
 
 
 @dataclass
@@ -83,10 +101,12 @@ class Stats:
 
 class Pump:
     def __init__(self, sqs: Any, queues: list[Queue], seed: int = 7, duplicate: float = 0.3,
-                 kill: float = 0.15, max_batch: int = 3, visibility_seconds: int = 1) -> None:
+                 kill: float = 0.15, max_batch: int = 3, visibility_seconds: int = 1,
+                 min_kills: int = 0) -> None:
         self.sqs, self.queues = sqs, queues
         self.rng = random.Random(seed)
         self.duplicate, self.kill, self.max_batch = duplicate, kill, max_batch
+        self.min_kills = min_kills
         self.visibility = visibility_seconds
         self.stats = Stats()
         self.context = FakeContext()
@@ -106,8 +126,9 @@ class Pump:
         c = handlers.container()
         rt = c.rt
         saved = {k: rt.__dict__[k] for k in ("state", "objects") if k in rt.__dict__}
-        if killable and self.rng.random() < self.kill:
-            countdown = [self.rng.randint(1, 12)]
+        armed = _arm(self.rng, self.kill, self.stats.kills, self.min_kills) if killable else None
+        if armed is not None:
+            countdown = [armed]
             rt.__dict__["state"] = _Killer(rt.state, countdown)
             rt.__dict__["objects"] = _Killer(rt.objects, countdown)
         try:
@@ -202,10 +223,10 @@ class AsyncLambda:
     on-failure destination (``dead``)."""
 
     def __init__(self, functions: dict[str, Handler], seed: int = 7, duplicate: float = 0.3,
-                 kill: float = 0.2) -> None:
+                 kill: float = 0.2, min_kills: int = 0) -> None:
         self.functions = functions
         self.rng = random.Random(seed)
-        self.duplicate, self.kill = duplicate, kill
+        self.duplicate, self.kill, self.min_kills = duplicate, kill, min_kills
         self.queued: list[tuple[str, bytes, int]] = []  # function, payload, attempt
         self.dead: list[tuple[str, bytes]] = []
         self.stats = Stats()
@@ -220,8 +241,9 @@ class AsyncLambda:
         self.stats.invocations += 1
         rt = handlers.container().rt
         saved = {k: rt.__dict__[k] for k in ("state", "objects") if k in rt.__dict__}
-        if killable and self.rng.random() < self.kill:
-            countdown = [self.rng.randint(1, 12)]
+        armed = _arm(self.rng, self.kill, self.stats.kills, self.min_kills) if killable else None
+        if armed is not None:
+            countdown = [armed]
             rt.__dict__["state"] = _Killer(rt.state, countdown)
             rt.__dict__["objects"] = _Killer(rt.objects, countdown)
         try:

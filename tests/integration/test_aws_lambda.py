@@ -75,7 +75,7 @@ def test_the_pipeline_through_the_handlers_under_duplicates_reordering_and_kills
                             queues["chunks"][2]),
                       Queue(queues["transforms"][0], queues["transforms"][1],
                             handlers.transform, queues["transforms"][2])],
-                seed=seed, kill=0.35)
+                seed=seed, kill=0.35, min_kills=3)
     ctx = FakeContext()
     started = time.monotonic()
     planned = handlers.plan({"source": "aws.events", "detail-type": "Scheduled Event"}, ctx)
@@ -236,7 +236,7 @@ def test_the_pipeline_through_async_invokes_under_duplicates_and_kills(
     from tests.lambda_pump import AsyncLambda
 
     lam = AsyncLambda({"cf-chunk": handlers.chunk, "cf-transform": handlers.transform},
-                      seed=3, kill=0.3)
+                      seed=3, kill=0.3, min_kills=3)
     settings = make_settings(tables=TABLES, dispatcher="lambda://cf-chunk?transforms="
                              "cf-transform", transform_lease_seconds=1.0, max_inline_files=4,
                              transform_max_attempts=10)  # kills are frequent here
