@@ -33,10 +33,12 @@ class PhaseClock:
         self.extract_end = 0.0
         self.transform_end = 0.0
         self.first_transform = 0.0
+        self.planned_any = False
 
-    def planned(self, plans: list[JobPlan]) -> None:
-        self.start = time.perf_counter()
-        self.chunks_left = sum(len(p.chunks) for p in plans)
+    def planned(self, plans: list[JobPlan]) -> None:  # once per job, as each is planned
+        if not self.planned_any:
+            self.start, self.planned_any = time.perf_counter(), True
+        self.chunks_left += sum(len(p.chunks) for p in plans)
 
     def chunk_done(self, spec: ChunkSpec, result: dict[str, Any]) -> None:
         self.chunks_left -= 1

@@ -116,6 +116,12 @@ class Settings(_Cfg):
     transform_group_records: int = Field(
         default=150_000, gt=0,
         description="records per transform commit: bounds the transform's memory")
+    group_commit_requests: int = Field(
+        default=16, ge=1,
+        description="a transform worker takes up to this many waiting requests of the same "
+        "source table (other tenants' small jobs) and writes them in one Delta commit per "
+        "table, each request still claimed, accounted and finished on its own (1: every "
+        "request commits by itself)")
     plan_concurrency: int = Field(
         default=8, ge=1, description="tenants planned at once by a run (planning waits on "
         "each API's first page)")

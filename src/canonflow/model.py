@@ -197,6 +197,15 @@ class TransformRequest(Contract):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def group_target(request: TransformRequest) -> str | None:
+    """The outbox ``target`` of a request a group commit may take: an aggregated request
+    for an explicit, inline list of files (a job's small table); None for any other."""
+    if (request.trigger != "aggregated" or request.source_files_manifest is not None
+            or request.reprocess or request.processing_mode is not ProcessingMode.FILE_SPECIFIC):
+        return None
+    return f"{request.service_name}:{request.table_name}"
+
+
 def aggregated_request_id(job_id: str, table: TableRef) -> str:
     """The outbox's unique key: exactly one transform request per (job, table)."""
     return f"{job_id}:{table.service_name}:{table.table_name}"

@@ -51,7 +51,9 @@ class RichProgress:
         for table, n in counts.items():
             self._records[table] = 0
             self._tables[table] = self._progress.add_task(table.label, total=n, records=0)
-        self._transforms = self._progress.add_task("canonical transforms", total=0, records="")
+        if self._transforms is None:
+            self._transforms = self._progress.add_task("canonical transforms", total=0,
+                                                       records="")
 
     def chunk_done(self, spec: ChunkSpec, result: dict[str, Any]) -> None:
         self._records[spec.table] += int(result.get("records_processed", 0))

@@ -18,8 +18,14 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import Collection, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,7 +57,8 @@ FULL_CHECK_SECONDS = 15.0  # and a full look at the unfinished jobs this often
 
 
 class ProgressSink(Protocol):
-    def planned(self, plans: list[JobPlan]) -> None: ...
+    def planned(self, plans: list[JobPlan]) -> None:
+        """Jobs planned (a run calls it once per job, as each is planned)."""
     def chunk_done(self, spec: ChunkSpec, result: dict[str, Any]) -> None: ...
     def transform_submitted(self, request: TransformRequest) -> None: ...
     def transform_done(self, request: TransformRequest) -> None: ...
@@ -175,6 +182,7 @@ class JobRunner:
         self._pending: dict[Future[TaskOutcome], _Pending] = {}
         self._started = time.monotonic()
         self._job_ids: list[str] = []
+        self._remote = False  # a chunk went to a remote worker (no future to follow)
         self._lease: Heartbeat | None = None  # while driving jobs
         self._spans: dict[str, Span] = {}  # job id -> its span, ended with the job
 
@@ -234,10 +242,12 @@ class JobRunner:
         self._spans.clear()
         return [(w.plan, w.submit) for w in works], failed
 
-    def _start(self, tenants: list[str]) -> tuple[list[_Work], list[str]]:
+    def _start(self, tenants: list[str], launch: Callable[[_Work], None] | None = None
+               ) -> tuple[list[_Work], list[str]]:
         """A job per tenant, each on its own: a tenant that cannot be planned is recorded
         as a failed job with its reason and the others go on; a tenant with an unfinished
-        job is resumed (its runner is gone) or refused (its runner lives)."""
+        job is resumed (its runner is gone) or refused (its runner lives). ``launch`` is
+        called with each job as soon as it is planned, in this thread."""
         failed: list[str] = []
 
         def start(tenant: str) -> _Work | None:
@@ -245,13 +255,20 @@ class JobRunner:
                 return self._start_one(tenant, failed)
 
         threads = min(len(tenants), self.settings.plan_concurrency)
+        started: list[_Work | None] = []
         if threads <= 1:
-            started = [start(t) for t in tenants]
+            for tenant in tenants:
+                started.append(work := start(tenant))
+                if work is not None and launch is not None:
+                    launch(work)
         else:  # planning waits on the APIs (page 1 of each table): tenants in parallel
             with ThreadPoolExecutor(threads, thread_name_prefix="canonflow-plan") as pool:
                 futures = [pool.submit(contextvars.copy_context().run, start, t)
                            for t in tenants]
-                started = [f.result() for f in futures]
+                for future in as_completed(futures):
+                    if (work := future.result()) is not None and launch is not None:
+                        launch(work)
+                started = [f.result() for f in futures]  # in the tenants' order
         return [w for w in started if w is not None], failed
 
     def _start_one(self, tenant: str, failed: list[str]) -> _Work | None:
@@ -329,8 +346,19 @@ class JobRunner:
                               f"{self.settings.name!r} (it has: {', '.join(known)})")
         self.validate()
         with bind(pipeline=self.settings.name), self._leased():
-            works, failed = self._start(list(dict.fromkeys(tenant_ids or known)))
-            return self._drive(works) + failed
+            self._started = time.monotonic()
+            works, failed = self._start(list(dict.fromkeys(tenant_ids or known)),
+                                        launch=self._launch)
+            return self._drive(works, launched=True) + failed
+
+    def _launch(self, work: _Work) -> None:
+        """Submit a job's chunks the moment it is planned: they run while the other
+        tenants are still being planned, and what finished meanwhile is handed on."""
+        self.progress.planned([work.plan])
+        self._job_ids.append(work.plan.job_id)
+        for spec in work.submit:
+            self._remote = self._submit_chunk(spec) or self._remote
+        self._poll(timeout=0.0)
 
     def resume(self, job_ids: Collection[str] | None = None,
                older_than: float = 0.0) -> list[str]:
@@ -349,9 +377,9 @@ class JobRunner:
                     works.append(work)
             return self._drive(works)
 
-    def _drive(self, works: list[_Work]) -> list[str]:
+    def _drive(self, works: list[_Work], launched: bool = False) -> list[str]:
         try:
-            return self._drive_jobs(works)
+            return self._drive_jobs(works, launched)
         finally:
             self._end_spans()
 
@@ -376,16 +404,19 @@ class JobRunner:
                            status=job.status, outcome=job.outcome)
         self._spans.clear()
 
-    def _drive_jobs(self, works: list[_Work]) -> list[str]:
-        self._started = time.monotonic()
-        self.progress.planned([w.plan for w in works])
+    def _drive_jobs(self, works: list[_Work], launched: bool = False) -> list[str]:
+        """Drive the jobs to their end; ``launched``: their chunks were submitted as each
+        was planned (:meth:`_launch`)."""
         job_ids = self._job_ids = [w.plan.job_id for w in works]
-        remote = False
-        # interleave tenants so one large tenant does not starve the others
-        for spec in itertools.chain.from_iterable(
-                itertools.zip_longest(*(w.submit for w in works))):
-            if spec is not None:
-                remote = self._submit_chunk(spec) or remote
+        remote = self._remote
+        if not launched:
+            self._started = time.monotonic()
+            self.progress.planned([w.plan for w in works])
+            # interleave tenants so one large tenant does not starve the others
+            for spec in itertools.chain.from_iterable(
+                    itertools.zip_longest(*(w.submit for w in works))):
+                if spec is not None:
+                    remote = self._submit_chunk(spec) or remote
         if not job_ids:
             return job_ids
         resumed = [w.plan.job_id for w in works if w.resumed]
@@ -433,7 +464,14 @@ class JobRunner:
     def _drain(self) -> None:
         self._relay()
         while self._pending:
-            done, _ = wait(self._pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            self._poll(timeout=1.0)
+            self._check_wait(self._job_ids)
+
+    def _poll(self, timeout: float) -> None:
+        """Hand on the tasks that finished (waiting up to ``timeout`` for one), then relay
+        the outbox."""
+        if self._pending:
+            done, _ = wait(self._pending, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 pending = self._pending.pop(future)
                 if pending.kind == "chunk":
@@ -442,8 +480,7 @@ class JobRunner:
                     self._submit_transform(pending.payload)
                 else:
                     self.progress.transform_done(pending.payload)
-            self._relay()
-            self._check_wait(self._job_ids)
+        self._relay()
 
     def _relay(self) -> None:
         """Send this run's committed outbox rows (never another pipeline's or run's)."""

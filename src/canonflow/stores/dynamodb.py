@@ -1261,6 +1261,14 @@ class DynamoStateStore:
             return None
         return int(row["attempts"]) + 1
 
+    def claim_group(self, request: TransformRequest, limit: int, lease_seconds: float,
+                    holder: str, max_attempts: int, pipeline: str
+                    ) -> list[tuple[TransformRequest, int]]:
+        """No group commits on DynamoDB: finding a table's waiting requests would need an
+        index of the outbox by source table and status (a GSI, eventually consistent, then
+        a conditional claim of each); every request runs by itself, as Lambda delivers it."""
+        return []
+
     def touch_request(self, request_id: str, holder: str | None = None) -> bool:
         cond = "#status = :running" + (" AND #holder = :holder" if holder is not None else "")
         values: dict[str, Any] = {":running": "running", ":now": _now()}

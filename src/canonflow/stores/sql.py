@@ -25,6 +25,7 @@ from canonflow.model import (
     TableRef,
     TransformRequest,
     TransformResult,
+    group_target,
 )
 from canonflow.redact import redact
 from canonflow.stores import migrations
@@ -78,7 +79,10 @@ outbox = sa.Table(
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("holder", sa.String(200)),  # who runs it now (host:pid:token)
+    # the request's source table, ``service:table``: what a group commit looks up
+    sa.Column("target", sa.String(300)),
     sa.Index("ix_outbox_status_created_at", "status", "created_at"),
+    sa.Index("ix_outbox_target_status", "target", "status"),
 )
 ledger = sa.Table(
     "ledger", metadata,
@@ -391,7 +395,7 @@ class SqlStateStore:
         return [{
             "request_id": r.request_id, "job_id": r.job_id, "trigger": r.trigger,
             "payload": jsonio.dumps_str(r.payload()), "status": "pending", "attempts": 0,
-            "created_at": now, "updated_at": now,
+            "created_at": now, "updated_at": now, "target": group_target(r),
         } for r in requests]
 
     def finish_aggregation(
@@ -622,6 +626,34 @@ class SqlStateStore:
 
         attempt: int | None = self._run(step)
         return attempt
+
+    def claim_group(self, request: TransformRequest, limit: int, lease_seconds: float,
+                    holder: str, max_attempts: int, pipeline: str
+                    ) -> list[tuple[TransformRequest, int]]:
+        """Take up to ``limit`` more requests to run with ``request`` in one group commit:
+        waiting ones (pending or dispatched) of the same source table and pipeline, with
+        attempts left, oldest first, in one statement (PostgreSQL skips rows another
+        claimer holds). Each with its attempt number; they run under ``holder`` as if
+        claimed one by one with :meth:`claim_request`."""
+        target = group_target(request)
+        if target is None or limit <= 0:
+            return []
+        now = _now()
+        waiting = self._lock_rows(
+            sa.select(outbox.c.request_id).where(
+                outbox.c.target == target, outbox.c.status.in_(["pending", "dispatched"]),
+                outbox.c.request_id != request.request_id,
+                outbox.c.attempts < max_attempts,
+                outbox.c.job_id.in_(sa.select(jobs.c.job_id).where(
+                    jobs.c.pipeline == pipeline)))
+            .order_by(outbox.c.created_at).limit(limit))
+        rows = self._run(lambda c: c.execute(
+            outbox.update().where(outbox.c.request_id.in_(waiting.scalar_subquery()))
+            .values(status="running", attempts=outbox.c.attempts + 1, updated_at=now,
+                    holder=holder)
+            .returning(outbox.c.payload, outbox.c.attempts)).all())
+        return [(TransformRequest.model_validate_json(r.payload), int(r.attempts))
+                for r in rows]
 
     def _lock_request_job(self, conn: Connection, request_id: str) -> None:
         """Lock the job row of a request before its outbox row: every step that touches

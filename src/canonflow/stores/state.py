@@ -170,6 +170,14 @@ class TransformOutbox(Protocol):
                       max_attempts: int | None = None) -> int | None:
         """Take a request for running; the attempt number, or None if it is not claimable."""
 
+    def claim_group(self, request: TransformRequest, limit: int, lease_seconds: float,
+                    holder: str, max_attempts: int, pipeline: str
+                    ) -> list[tuple[TransformRequest, int]]:
+        """Take up to ``limit`` waiting requests of ``request``'s source table and pipeline
+        (see :func:`canonflow.model.group_target`) for a group commit, each with its
+        attempt number, claimed for ``holder`` as :meth:`claim_request` would. A store may
+        return none (then every request runs by itself)."""
+
     def touch_request(self, request_id: str, holder: str | None = None) -> bool: ...
 
     def finish_request(

@@ -24,10 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from canonflow import jsonio, memory
+from canonflow import log as logs
 from canonflow.errors import CanonflowError, RequestRejected, RetryableError, TerminalError
-from canonflow.lease import holder_dead, worker_label
-from canonflow.mappings import Entity
-from canonflow.model import ProcessingMode, TransformRequest, TransformResult
+from canonflow.lease import Heartbeat, holder_dead, worker_label
+from canonflow.mappings import Entity, MappingSpec
+from canonflow.model import ProcessingMode, TransformRequest, TransformResult, group_target
+from canonflow.redact import redact
+from canonflow.telemetry import metrics
 from canonflow.transform.discovery import resolve_files
 from canonflow.transform.mapping import (
     ChildMapped,
@@ -341,7 +344,7 @@ class _Run:
         seen = pc.unique(pa.concat_arrays([pc.cast(a, pa.string()) for a in self.seen])) \
             if self.seen else pa.array([], pa.string())
         absent = self.rt.canonical.absent_keys(self.entity, r.tenant_id, r.service_name,
-                                               r.table_name, seen)
+                                               r.table_name, seen, r.request_id)
         if absent.num_rows == 0:
             return
         n = absent.num_rows
@@ -392,20 +395,41 @@ def prefetch(keys: list[str], load: Callable[[str], T], window: int = 4) -> Iter
             yield future.result()
 
 
-def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
-    started, started_at = time.perf_counter(), time.time()
-    state = rt.state
-    mode = request.processing_mode
+@dataclass
+class _Claimed:
+    """A request this worker holds: what its transform reads, and its attempt."""
+
+    request: TransformRequest
+    spec: MappingSpec
+    entity: Entity
+    files: list[str]
+    files_skipped: int
+    attempt: int
+    started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+
+
+def _resolve(request: TransformRequest, rt: Runtime) -> tuple[MappingSpec, Entity, list[str]]:
+    """The request's mapping, entity and files; a request that cannot run (no mapping, a
+    file list it may not name) is finished as failed and raises."""
     try:
         spec = rt.catalog.mapping_for(request.service_name, request.table_name)
-        entity = rt.catalog.entities[spec.entity]
-        files = resolve_files(request, rt.objects)
+        return spec, rt.catalog.entities[spec.entity], resolve_files(request, rt.objects)
     except (RequestRejected, TerminalError) as exc:
-        if state.request(request.request_id) is not None:
-            state.finish_request(request.request_id, None, error=str(exc))
+        if rt.state.request(request.request_id) is not None:
+            rt.state.finish_request(request.request_id, None, error=str(exc))
         log.info("transform request rejected", extra={
             "request_id": request.request_id, "table": request.table.label, "error": str(exc)})
         raise
+
+
+def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
+    """Claim the request and run it; with group commits on (``group_commit_requests``),
+    also claim waiting requests of the same source table and commit them together."""
+    started, started_at = time.perf_counter(), time.time()
+    state = rt.state
+    mode = request.processing_mode
+    spec, entity, files = _resolve(request, rt)
 
     files_skipped = 0
     if mode is ProcessingMode.TIME_BASED and not request.reprocess:
@@ -435,13 +459,84 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
             child_rows_written=base.child_rows_written if base else 0,
             child_rows_rejected=base.child_rows_rejected if base else 0,
         )
+    first = _Claimed(request, spec, entity, files, files_skipped, attempt, started, started_at)
+    more = _claim_group(request, rt)
+    if not more:
+        return _finish(first, _write(first, rt), rt)
+    return _run_group(first, more, rt)
 
+
+def _claim_group(request: TransformRequest, rt: Runtime) -> list[tuple[TransformRequest, int]]:
+    limit = rt.settings.group_commit_requests - 1
+    if limit <= 0 or group_target(request) is None:
+        return []
+    return rt.state.claim_group(request, limit, rt.settings.transform_lease_seconds,
+                                rt.holder, rt.settings.transform_max_attempts,
+                                rt.settings.name)
+
+
+def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
+               rt: Runtime) -> TransformResult:
+    """Group commit: each request is mapped and accounted on its own, their new rows go to
+    each canonical table in one commit (:meth:`CanonicalWriter.grouped`), then each is
+    finished on its own. A request that fails for good fails alone; any other failure
+    gives every request of the group back to the outbox (nothing of the group was
+    committed, or what was is skipped by their next attempts)."""
+    group = [first]
+    failed: dict[str, TerminalError] = {}
+    for request, attempt in more:
+        try:
+            spec, entity, files = _resolve(request, rt)
+        except (RequestRejected, TerminalError) as exc:
+            failed[request.request_id] = exc
+            continue
+        group.append(_Claimed(request, spec, entity, files, 0, attempt))
+    log.info("group commit", extra={"request_id": first.request.request_id,
+                                    "requests": [c.request.request_id for c in group]})
+    others = [c.request.request_id for c in group[1:]]
+    lease = rt.settings.transform_lease_seconds
+    written: list[tuple[_Claimed, _Run]] = []
+    try:
+        with Heartbeat(lease / 4, lambda: [rt.state.touch_request(i, rt.holder)
+                                           for i in others], "group commit"), \
+                rt.canonical.grouped():
+            for claimed in group:
+                r = claimed.request
+                with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):
+                    try:
+                        written.append((claimed, _write(claimed, rt)))
+                    except TerminalError as exc:  # finished as failed by _write
+                        failed[r.request_id] = exc
+    except Exception as exc:
+        message = redact(str(exc) if isinstance(exc, CanonflowError)
+                         else f"{type(exc).__name__}: {exc}")
+        for request_id in others:
+            if request_id not in failed:
+                rt.state.retry_later(request_id, f"group commit failed: {message}",
+                                     rt.settings.transform_max_attempts, holder=rt.holder)
+        raise  # the first request: its task gives it back
+    results = {}
+    for claimed, run in written:
+        r = claimed.request
+        with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):
+            results[r.request_id] = result = _finish(claimed, run, rt)
+        if claimed is not first:
+            metrics.transform_finished(r, result)
+    if first.request.request_id in failed:
+        raise failed[first.request.request_id]
+    return results[first.request.request_id]
+
+
+def _write(claimed: _Claimed, rt: Runtime) -> _Run:
+    """Map the request's files and write its rows (group by group); a terminal failure
+    finishes it as failed and raises."""
+    request, entity, attempt = claimed.request, claimed.entity, claimed.attempt
     log.info("canonical transform starting", extra={
         "request_id": request.request_id, "table": request.table.label,
-        "processing_mode": mode.value, "source_files_count": len(files),
-        "files_skipped": files_skipped,
+        "processing_mode": request.processing_mode.value,
+        "source_files_count": len(claimed.files), "files_skipped": claimed.files_skipped,
         "attempt": attempt})
-    mapping = CompiledMapping(spec, entity, rt.catalog.entities)
+    mapping = CompiledMapping(claimed.spec, entity, rt.catalog.entities)
     skip: set[tuple[str, str]] = set()
     if attempt > 1:
         tables = [canonical_path(entity.name), QUARANTINE_TABLE]
@@ -458,29 +553,37 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         return read_raw(key, data, mapping.paths), modified
 
     try:
-        for raw, modified in prefetch(files, load):
+        for raw, modified in prefetch(claimed.files, load):
             run.add_file(raw, modified)
         run.flush()
         if request.reconcile:
             run.reconcile()
     except TerminalError as exc:
-        state.finish_request(request.request_id, None, error=str(exc), holder=rt.holder)
+        rt.state.finish_request(request.request_id, None, error=str(exc), holder=rt.holder)
         raise
+    return run
+
+
+def _finish(claimed: _Claimed, run: _Run, rt: Runtime) -> TransformResult:
+    """Account the request, record its files in the ledger, move its table's cursor,
+    finish it (settling its job), compact its tenant's partitions when they need it."""
+    request, entity, state = claimed.request, claimed.entity, rt.state
     result = TransformResult(
         request_id=request.request_id, tenant_id=request.tenant_id,
         service_name=request.service_name, table_name=request.table_name, entity=entity.name,
-        processing_mode=mode, files_read=len(files), records_read=run.read,
-        records_written=run.written, records_quarantined=run.quarantined,
-        records_merged=run.merged, child_rows_written=run.child_rows,
-        child_rows_rejected=run.child_rejected, fields_nulled=run.nulled,
-        records_deleted=run.deleted,
-        files_skipped=files_skipped, seconds=round(time.perf_counter() - started, 4),
-        high_water=_iso(run.high_water), started_at=round(started_at, 3),
+        processing_mode=request.processing_mode, files_read=len(claimed.files),
+        records_read=run.read, records_written=run.written,
+        records_quarantined=run.quarantined, records_merged=run.merged,
+        child_rows_written=run.child_rows, child_rows_rejected=run.child_rejected,
+        fields_nulled=run.nulled, records_deleted=run.deleted,
+        files_skipped=claimed.files_skipped,
+        seconds=round(time.perf_counter() - claimed.started, 4),
+        high_water=_iso(run.high_water), started_at=round(claimed.started_at, 3),
         finished_at=round(time.time(), 3), worker=worker_label(),
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))
-    state.record_files(request, files)
+    state.record_files(request, claimed.files)
     if request.trigger == "aggregated" and result.high_water is not None:
         # incremental sync moves on only once the table's transform has succeeded
         state.advance_cursor(request.table, result.high_water, request.job_id)
@@ -490,7 +593,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
     log.info("canonical transform finished", extra=result.model_dump(mode="json"))
     if run.written:
         compact(rt, request.tenant_id, [entity.name, *(c.entity.name for _, c in
-                                                       mapping.children)])
+                                                       run.mapping.children)])
     return result
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -22,7 +22,7 @@ from deltalake import CommitProperties, DeltaTable, Field, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from tenacity import Retrying
 
-from canonflow import retry
+from canonflow import jsonio, retry
 from canonflow.errors import CommitConflict, StoreUnavailable
 from canonflow.mappings import Entity
 from canonflow.stores.object_store import ObjectStore
@@ -46,6 +46,8 @@ QUARANTINE_SCHEMA = pa.schema([
 QUARANTINE_IDENTITY = ["_tenant_id", "_service_name", "_source_table", "entity", "record_key"]
 _REQ = "canonflow.request_id"
 _GROUP = "canonflow.group"
+# a group commit: {request_id: [labels]} of every request whose rows it carries (JSON)
+_REQUESTS = "canonflow.requests"
 T = TypeVar("T")
 
 
@@ -62,12 +64,28 @@ def canonical_path(entity: str) -> str:
     return f"canonical/{entity}"
 
 
-TableLock = Callable[[str], AbstractContextManager[object]]
+class TableLock(Protocol):
+    """A lock on a name (``canonical/contact/acme``) across processes and machines; with
+    ``wait=0`` it fails at once (:class:`CommitConflict`) when another holder has it."""
+
+    def __call__(self, name: str, *, wait: float = ...) -> AbstractContextManager[object]: ...
 
 
 @contextmanager
-def _no_lock(_name: str) -> Iterator[None]:
+def _no_lock(_name: str, *, wait: float = 0.0) -> Iterator[None]:
     yield None
+
+
+@dataclass
+class _GroupCommit:
+    """Appends a group commit defers: rows per table, the labels per table and request,
+    the (table, tenant) partitions they touch, and the partition locks held for them."""
+
+    rows: dict[str, list[pa.Table]] = field(default_factory=dict)
+    labels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    dirty: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # -> request ids
+    held: set[str] = field(default_factory=set)
+    locks: ExitStack = field(default_factory=ExitStack)
 
 
 def _lit(value: str) -> str:
@@ -118,6 +136,7 @@ class CanonicalWriter:
         self._lock = lock or _no_lock
         self._writes = writes
         self._recent = threading.local()  # name -> the table this thread last wrote
+        self._grouping = threading.local()  # the group commit this thread is in, if any
 
     def uri(self, name: str) -> tuple[str, dict[str, str]]:
         return self._store.delta_uri(name)
@@ -148,16 +167,105 @@ class CanonicalWriter:
         except TableNotFoundError:
             return None
 
-    def _history(self, name: str, request_id: str, depth: int) -> list[dict[str, Any]]:
+    def _history(self, name: str, request_id: str, depth: int) -> list[tuple[int | None, str]]:
+        """(version, label) of the commits of ``request_id`` in recent history: its own, and
+        its part of group commits."""
         table = self._open(name)
         if table is None:
             return []
-        return [h for h in table.history(depth) if h.get(_REQ) == request_id and _GROUP in h]
+        found: list[tuple[int | None, str]] = []
+        for h in table.history(depth):
+            version = h.get("version")
+            if h.get(_REQ) == request_id and _GROUP in h:
+                found.append((version, str(h[_GROUP])))
+            elif _REQUESTS in h:
+                carried = h[_REQUESTS]
+                labels = (jsonio.loads(carried) if isinstance(carried, str) else carried).get(
+                    request_id, [])
+                found.extend((version, str(label)) for label in labels)
+        return found
 
     def committed_groups(self, name: str, request_id: str, depth: int = 200) -> set[str]:
         """Commit labels (``3``, ``3/append``, ``3/merge``) of ``request_id`` already in
-        table ``name`` (recent history)."""
-        return {str(h[_GROUP]) for h in self._history(name, request_id, depth)}
+        table ``name`` (recent history), group commits included."""
+        return {label for _, label in self._history(name, request_id, depth)}
+
+    @contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Group commit: inside this block the rows upserts append are not committed at
+        once but when the block ends, in one commit per table however many requests and
+        tenants they come from; its metadata names every request with its labels, so a
+        replay of any one of them sees what landed. The partition locks taken stay held
+        until then: "is this key new?" and the append remain one step against other
+        writers. A look-up of a partition with deferred rows commits them first (a request
+        reads its own writes), and so does a lock another holder has, before waiting (a
+        group never waits while it holds locks: two groups cannot deadlock). If the block
+        raises, nothing deferred is committed."""
+        if self._group() is not None:
+            raise RuntimeError("group commits do not nest")
+        group = _GroupCommit()
+        self._grouping.current = group
+        try:
+            yield
+            self._commit_group(group)
+        finally:
+            self._grouping.current = None
+            group.locks.close()
+
+    def _group(self) -> _GroupCommit | None:
+        group: _GroupCommit | None = getattr(self._grouping, "current", None)
+        return group
+
+    def _commit_group(self, group: _GroupCommit) -> None:
+        """Commit the deferred rows, one commit per table, then release the locks."""
+        locks, group.locks = group.locks, ExitStack()
+        with locks:
+            pending, group.rows = group.rows, {}
+            labels, group.labels = group.labels, {}
+            group.dirty.clear()
+            group.held.clear()
+            for name, parts in pending.items():
+                props = CommitProperties(custom_metadata={
+                    _GROUP: "group", _REQUESTS: jsonio.dumps_str(labels[name])})
+                rows = pa.concat_tables(parts, promote_options="default")
+                handle: list[DeltaTable | None] = [self._recalled(name)]
+
+                def commit(name: str = name, rows: pa.Table = rows,
+                           props: CommitProperties = props,
+                           handle: list[DeltaTable | None] = handle) -> None:
+                    table = self._latest(handle, lambda: self._table_or_fail(name))
+                    write_deltalake(table, rows, mode="append", schema_mode="merge",
+                                    commit_properties=props)
+                    self._remember(name, table)
+
+                self._retry(f"group commit to {name}", commit)
+
+    @contextmanager
+    def _locked(self, name: str, tenant_id: str) -> Iterator[None]:
+        """Hold the lock of table ``name``'s partition of ``tenant_id`` for this block; in a
+        group commit, until the group commits (see :meth:`grouped`)."""
+        key = f"{name}/{tenant_id}"
+        group = self._group()
+        if group is None:
+            with self._lock(key):
+                yield
+            return
+        self._read_own_writes(name, tenant_id)
+        if key not in group.held:
+            try:
+                group.locks.enter_context(self._lock(key, wait=0.0))
+            except CommitConflict:  # another holder has it: wait holding nothing
+                self._commit_group(group)
+                group.locks.enter_context(self._lock(key))
+            group.held.add(key)
+        yield
+
+    def _read_own_writes(self, name: str, tenant_id: str, besides: str | None = None) -> None:
+        """In a group commit: commit the deferred rows before a partition that has some is
+        read (``besides``: unless they are all that request's)."""
+        group = self._group()
+        if group is not None and group.dirty.get((name, tenant_id), set()) - {besides}:
+            self._commit_group(group)
 
     def _before_group(self, name: str, table: DeltaTable, request_id: str, group: int,
                       done: set[str]) -> DeltaTable:
@@ -165,8 +273,8 @@ class CanonicalWriter:
         partly committed decides "new or held?" exactly as the first attempt did."""
         if not any(label.split("/")[0] == str(group) for label in done):
             return table
-        versions = [int(h["version"]) for h in self._history(name, request_id, 1000)
-                    if str(h[_GROUP]).split("/")[0] == str(group) and "version" in h]
+        versions = [int(version) for version, label in self._history(name, request_id, 1000)
+                    if label.split("/")[0] == str(group) and version is not None]
         if not versions:
             return table
         uri, opts = self.uri(name)
@@ -268,7 +376,7 @@ class CanonicalWriter:
         name = canonical_path(entity.name)
         schema = entity_schema(entity)
         rows = rows.select(schema.names).cast(schema)
-        with self._lock(f"{name}/{tenant_id}"):
+        with self._locked(name, tenant_id):
             if rows.num_rows == 0 and self._open(name) is None:
                 return Upserted(constant(False, 0), 0)  # nothing to write, nothing held
             table = self._recalled(name) or self._retry(f"open {name}",
@@ -285,13 +393,15 @@ class CanonicalWriter:
             else:
                 fresh, known = rows.filter(pc.invert(held.held)), rows.filter(held.held)
             if fresh.num_rows and f"{group}/append" not in done:
-                self._append(name, schema, fresh, f"{group}/append", request_id, table)
+                self._append(name, schema, fresh, f"{group}/append", request_id, table,
+                             tenant_id)
             if known.num_rows and f"{group}/merge" not in done:
                 if self._writes == "merge_on_read":  # newer versions appended, none rewritten
                     table = self._versioned(name, table, entity)
                     newer = rows.filter(held.newer)
                     if newer.num_rows:
-                        self._append(name, schema, newer, f"{group}/merge", request_id, table)
+                        self._append(name, schema, newer, f"{group}/merge", request_id,
+                                     table, tenant_id)
                 else:
                     self._merge(name, schema, entity, tenant_id, service, known,
                                 f"{group}/merge", request_id, table)
@@ -299,7 +409,13 @@ class CanonicalWriter:
             return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
 
     def _append(self, name: str, schema: pa.Schema, rows: pa.Table, label: str,
-                request_id: str, table: DeltaTable) -> None:
+                request_id: str, table: DeltaTable, tenant_id: str) -> None:
+        group = self._group()
+        if group is not None:  # committed with the group's other rows
+            group.rows.setdefault(name, []).append(rows)
+            group.labels.setdefault(name, {}).setdefault(request_id, []).append(label)
+            group.dirty.setdefault((name, tenant_id), set()).add(request_id)
+            return
         props = CommitProperties(custom_metadata={_REQ: request_id, _GROUP: label})
         handle: list[DeltaTable | None] = [table]
         self._retry(f"append to {name}", lambda: write_deltalake(
@@ -330,7 +446,7 @@ class CanonicalWriter:
         if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
             self._remember(name, table)
             return 0
-        with self._lock(f"{name}/{tenant_id}"):
+        with self._locked(name, tenant_id):
             self._retry(f"open {name}", table.update_incremental)
             if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
                 return 0
@@ -516,7 +632,7 @@ class CanonicalWriter:
                        .execute())
             return int(metrics.get("num_target_rows_updated", 0))
 
-        with self._lock(f"{name}/{tenant_id}"):
+        with self._locked(name, tenant_id):
             table = self._open(name)
             if table is None:
                 return 0
@@ -543,10 +659,12 @@ class CanonicalWriter:
                                   pa.int64())).as_py() or 0)
 
     def absent_keys(self, entity: Entity, tenant_id: str, service: str, source_table: str,
-                    seen: pa.Array) -> pa.Table:
+                    seen: pa.Array, request_id: str | None = None) -> pa.Table:
         """Key columns of this tenant's live rows from ``source_table`` whose key is not in
         ``seen`` (key text, as :func:`key_column` makes it): what a complete full-refresh
-        extraction no longer lists. Reads the key columns only."""
+        extraction no longer lists. Reads the key columns only. In a group commit, rows
+        ``request_id`` deferred need not be read (its extraction listed them all)."""
+        self._read_own_writes(canonical_path(entity.name), tenant_id, besides=request_id)
         table = self._open(canonical_path(entity.name))
         if table is None or (table.version() == 0 and not table.file_uris()):
             return pa.table({})
@@ -611,7 +729,7 @@ class CanonicalWriter:
                 }).execute()
                 return int(metrics.get("num_target_rows_updated", 0))
 
-            with self._lock(f"{QUARANTINE_TABLE}/{tenant}"):
+            with self._locked(QUARANTINE_TABLE, tenant):
                 updated += self._retry("resolve quarantined rows", op)
         return updated
 
@@ -639,7 +757,7 @@ class CanonicalWriter:
                         commit_properties=props)
                  .when_matched_update(updates).when_not_matched_insert_all().execute())
 
-            with self._lock(f"{QUARANTINE_TABLE}/{tenant}"):
+            with self._locked(QUARANTINE_TABLE, str(tenant)):
                 self._retry("upsert into quarantine", op)
 
 

@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
 
-HEAD = "0002"
+HEAD = "0003"
 BASELINE = "0001"
 
 
