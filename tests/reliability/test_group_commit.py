@@ -1,0 +1,184 @@
+"""Group commits: a transform worker claims the waiting requests of its source table (other
+tenants' jobs) and writes them in one Delta commit per table. Each request must still be
+claimed, accounted and finished exactly once, and a replay of any one of them (a duplicate
+delivery, a crash between the group's commit and marking its requests done) must change
+nothing. SQLite and PostgreSQL state stores."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from canonflow import jsonio
+from canonflow.config import Settings
+from canonflow.connectors.demo_api import expected_bad
+from canonflow.dispatch import open_dispatcher, tasks
+from canonflow.dispatch.local import LocalDispatcher
+from canonflow.model import TransformRequest
+from canonflow.query import run_query
+from canonflow.runner import JobRunner
+from canonflow.runtime import Runtime
+from canonflow.transform import run as transform_run
+from canonflow.transform.writer import canonical_path
+
+TENANTS = tuple(f"g{i:02d}" for i in range(7))
+TABLES = {"crm": ["deals"]}
+DEALS = 1200  # the session's demo API: records per table
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, make_settings: Any) -> Settings:
+    overrides: dict[str, Any] = {}
+    if request.param == "postgres":
+        overrides["state_store"] = request.getfixturevalue("postgres_url")
+    return make_settings(tenants=TENANTS, tables=TABLES, transform_lease_seconds=1.0,
+                         group_commit_requests=4, **overrides)
+
+
+@pytest.fixture
+def waiting(settings: Settings) -> Iterator[tuple[Runtime, list[TransformRequest]]]:
+    """Every tenant's job planned and its chunks run: one transform request per job waits
+    in the outbox."""
+    rt = Runtime(settings)
+    dispatcher = open_dispatcher("inline://", settings)
+    try:
+        started, failed = JobRunner(settings, rt, dispatcher).start()
+    finally:
+        dispatcher.close()
+    assert not failed
+    for _, specs in started:
+        for spec in specs:
+            tasks.run_chunk(spec.model_dump_json(), rt)
+    requests = [rec.request for plan, _ in started for rec in rt.state.requests(plan.job_id)]
+    assert len(requests) == len(TENANTS)
+    try:
+        yield rt, requests
+    finally:
+        rt.close()
+
+
+class Killed(BaseException):
+    """The worker died (no handler catches a BaseException)."""
+
+
+def labels(rt: Runtime, table: str) -> Counter[tuple[str, str]]:
+    """(request id, label) of every commit of a canonical table, group commits included."""
+    uri, _ = rt.canonical.uri(table)
+    from deltalake import DeltaTable
+
+    found: Counter[tuple[str, str]] = Counter()
+    for h in DeltaTable(uri).history():
+        if "canonflow.requests" in h:
+            for rid, names in jsonio.loads(h["canonflow.requests"]).items():
+                found.update((rid, n) for n in names)
+        elif "canonflow.request_id" in h and "canonflow.group" in h:
+            found[(h["canonflow.request_id"], str(h["canonflow.group"]))] += 1
+    return found
+
+
+def group_sizes(rt: Runtime, table: str) -> list[int]:
+    uri, _ = rt.canonical.uri(table)
+    from deltalake import DeltaTable
+
+    return [len(jsonio.loads(h["canonflow.requests"])) for h in DeltaTable(uri).history()
+            if "canonflow.requests" in h]
+
+
+def check_exact(rt: Runtime, requests: list[TransformRequest]) -> None:
+    """Every request done; each tenant's deals exactly its distinct good records, once;
+    each request's rows appended by exactly one commit."""
+    for r in requests:
+        rec = rt.state.request(r.request_id)
+        assert rec is not None and rec.status == "done", rec
+        assert rec.result is not None and rec.result.records_read == DEALS
+        job = rt.state.job(r.job_id or "")
+        assert job is not None and job.status == "done" and job.outcome == "completed"
+    good = DEALS - expected_bad(("crm", "deals"), DEALS)
+    _, rows = run_query(rt.canonical._store, "SELECT _tenant_id, count(*), count(DISTINCT id) "
+                        "FROM deal GROUP BY ALL ORDER BY ALL")
+    assert rows == [(t, good, good) for t in TENANTS]
+    appended = labels(rt, canonical_path("deal"))
+    for r in requests:
+        assert appended[(r.request_id, "0/append")] == 1, r.request_id
+    assert all(n == 1 for n in appended.values()), appended
+
+
+def test_group_commits_under_concurrent_workers_every_request_exactly_once(
+        waiting: tuple[Runtime, list[TransformRequest]], settings: Settings) -> None:
+    rt, requests = waiting
+    deliveries = requests * 2  # every request delivered twice, out of order
+    random.Random(5).shuffle(deliveries)
+    dispatcher = LocalDispatcher("local://?workers=3", settings)
+    try:
+        outcomes = [f.result(timeout=120) for f in
+                    [dispatcher.submit_transform(r) for r in deliveries]]
+    finally:
+        dispatcher.close()
+    assert all("error" not in o for o in outcomes), outcomes
+    for r in requests:
+        rec = rt.state.request(r.request_id)
+        assert rec is not None and rec.attempts == 1  # claimed once, by one worker
+    check_exact(rt, requests)
+    sizes = group_sizes(rt, canonical_path("deal"))
+    assert max(sizes) > 1, sizes  # requests did go together
+    assert sum(sizes) == len(TENANTS)
+
+
+def test_a_request_replayed_after_its_group_committed_changes_nothing(
+        waiting: tuple[Runtime, list[TransformRequest]]) -> None:
+    rt, requests = waiting
+    first = tasks.run_transform_task(requests[0].model_dump_json(), rt)
+    assert "result" in first
+    grouped = [r for r in requests
+               if (rec := rt.state.request(r.request_id)) and rec.status == "done"]
+    assert len(grouped) == 4  # the first and three more: group_commit_requests=4
+    for r in requests:
+        tasks.run_transform_task(r.model_dump_json(), rt)  # the rest, then each again
+    from deltalake import DeltaTable
+
+    uri, _ = rt.canonical.uri(canonical_path("deal"))
+    version = DeltaTable(uri).version()
+    for r in reversed(requests):  # duplicates of every request, the group's included
+        outcome = tasks.run_transform_task(r.model_dump_json(), rt)
+        assert outcome["result"]["skipped"] is True
+    assert DeltaTable(uri).version() == version  # nothing written
+    check_exact(rt, requests)
+
+
+def test_a_crash_between_the_group_commit_and_marking_its_requests_done(
+        waiting: tuple[Runtime, list[TransformRequest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rt, requests = waiting
+    finish = transform_run._finish
+
+    def die(*_args: Any) -> None:
+        raise Killed("after the group commit, before any request is marked done")
+
+    monkeypatch.setattr(transform_run, "_finish", die)
+    with pytest.raises(Killed):
+        tasks.run_transform_task(requests[0].model_dump_json(), rt)
+    monkeypatch.setattr(transform_run, "_finish", finish)
+    committed = labels(rt, canonical_path("deal"))
+    in_group = [r for r in requests if committed[(r.request_id, "0/append")]]
+    assert len(in_group) == 4  # the group's rows landed in one commit
+    assert group_sizes(rt, canonical_path("deal")) == [4]
+    for r in in_group:  # none marked done: each is running under the dead worker
+        rec = rt.state.request(r.request_id)
+        assert rec is not None and rec.status == "running", rec
+    time.sleep(1.2)  # their lease (1 s) lapses: another worker may take them over
+    for r in random.Random(3).sample(requests, len(requests)):
+        outcome = tasks.run_transform_task(r.model_dump_json(), rt)
+        assert "error" not in outcome, outcome
+    check_exact(rt, requests)
+    good = DEALS - expected_bad(("crm", "deals"), DEALS)
+    after = labels(rt, canonical_path("deal"))
+    for r in in_group:  # the replay skipped what the group had committed: no second write
+        rec = rt.state.request(r.request_id)
+        assert rec is not None and rec.attempts == 2 and rec.result is not None
+        assert [k for k in after if k[0] == r.request_id] == [(r.request_id, "0/append")]
+        assert rec.result.records_written == good and rec.result.records_merged == 0
