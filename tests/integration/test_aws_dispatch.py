@@ -263,9 +263,7 @@ def test_a_transform_short_of_time_commits_its_groups_and_continues(
                         "SELECT count(*), count(DISTINCT id) FROM company")
     assert rows[0] == (expected, expected)
     # each group committed once: no commit label of the request repeated in the Delta log
-    from canonflow.transform.writer import _GROUP
-
-    labels = [str(h[_GROUP]) for h in c.rt.canonical._history(
+    labels = [label for _, label in c.rt.canonical._history(
         "canonical/company", request.request_id, 200)]
     assert len(labels) == len(set(labels))
     assert {label.split("/")[0] for label in labels} == {str(i) for i in range(6)}
