@@ -44,16 +44,57 @@ _known_pattern: re.Pattern[str] | None = None
 MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
 
 
+_known_stale = False  # secrets registered since the pattern was built
+
+
 def register_secret(*values: str | None) -> None:
-    """Mask these exact values wherever they appear from now on (credentials, passwords)."""
-    global _known_pattern
+    """Mask these exact values wherever they appear from now on (credentials, passwords).
+    Cheap: the pattern is rebuilt once, by the next :func:`redact`, however many secrets
+    were registered since (a pipeline of thousands of tenants registers each one)."""
+    global _known_stale
     fresh = {v for v in values if v and len(v) >= MIN_SECRET_LENGTH and v not in _known}
     if not fresh:
         return
     with _known_lock:
         _known.update(fresh)
-        ordered = sorted(_known, key=len, reverse=True)  # longest first: no partial masks
-        _known_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+        _known_stale = True
+
+
+def _pattern() -> re.Pattern[str] | None:
+    global _known_pattern, _known_stale
+    if _known_stale:
+        with _known_lock:
+            if _known_stale:
+                _known_pattern = re.compile(trie_pattern(_known))
+                _known_stale = False
+    return _known_pattern
+
+
+def trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression matching any of ``words``, the longest where several start at
+    one place (no partial masks), built as a prefix tree: matching costs the length of the
+    text, not the number of words times it (an alternation of thousands of secrets)."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+
+    def render(node: dict[str, Any]) -> str:
+        alternatives = []
+        for ch, child in sorted((k, v) for k, v in node.items() if k):
+            run = ch
+            while len(child) == 1 and "" not in child:  # one way on: a literal run
+                ((nxt, child),) = child.items()
+                run += nxt
+            alternatives.append(re.escape(run) + render(child))
+        if not alternatives:
+            return ""
+        body = alternatives[0] if len(alternatives) == 1 else f"(?:{'|'.join(alternatives)})"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer word first
+
+    return render(trie)
 
 
 def register_url_secrets(urls: Iterable[str | None]) -> None:
@@ -75,7 +116,7 @@ def redact(text: str) -> str:
     """``text`` with every secret it may carry masked."""
     if not text:
         return text
-    pattern = _known_pattern
+    pattern = _pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
     text = _USERINFO.sub(lambda m: m.group("pre") + MASK, text)
