@@ -287,10 +287,10 @@ class CanonicalWriter:
         key column holds any of them, reads the wanted columns in slices of at most
         ``SCAN_ROWS`` rows, each matched against the values at once (one hash set a slice):
         memory bounded by the key column, the slice and the group."""
-        if table.version() == 0 and not table.file_uris():
-            return pa.table({})
-        dataset = table.to_pyarrow_dataset(
-            file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
+        partition = [("_tenant_id", "=", tenant_id)]
+        if not table.file_uris(file_pruning_predicate=partition):
+            return pa.table({})  # a new tenant (its first load): no dataset to build
+        dataset = table.to_pyarrow_dataset(file_pruning_predicate=partition)
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
         # first the key column alone, in one go: a load of keys the table does not hold yet
         # (the common case of a first load) never reads the other columns
@@ -664,15 +664,19 @@ class CanonicalWriter:
         ``seen`` (key text, as :func:`key_column` makes it): what a complete full-refresh
         extraction no longer lists. Reads the key columns only. In a group commit, rows
         ``request_id`` deferred need not be read (its extraction listed them all)."""
-        self._read_own_writes(canonical_path(entity.name), tenant_id, besides=request_id)
-        table = self._open(canonical_path(entity.name))
-        if table is None or (table.version() == 0 and not table.file_uris()):
+        name = canonical_path(entity.name)
+        self._read_own_writes(name, tenant_id, besides=request_id)
+        table = self._recalled(name) or self._open(name)
+        if table is None:
+            return pa.table({})
+        self._remember(name, table)
+        partition = [("_tenant_id", "=", tenant_id)]
+        if not table.file_uris(file_pruning_predicate=partition):
             return pa.table({})
         have = set(table.schema().to_arrow().names)
         columns = [*entity.keys, "_service_name", "_source_table"]
         columns += ["_deleted_at"] if "_deleted_at" in have else []
-        dataset = table.to_pyarrow_dataset(
-            file_pruning_predicate=[("_tenant_id", "=", tenant_id)])
+        dataset = table.to_pyarrow_dataset(file_pruning_predicate=partition)
         found: list[pa.Table] = []
         for batch in dataset.to_batches(columns=columns):
             part = pa.Table.from_batches([batch])
