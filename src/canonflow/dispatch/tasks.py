@@ -59,7 +59,12 @@ def init_worker(settings_json: str, parent: str | None = None,
             where = ".".join(str(x) for x in first["loc"]) or "(top level)"
             payload.update(retryable=False,
                            message=f"its settings do not validate: at {where}: {first['msg']}")
-        Path(report_failure).write_text(jsonio.dumps(payload).decode())
+        # written whole, then renamed: the parent may look for it at any moment (while the
+        # first tasks are submitted) and must never read it half written
+        report = Path(report_failure)
+        partial = report.with_name(f"{report.name}.{os.getpid()}.partial")
+        partial.write_bytes(jsonio.dumps(payload))
+        os.replace(partial, report)
         os._exit(3)
 
 

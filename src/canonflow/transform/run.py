@@ -28,7 +28,7 @@ from canonflow import log as logs
 from canonflow.errors import CanonflowError, RequestRejected, RetryableError, TerminalError
 from canonflow.lease import Heartbeat, holder_dead, worker_label
 from canonflow.mappings import Entity, MappingSpec
-from canonflow.model import ProcessingMode, TransformRequest, TransformResult, group_target
+from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.redact import redact
 from canonflow.telemetry import metrics
 from canonflow.transform.discovery import resolve_files
@@ -467,12 +467,11 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
 
 
 def _claim_group(request: TransformRequest, rt: Runtime) -> list[tuple[TransformRequest, int]]:
-    limit = rt.settings.group_commit_requests - 1
-    if limit <= 0 or group_target(request) is None:
-        return []
-    return rt.state.claim_group(request, limit, rt.settings.transform_lease_seconds,
-                                rt.holder, rt.settings.transform_max_attempts,
-                                rt.settings.name)
+    """Waiting requests to commit with ``request`` (none for a request no group takes:
+    the store checks :func:`canonflow.model.group_target` before any statement)."""
+    return rt.state.claim_group(request, rt.settings.group_commit_requests - 1,
+                                rt.settings.transform_lease_seconds, rt.holder,
+                                rt.settings.transform_max_attempts, rt.settings.name)
 
 
 def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],

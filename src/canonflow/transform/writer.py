@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, Field, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from tenacity import Retrying
@@ -179,9 +180,7 @@ class CanonicalWriter:
             if h.get(_REQ) == request_id and _GROUP in h:
                 found.append((version, str(h[_GROUP])))
             elif _REQUESTS in h:
-                carried = h[_REQUESTS]
-                labels = (jsonio.loads(carried) if isinstance(carried, str) else carried).get(
-                    request_id, [])
+                labels = jsonio.loads(h[_REQUESTS]).get(request_id, [])
                 found.extend((version, str(label)) for label in labels)
         return found
 
@@ -287,10 +286,9 @@ class CanonicalWriter:
         key column holds any of them, reads the wanted columns in slices of at most
         ``SCAN_ROWS`` rows, each matched against the values at once (one hash set a slice):
         memory bounded by the key column, the slice and the group."""
-        partition = [("_tenant_id", "=", tenant_id)]
-        if not table.file_uris(file_pruning_predicate=partition):
-            return pa.table({})  # a new tenant (its first load): no dataset to build
-        dataset = table.to_pyarrow_dataset(file_pruning_predicate=partition)
+        dataset = _partition(table, tenant_id)
+        if dataset is None:
+            return pa.table({})
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
         # first the key column alone, in one go: a load of keys the table does not hold yet
         # (the common case of a first load) never reads the other columns
@@ -670,13 +668,12 @@ class CanonicalWriter:
         if table is None:
             return pa.table({})
         self._remember(name, table)
-        partition = [("_tenant_id", "=", tenant_id)]
-        if not table.file_uris(file_pruning_predicate=partition):
+        dataset = _partition(table, tenant_id)
+        if dataset is None:
             return pa.table({})
         have = set(table.schema().to_arrow().names)
         columns = [*entity.keys, "_service_name", "_source_table"]
         columns += ["_deleted_at"] if "_deleted_at" in have else []
-        dataset = table.to_pyarrow_dataset(file_pruning_predicate=partition)
         found: list[pa.Table] = []
         for batch in dataset.to_batches(columns=columns):
             part = pa.Table.from_batches([batch])
@@ -763,6 +760,15 @@ class CanonicalWriter:
 
             with self._locked(QUARANTINE_TABLE, str(tenant)):
                 self._retry("upsert into quarantine", op)
+
+
+def _partition(table: DeltaTable, tenant_id: str) -> pads.Dataset | None:
+    """The tenant's partition as a dataset; None when it has no files (a new tenant's first
+    load), known from the log without building a dataset."""
+    partition = [("_tenant_id", "=", tenant_id)]
+    if not table.file_uris(file_pruning_predicate=partition):
+        return None
+    return table.to_pyarrow_dataset(file_pruning_predicate=partition)
 
 
 def plain_strings(schema: pa.Schema) -> pa.Schema:
