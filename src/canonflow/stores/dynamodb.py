@@ -76,6 +76,7 @@ from canonflow.stores.state import (
     Completion,
     JobEvent,
     JobRecord,
+    Progress,
     RequestRecord,
     StateStore,
 )
@@ -1210,11 +1211,14 @@ class DynamoStateStore:
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None,
                       holder_dead: Callable[[str], bool] | None = None,
-                      max_attempts: int | None = None) -> int | None:
+                      max_attempts: int | None = None,
+                      enqueue: TransformRequest | None = None) -> int | None:
         """``status -> running, attempts + 1`` conditioned on the row as read (status,
         attempts, holder): of several claimers one wins, and the attempt number is exact.
         With a job, a ConditionCheck in the same transaction: the job's aggregation has
         committed and it is not cancelled."""
+        if enqueue is not None:  # its own conditional put first (idempotent)
+            self.enqueue_request(enqueue)
         now = _now()
         pk = _req_pk(request_id)
         row = self._get(pk, REQ_SK)
@@ -1282,10 +1286,17 @@ class DynamoStateStore:
 
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None,
-        holder: str | None = None,
+        holder: str | None = None, progress: Progress | None = None,
     ) -> bool:
         """End a request; with ``holder`` only while that holder runs it (a worker whose
-        lease was taken over cannot overwrite its successor's row)."""
+        lease was taken over cannot overwrite its successor's row). Its ``progress`` goes
+        first, as its own idempotent writes (ledger puts, the conditional cursor update):
+        a retry after a crash between them records the same again."""
+        if progress is not None:
+            self.record_files(progress.request, progress.files)
+            if progress.high_water is not None:
+                self.advance_cursor(progress.request.table, progress.high_water,
+                                    progress.request.job_id)
         now = _now()
         pk = _req_pk(request_id)
         row = self._get(pk, REQ_SK)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,7 +30,15 @@ from canonflow.model import (
 )
 from canonflow.redact import redact
 from canonflow.stores import migrations
-from canonflow.stores.state import Activity, Backlog, Completion, JobEvent, JobRecord, RequestRecord
+from canonflow.stores.state import (
+    Activity,
+    Backlog,
+    Completion,
+    JobEvent,
+    JobRecord,
+    Progress,
+    RequestRecord,
+)
 
 TERMINAL_JOB = tuple(TERMINAL)
 FINISHED_REQUEST = ("done", "failed", "cancelled")
@@ -137,6 +146,7 @@ job_events = sa.Table(  # what an operator must see: superseded results, conflic
 InsertFactory = Callable[[sa.Table], Any]  # dialect insert() with on_conflict_do_nothing
 
 
+READ_ONLY = "canonflow_read_only"  # an execution option: the transaction only reads
 LEDGER_BATCH = 500  # file keys per ledger look-up (bound parameters stay few)
 
 
@@ -163,10 +173,11 @@ class SqlStateStore:
         migrations.upgrade(conn)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _run(self, step: Callable[[Connection], Any], attempts: int = 8) -> Any:
+    def _run(self, step: Callable[[Connection], Any], attempts: int = 8,
+             engine: Engine | None = None) -> Any:
         """Run one atomic step in its own transaction, retrying only a busy database."""
         def once() -> Any:
-            with self._engine.begin() as conn:
+            with (engine or self._engine).begin() as conn:
                 return step(conn)
 
         try:
@@ -179,6 +190,15 @@ class SqlStateStore:
             raise StoreUnavailable(
                 f"state store {self._safe_url()} failed: {type(exc).__name__}"
             ) from exc
+
+    def _read(self, step: Callable[[Connection], Any]) -> Any:
+        """Run a step that only reads, in a transaction marked ``READ_ONLY`` (SQLite does
+        not queue it behind the writers: WAL readers see a snapshot)."""
+        return self._run(step, engine=self._reader)
+
+    @cached_property
+    def _reader(self) -> Engine:
+        return self._engine.execution_options(**{READ_ONLY: True})
 
     def _lock_job(self, conn: Connection, job_id: str) -> Any:
         """Serialize on the job's row for the rest of the transaction (PostgreSQL: a row
@@ -250,7 +270,7 @@ class SqlStateStore:
             report=report)))
 
     def active_job(self, pipeline: str, tenant_id: str) -> str | None:
-        row = self._run(lambda c: c.execute(sa.select(active_jobs.c.job_id).where(
+        row = self._read(lambda c: c.execute(sa.select(active_jobs.c.job_id).where(
             active_jobs.c.pipeline == pipeline, active_jobs.c.tenant_id == tenant_id)).first())
         return None if row is None else str(row.job_id)
 
@@ -349,7 +369,7 @@ class SqlStateStore:
         return Completion(False, job.completed_chunks, job.total_chunks, False, superseded=True)
 
     def events(self, job_id: str) -> list[JobEvent]:
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(job_events).where(job_events.c.job_id == job_id)
             .order_by(job_events.c.event_id)).all())
         return [JobEvent(at=_dt(r.at), kind=r.kind, chunk_id=r.chunk_id, detail=r.detail)
@@ -379,13 +399,13 @@ class SqlStateStore:
         return cancelled
 
     def chunk_specs(self, job_id: str) -> list[ChunkSpec]:
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(chunks.c.spec).where(chunks.c.job_id == job_id).order_by(chunks.c.chunk_id)
         ).all())
         return [ChunkSpec.model_validate_json(r.spec) for r in rows]
 
     def chunk_results(self, job_id: str) -> list[ChunkResult]:
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(chunk_results.c.result).where(chunk_results.c.job_id == job_id)
             .order_by(chunk_results.c.chunk_id)
         ).all())
@@ -470,7 +490,7 @@ class SqlStateStore:
             jobs.c.status == JobStatus.TRANSFORMS_ENQUEUED.value, ~sa.exists(open_req))
         if job_ids is not None:
             query = query.where(jobs.c.job_id.in_(list(job_ids)))
-        candidates = [r.job_id for r in self._run(lambda c: c.execute(query).all())]
+        candidates = [r.job_id for r in self._read(lambda c: c.execute(query).all())]
         settled = []
         for job_id in candidates:
             def step(conn: Connection, job_id: str = job_id) -> bool:
@@ -482,7 +502,7 @@ class SqlStateStore:
 
     def stuck_jobs(self, older_than: float) -> list[str]:
         cutoff = _now() - older_than
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(jobs.c.job_id).where(
                 sa.or_(
                     sa.and_(jobs.c.status == JobStatus.RUNNING.value,
@@ -572,7 +592,7 @@ class SqlStateStore:
         if pipeline is not None:
             where = sa.and_(where, outbox.c.job_id.in_(
                 sa.select(jobs.c.job_id).where(jobs.c.pipeline == pipeline)))
-        row = self._run(lambda c: c.execute(
+        row = self._read(lambda c: c.execute(
             sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(where)).one())
         oldest = None if row[1] is None else max(0.0, _now() - row[1])
         return Backlog(waiting=row[0], oldest_age=oldest)
@@ -583,15 +603,24 @@ class SqlStateStore:
 
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None, holder_dead: Callable[[str], bool] | None = None,
-                      max_attempts: int | None = None) -> int | None:
+                      max_attempts: int | None = None,
+                      enqueue: TransformRequest | None = None) -> int | None:
         """Take a request for running: pending or dispatched, or running under a lease that
         expired or whose holder is known dead (``holder_dead``). The attempt number, or
         None if it is not claimable now. A request taken over after ``max_attempts`` (a
-        poison request that kills its workers) fails instead, and its job settles."""
+        poison request that kills its workers) fails instead, and its job settles. With
+        ``enqueue`` (the request), its row is added first if the outbox has none, in the
+        same transaction."""
         now = _now()
 
         def step(conn: Connection) -> int | None:
-            self._lock_request_job(conn, request_id)
+            if enqueue is not None:
+                if enqueue.job_id is not None:
+                    self._lock_job(conn, enqueue.job_id)
+                conn.execute(self._insert(outbox).values(**self._rows_for([enqueue], now)[0])
+                             .on_conflict_do_nothing())
+            else:
+                self._lock_request_job(conn, request_id)
             current = conn.execute(sa.select(
                 outbox.c.status, outbox.c.holder, outbox.c.attempts, outbox.c.job_id,
                 outbox.c.updated_at).where(outbox.c.request_id == request_id)).one_or_none()
@@ -674,14 +703,20 @@ class SqlStateStore:
 
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None,
-        holder: str | None = None,
+        holder: str | None = None, progress: Progress | None = None,
     ) -> bool:
-        """Record a request's end (and settle its job). With ``holder``: only while that
-        holder still has it; False when another one took it over meanwhile."""
+        """Record a request's end (and settle its job), with its ``progress`` (ledger,
+        incremental mark) in the same transaction. With ``holder``: only while that holder
+        still has it; False when another one took it over meanwhile."""
         now = _now()
 
         def step(conn: Connection) -> bool:
             self._lock_request_job(conn, request_id)
+            if progress is not None:
+                self._record_files(conn, progress.request, progress.files, now)
+                if progress.high_water is not None:
+                    self._advance_cursor(conn, progress.request.table, progress.high_water,
+                                         progress.request.job_id, now)
             cond = [outbox.c.request_id == request_id]
             if holder is not None:
                 cond += [outbox.c.status == "running", outbox.c.holder == holder]
@@ -739,15 +774,20 @@ class SqlStateStore:
         return retried
 
     def record_files(self, request: TransformRequest, keys: Sequence[str]) -> None:
+        if keys:
+            now = _now()
+            self._run(lambda c: self._record_files(c, request, keys, now))
+
+    def _record_files(self, conn: Connection, request: TransformRequest,
+                      keys: Sequence[str], now: float) -> None:
         if not keys:
             return
-        now = _now()
         rows = [{
             "tenant_id": request.tenant_id, "service_name": request.service_name,
             "table_name": request.table_name, "file_key": k, "request_id": request.request_id,
             "processed_at": now,
         } for k in keys]
-        self._run(lambda c: c.execute(self._insert(ledger).on_conflict_do_nothing(), rows))
+        conn.execute(self._insert(ledger).on_conflict_do_nothing(), rows)
 
     def processed_files(self, request: TransformRequest,
                         keys: Sequence[str] | None = None) -> set[str]:
@@ -755,7 +795,7 @@ class SqlStateStore:
                  ledger.c.service_name == request.service_name,
                  ledger.c.table_name == request.table_name)
         if keys is None:
-            rows = self._run(lambda c: c.execute(
+            rows = self._read(lambda c: c.execute(
                 sa.select(ledger.c.file_key).where(*table)).all())
             return {r.file_key for r in rows}
         done: set[str] = set()
@@ -766,7 +806,7 @@ class SqlStateStore:
         return done
 
     def _rows(self, query: sa.Select[Any]) -> list[Any]:
-        rows: list[Any] = self._run(lambda c: c.execute(query).all())
+        rows: list[Any] = self._read(lambda c: c.execute(query).all())
         return rows
 
     def _request_record(self, row: Any) -> RequestRecord:
@@ -778,20 +818,20 @@ class SqlStateStore:
         )
 
     def request(self, request_id: str) -> RequestRecord | None:
-        row = self._run(lambda c: c.execute(
+        row = self._read(lambda c: c.execute(
             sa.select(outbox).where(outbox.c.request_id == request_id)
         ).one_or_none())
         return None if row is None else self._request_record(row)
 
     def requests(self, job_id: str) -> list[RequestRecord]:
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(outbox).where(outbox.c.job_id == job_id).order_by(outbox.c.created_at)
         ).all())
         return [self._request_record(r) for r in rows]
 
     # -- incremental sync cursors -----------------------------------------------------------
     def sync_cursor(self, table: TableRef) -> str | None:
-        row = self._run(lambda c: c.execute(sa.select(sync_cursors.c.value).where(
+        row = self._read(lambda c: c.execute(sa.select(sync_cursors.c.value).where(
             sync_cursors.c.tenant_id == table.tenant_id,
             sync_cursors.c.service_name == table.service_name,
             sync_cursors.c.table_name == table.table_name)).one_or_none())
@@ -800,21 +840,21 @@ class SqlStateStore:
     def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool:
         """Move the high-water mark forward (never back); True if it moved."""
         now = _now()
-
-        def step(conn: Connection) -> bool:
-            stmt = self._insert(sync_cursors).values(
-                tenant_id=table.tenant_id, service_name=table.service_name,
-                table_name=table.table_name, value=value, job_id=job_id, updated_at=now)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[sync_cursors.c.tenant_id, sync_cursors.c.service_name,
-                                sync_cursors.c.table_name],
-                set_={"value": value, "job_id": job_id, "updated_at": now},
-                where=sync_cursors.c.value < value,
-            ).returning(sync_cursors.c.value)
-            return conn.execute(stmt).first() is not None
-
-        moved: bool = self._run(step)
+        moved: bool = self._run(lambda c: self._advance_cursor(c, table, value, job_id, now))
         return moved
+
+    def _advance_cursor(self, conn: Connection, table: TableRef, value: str,
+                        job_id: str | None, now: float) -> bool:
+        stmt = self._insert(sync_cursors).values(
+            tenant_id=table.tenant_id, service_name=table.service_name,
+            table_name=table.table_name, value=value, job_id=job_id, updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[sync_cursors.c.tenant_id, sync_cursors.c.service_name,
+                            sync_cursors.c.table_name],
+            set_={"value": value, "job_id": job_id, "updated_at": now},
+            where=sync_cursors.c.value < value,
+        ).returning(sync_cursors.c.value)
+        return conn.execute(stmt).first() is not None
 
     # -- chunk checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:
@@ -826,7 +866,7 @@ class SqlStateStore:
                                    set_={"state": text, "updated_at": now})))
 
     def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None:
-        row = self._run(lambda c: c.execute(sa.select(checkpoints.c.state).where(
+        row = self._read(lambda c: c.execute(sa.select(checkpoints.c.state).where(
             checkpoints.c.job_id == job_id, checkpoints.c.chunk_id == chunk_id)).one_or_none())
         return None if row is None else dict(jsonio.loads(row.state))
 
@@ -862,7 +902,7 @@ class SqlStateStore:
 
     def lock_holder(self, name: str) -> tuple[str, float] | None:
         """Who holds a lease and until when (epoch seconds), expired or not."""
-        row = self._run(lambda c: c.execute(
+        row = self._read(lambda c: c.execute(
             sa.select(locks.c.holder, locks.c.expires_at).where(locks.c.name == name)).first())
         return None if row is None else (str(row.holder), float(row.expires_at))
 
@@ -871,7 +911,7 @@ class SqlStateStore:
         if not names:
             return {}
         now = _now()
-        rows = self._run(lambda c: c.execute(sa.select(locks.c.name, locks.c.holder).where(
+        rows = self._read(lambda c: c.execute(sa.select(locks.c.name, locks.c.holder).where(
             locks.c.name.in_(list(names)), locks.c.expires_at >= now)).all())
         return {r.name: r.holder for r in rows}
 
@@ -893,7 +933,7 @@ class SqlStateStore:
         )
 
     def job(self, job_id: str) -> JobRecord | None:
-        row = self._run(lambda c: c.execute(
+        row = self._read(lambda c: c.execute(
             sa.select(jobs).where(jobs.c.job_id == job_id)
         ).one_or_none())
         return None if row is None else self._job_record(row)
@@ -903,7 +943,7 @@ class SqlStateStore:
         query = sa.select(jobs).where(jobs.c.status.notin_(TERMINAL_JOB))
         if job_ids is not None:
             query = query.where(jobs.c.job_id.in_(list(job_ids)))
-        rows = self._run(lambda c: c.execute(query.order_by(jobs.c.created_at)).all())
+        rows = self._read(lambda c: c.execute(query.order_by(jobs.c.created_at)).all())
         return [self._job_record(r) for r in rows]
 
     def activity(self, job_ids: Collection[str], since: float) -> Activity:
@@ -926,11 +966,11 @@ class SqlStateStore:
             ).all()]
             return Activity(now, results, requests, moved)
 
-        activity: Activity = self._run(step)
+        activity: Activity = self._read(step)
         return activity
 
     def jobs(self, limit: int = 20) -> list[JobRecord]:
-        rows = self._run(lambda c: c.execute(
+        rows = self._read(lambda c: c.execute(
             sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
         ).all())
         return [self._job_record(r) for r in rows]

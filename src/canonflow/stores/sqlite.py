@@ -1,5 +1,6 @@
 """SQLite state store: WAL, and ``BEGIN IMMEDIATE`` so concurrent writers queue on the write
-lock up front instead of failing with "database is locked" halfway through a step."""
+lock up front instead of failing with "database is locked" halfway through a step; steps that
+only read begin a deferred transaction (a WAL snapshot) and wait for no writer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from canonflow.errors import ConfigError
-from canonflow.stores.sql import SqlStateStore
+from canonflow.stores.sql import READ_ONLY, SqlStateStore
 
 
 def open_sqlite(url: str) -> SqlStateStore:
@@ -43,6 +44,8 @@ def open_sqlite(url: str) -> SqlStateStore:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a step that only reads takes no write lock: it reads the last committed snapshot
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return SqlStateStore(url, engine, sqlite_insert)

@@ -65,6 +65,16 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """What a finished transform moves forward with it: its source files into the ledger
+    and, when ``high_water`` is set, its table's incremental mark."""
+
+    request: TransformRequest
+    files: Sequence[str]
+    high_water: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Backlog:
     """Transform requests waiting for a worker: pending or dispatched, not yet running."""
 
@@ -167,8 +177,11 @@ class TransformOutbox(Protocol):
     def claim_request(self, request_id: str, lease_seconds: float,
                       holder: str | None = None,
                       holder_dead: Callable[[str], bool] | None = None,
-                      max_attempts: int | None = None) -> int | None:
-        """Take a request for running; the attempt number, or None if it is not claimable."""
+                      max_attempts: int | None = None,
+                      enqueue: TransformRequest | None = None) -> int | None:
+        """Take a request for running; the attempt number, or None if it is not claimable.
+        With ``enqueue`` (the request itself), add its row first when there is none (as
+        :meth:`enqueue_request`), in the same step where the store can."""
 
     def claim_group(self, request: TransformRequest, limit: int, lease_seconds: float,
                     holder: str, max_attempts: int, pipeline: str
@@ -182,9 +195,12 @@ class TransformOutbox(Protocol):
 
     def finish_request(
         self, request_id: str, result: TransformResult | None, error: str | None = None,
-        holder: str | None = None,
+        holder: str | None = None, progress: Progress | None = None,
     ) -> bool:
-        """Record a request's end; with ``holder``, only while that holder has it."""
+        """Record a request's end; with ``holder``, only while that holder has it. With
+        ``progress``, first record its files in the ledger and move its table's mark (as
+        :meth:`record_files` and :meth:`advance_cursor` would; whatever the holder: the
+        rows were committed), in the same step where the store can."""
 
     def retry_later(self, request_id: str, error: str, max_attempts: int,
                     holder: str | None = None) -> bool:

@@ -30,6 +30,7 @@ from canonflow.lease import Heartbeat, holder_dead, worker_label
 from canonflow.mappings import Entity, MappingSpec
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.redact import redact
+from canonflow.stores.state import Progress
 from canonflow.telemetry import metrics
 from canonflow.transform.discovery import resolve_files
 from canonflow.transform.mapping import (
@@ -112,6 +113,7 @@ class Written:
     written: int = 0  # parent rows whose key is new to this request
     merged: int = 0  # parent rows that were a duplicate within the request
     children: int = 0  # child rows written
+    partition_empty: bool = False  # the tenant's partition held nothing before the group
 
 
 def write_family(writer: CanonicalWriter, mapping: CompiledMapping, tenant_id: str,
@@ -123,9 +125,10 @@ def write_family(writer: CanonicalWriter, mapping: CompiledMapping, tenant_id: s
     duplicate in the group) are not written."""
     entity = mapping.entity
     unique = dedupe_newest(parents, entity.keys, entity.ordering)
-    out = Written(merged=parents.num_rows - unique.num_rows)
     upserted = writer.upsert(entity, tenant_id, service, unique.drop_columns([_SEQ]),
                              request_id, group, done=done(canonical_path(entity.name)))
+    out = Written(merged=parents.num_rows - unique.num_rows,
+                  partition_empty=upserted.partition_empty)
     out.written = unique.num_rows - upserted.repeated
     out.merged += upserted.repeated
     # the winners' sequence numbers and parent keys only: a copy of the whole group's
@@ -187,6 +190,9 @@ class _Run:
         self.seen: list[pa.Array] = []  # keys listed by a full-refresh extraction
         self.keys_complete = True
         self.high_water: object = None
+        # did the tenant's partition hold rows before this request wrote (None: not known
+        # yet)? A first load's partition holds only what this extraction listed
+        self.held_before: bool | None = None
 
     def _lineage(self, rows: pa.Table, key: str, extracted_at: datetime,
                  deleted: pa.Array | None = None,
@@ -321,6 +327,8 @@ class _Run:
             self.written += out.written
             self.merged += out.merged
             self.child_rows += out.children
+            if self.held_before is None:
+                self.held_before = not out.partition_empty
         del group
         memory.release()
 
@@ -339,6 +347,8 @@ class _Run:
             return
         label = "reconcile"
         if (canonical_path(self.entity.name), label) in self.skip:
+            return
+        if self.held_before is False:  # a first load: every row there was listed
             return
         r = self.request
         seen = pc.unique(pa.concat_arrays([pc.cast(a, pa.string()) for a in self.seen])) \
@@ -437,11 +447,12 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         fresh = [f for f in files if f not in done]
         files_skipped, files = len(files) - len(fresh), fresh
 
-    state.enqueue_request(request)
-    # a request running under a holder known dead (a killed worker) is taken over at once
+    # its outbox row added if it came without one (manual, an event); a request running
+    # under a holder known dead (a killed worker) is taken over at once
     attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds,
                                   holder=rt.holder, holder_dead=holder_dead,
-                                  max_attempts=rt.settings.transform_max_attempts)
+                                  max_attempts=rt.settings.transform_max_attempts,
+                                  enqueue=request)
     if attempt is None:
         record = state.request(request.request_id)
         log.info("transform request already claimed or done; skipped", extra={
@@ -582,11 +593,12 @@ def _finish(claimed: _Claimed, run: _Run, rt: Runtime) -> TransformResult:
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))
-    state.record_files(request, claimed.files)
-    if request.trigger == "aggregated" and result.high_water is not None:
-        # incremental sync moves on only once the table's transform has succeeded
-        state.advance_cursor(request.table, result.high_water, request.job_id)
-    if not state.finish_request(request.request_id, result, holder=rt.holder):
+    # the ledger, the table's incremental mark (an incremental sync moves on only once the
+    # table's transform has succeeded) and the request's end: one step
+    progress = Progress(request, claimed.files, result.high_water
+                        if request.trigger == "aggregated" else None)
+    if not state.finish_request(request.request_id, result, holder=rt.holder,
+                                progress=progress):
         log.warning("transform finished after another worker took its request over; "
                     "that worker's outcome stands", extra={"request_id": request.request_id})
     log.info("canonical transform finished", extra=result.model_dump(mode="json"))

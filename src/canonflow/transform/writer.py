@@ -107,6 +107,9 @@ class Upserted:
 
     won: pa.Array  # bool: the row's version is the table's now (a new key, or newest wins)
     repeated: int  # rows whose key an earlier group of the same request had written
+    # the tenant's partition held nothing before this group (at the version the group was
+    # written on): a tenant's first load
+    partition_empty: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class _Held:
     # ordering (a non-null one over null), or an equal one while the key is deleted; an
     # equal version is the same version (no copy)
     newer: pa.Array
+    empty: bool = False  # the tenant's partition had no files at all
 
 
 class CanonicalWriter:
@@ -280,13 +284,13 @@ class CanonicalWriter:
         return DeltaTable(uri, version=min(versions) - 1, storage_options=opts or None)
 
     @staticmethod
-    def _scan(table: DeltaTable, tenant_id: str, service: str, column: str,
+    def _scan(dataset: pads.Dataset | None, service: str, column: str,
               values: pa.Array, columns: list[str]) -> pa.Table:
-        """This tenant's and service's rows whose ``column`` is one of ``values``. When the
-        key column holds any of them, reads the wanted columns in slices of at most
-        ``SCAN_ROWS`` rows, each matched against the values at once (one hash set a slice):
-        memory bounded by the key column, the slice and the group."""
-        dataset = _partition(table, tenant_id)
+        """A tenant partition's rows (see :func:`_partition`) of ``service`` whose
+        ``column`` is one of ``values``. When the key column holds any of them, reads the
+        wanted columns in slices of at most ``SCAN_ROWS`` rows, each matched against the
+        values at once (one hash set a slice): memory bounded by the key column, the slice
+        and the group."""
         if dataset is None:
             return pa.table({})
         wanted = pc.unique(pc.cast(pc.drop_null(values), pa.string()))
@@ -334,11 +338,12 @@ class CanonicalWriter:
         none = constant(False, n)
         order = entity.ordering
         deletes = "_deleted_at" in table.schema().to_arrow().names
-        held = self._scan(table, tenant_id, service, entity.keys[0], rows.column(entity.keys[0]),
+        partition = _partition(table, tenant_id)
+        held = self._scan(partition, service, entity.keys[0], rows.column(entity.keys[0]),
                           [*entity.keys, order, "_request_id"]
                           + (["_deleted_at"] if deletes else []))
         if held.num_rows == 0:
-            return _Held(none, constant(True, n), none, none)
+            return _Held(none, constant(True, n), none, none, empty=partition is None)
         live = (pc.is_null(held.column("_deleted_at")) if deletes
                 else constant(True, held.num_rows))
         by_key = pa.table({
@@ -376,7 +381,7 @@ class CanonicalWriter:
         rows = rows.select(schema.names).cast(schema)
         with self._locked(name, tenant_id):
             if rows.num_rows == 0 and self._open(name) is None:
-                return Upserted(constant(False, 0), 0)  # nothing to write, nothing held
+                return Upserted(constant(False, 0), 0, partition_empty=True)  # nothing held
             table = self._recalled(name) or self._retry(f"open {name}",
                                                         lambda: self._table(name, schema))
             seen = self._before_group(name, table, request_id, group, done)
@@ -404,7 +409,8 @@ class CanonicalWriter:
                     self._merge(name, schema, entity, tenant_id, service, known,
                                 f"{group}/merge", request_id, table)
             self._remember(name, table)
-            return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0))
+            return Upserted(held.won, int(pc.sum(pc.cast(held.mine, pa.int64())).as_py() or 0),
+                            partition_empty=held.empty)
 
     def _append(self, name: str, schema: pa.Schema, rows: pa.Table, label: str,
                 request_id: str, table: DeltaTable, tenant_id: str) -> None:
@@ -498,7 +504,8 @@ class CanonicalWriter:
                  request_id: str) -> None:
         """Delete the children of ``parents`` that ``rows`` (their new children) lacks."""
         links = parents.column_names
-        held = self._scan(table, tenant_id, service, links[0], parents.column(links[0]),
+        held = self._scan(_partition(table, tenant_id), service, links[0],
+                          parents.column(links[0]),
                           list(dict.fromkeys([*links, *entity.keys])))
         if held.num_rows == 0:
             return
@@ -645,7 +652,7 @@ class CanonicalWriter:
                    marks: pa.Table) -> int:
         """How many of the keys ``marks`` lists have a version not yet deleted."""
         deletes = "_deleted_at" in table.schema().to_arrow().names
-        held = self._scan(table, tenant_id, service, entity.keys[0],
+        held = self._scan(_partition(table, tenant_id), service, entity.keys[0],
                           marks.column(entity.keys[0]),
                           [*entity.keys, *(["_deleted_at"] if deletes else [])])
         if deletes and held.num_rows:
