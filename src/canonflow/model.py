@@ -156,6 +156,9 @@ class ProcessingMode(StrEnum):
     TIME_BASED = "time_based"
 
 
+MAX_LOOKBACK_HOURS = 24 * 366 * 10
+
+
 class TransformRequest(Contract):
     """Starts one canonical transform for one table.
 
@@ -168,7 +171,10 @@ class TransformRequest(Contract):
     job_id: JobId | None = None
     source_files: list[str] | None = None
     source_files_manifest: str | None = None
-    lookback_hours: float = Field(default=72.0, gt=0)
+    # at most ten years back: a finite window the calendar can subtract (inf, NaN and
+    # 1e12 hours are refused as bad input, not failed as an overflow)
+    lookback_hours: float = Field(default=72.0, gt=0, le=MAX_LOOKBACK_HOURS,
+                                  allow_inf_nan=False)
     request_id: str = Field(default_factory=lambda: f"manual-{uuid.uuid4().hex}")
     trigger: Literal["aggregated", "per_batch", "manual"] = "manual"
     reprocess: bool = Field(

@@ -202,7 +202,22 @@ def fetch(con: duckdb.DuckDBPyConnection, sql: str,
 
 def run_query(store: ObjectStore, sql: str, mapping_dirs: list[str] | None = None,
               scan: Scan | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` over the tables it names (only those are opened, and ``scan`` counts
+    their files only); when it names none that exists, over all of them."""
+    tables = canonical_tables(store, mapping_dirs)
     with connect() as con:
-        if not register(con, canonical_tables(store, mapping_dirs), scan):
+        named = referenced(con, sql)
+        used = {name: where for name, where in tables.items()
+                if name in named or name + VERSIONS_SUFFIX in named}
+        if not register(con, used, scan) and not register(con, tables, scan):
             raise ConfigError(f"no canonical tables in {store.url}: run a sync first")
         return fetch(con, sql)
+
+
+def referenced(con: duckdb.DuckDBPyConnection, sql: str) -> set[str]:
+    """The table names ``sql`` reads (empty when DuckDB cannot parse it: running it then
+    reports the error)."""
+    try:
+        return set(con.get_table_names(sql))
+    except duckdb.Error:
+        return set()

@@ -5,6 +5,9 @@ way."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -57,6 +60,7 @@ def test_one_tenants_query_opens_only_its_files_after_merges_wrote_string_views(
     acme = files_of(rt, "canonical/contact", "acme")
     assert {p.rsplit("/", 2)[-2] for p in scan.opened} == {"_tenant_id=acme"}
     assert scan.files_read == len(acme) < len(files)
+    assert scan.total == len(files)  # the files of the tables the query names, no others
 
     scan = Scan()  # a string equality on a merged column, across tenants
     _, rows = run_query(store, f"SELECT _tenant_id FROM contact WHERE id = '{some_id}' "
@@ -76,3 +80,27 @@ def test_one_tenants_query_opens_only_its_files_after_merges_wrote_string_views(
     assert listed.num_rows == 1 < sum(g["records"] for g in groups)
     assert listed.column("_tenant_id").to_pylist() == ["globex"]
     rt.close()
+
+
+def test_query_scanned_prints_the_files_read_of_the_tables_it_names(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    settings = make_settings(tenants=TENANTS, tables={"crm": ["contacts", "deals"]})
+    sync(settings)
+    rt = Runtime(settings)
+    contact, deal = files_of(rt, "canonical/contact"), files_of(rt, "canonical/deal")
+    acme = files_of(rt, "canonical/contact", "acme")
+    rt.close()
+    pipeline = tmp_path / "pipeline.json"  # JSON is YAML
+    pipeline.write_text(settings.to_worker_json())
+    cli = [sys.executable, "-c", "from canonflow.cli import main; main()", "query",
+           "--pipeline", str(pipeline), "--scanned"]
+    one = subprocess.run([*cli, "SELECT count(*) FROM contact WHERE _tenant_id = 'acme'"],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert one.stderr.strip() == f"read {len(acme)} of {len(contact)} data files"
+    both = subprocess.run([*cli, "SELECT count(*) FROM contact c JOIN deal d "
+                                 "ON c._tenant_id = d._tenant_id AND c.id = d.id"],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 0, both.stderr
+    total = len(contact) + len(deal)
+    assert both.stderr.strip() == f"read {total} of {total} data files"

@@ -55,13 +55,27 @@ def test_head_is_the_newest_revision() -> None:
     assert script.get_current_head() == migrations.HEAD
 
 
+SCHEMAS = Path(__file__).parent.parent / "schemas"
+
+
+def release_0_1_0_schema(conn: sa.Connection) -> None:
+    """The tables and indexes release 0.1.0 created, from the DDL it issued (kept beside
+    the tests, independent of the migrations under test)."""
+    ddl = (SCHEMAS / f"state_0_1_0_{conn.dialect.name}.sql").read_text()
+    for statement in ddl.split(";"):
+        code = "\n".join(line for line in statement.splitlines()
+                         if not line.startswith("--")).strip()
+        if code:
+            conn.execute(sa.text(code))
+
+
 def release_0_1_0_store(url: str) -> None:
-    """A store as release 0.1.0 left it: its schema, a finished job with an outbox row and
-    a ledger entry, an unfinished job, a cursor."""
+    """A store as release 0.1.0 left it: its schema (no migration history), a finished job
+    with an outbox row and a ledger entry, an unfinished job, a cursor."""
     eng = engine(url)
     now = time.time()
     with eng.begin() as conn:
-        migrations.upgrade(conn, migrations.BASELINE)
+        release_0_1_0_schema(conn)
         for job_id, status in (("job-old-done", "done"), ("job-old-open", "running")):
             conn.execute(sa.text(
                 "INSERT INTO jobs (job_id, tenant_id, pipeline, trigger_mode, status, "
@@ -88,7 +102,7 @@ def release_0_1_0_store(url: str) -> None:
 def test_a_release_0_1_0_store_is_upgraded_with_its_data_and_syncs(
         url: str, make_settings: SettingsFactory, tmp_path: Path) -> None:
     release_0_1_0_store(url)
-    assert revision(url) == "0001"
+    assert revision(url) is None  # 0.1.0 kept no migration history
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(json.dumps({
         "name": "test", "object_store": f"file://{tmp_path / 'data'}", "state_store": url,
@@ -153,3 +167,39 @@ def open_at_once(url: str, barrier: Any) -> None:
 def test_processes_opening_a_new_store_at_once_create_it_once(url: str) -> None:
     run_together(open_at_once, [(url,)] * 4)
     assert revision(url) == migrations.HEAD
+
+
+def test_a_request_waiting_in_a_revision_0002_store_runs_after_the_upgrade(url: str) -> None:
+    """Outbox rows written before revision 0003 have no target: after the upgrade they are
+    still sent and claimed one by one, and a group commit never takes them."""
+    eng = engine(url)
+    now = time.time()
+    with eng.begin() as conn:
+        migrations.upgrade(conn, "0002")
+        conn.execute(sa.text(
+            "INSERT INTO jobs (job_id, tenant_id, pipeline, trigger_mode, status, outcome, "
+            "total_chunks, completed_chunks, failed_chunks, created_at, updated_at, report) "
+            "VALUES ('job-0002', 'acme', 'test', 'aggregated', 'transforms_enqueued', "
+            "'completed', 1, 1, 0, :t, :t, '{}')"), {"t": now})
+        for table in ("contacts", "companies"):
+            payload = json.dumps({"tenant_id": "acme", "service_name": "crm",
+                                  "table_name": table, "job_id": "job-0002",
+                                  "request_id": f"job-0002:crm:{table}",
+                                  "trigger": "aggregated", "source_files": ["raw/acme/x"]})
+            conn.execute(sa.text(
+                "INSERT INTO outbox (request_id, job_id, trigger, payload, status, attempts, "
+                "created_at, updated_at) VALUES (:r, 'job-0002', 'aggregated', :p, "
+                "'pending', 0, :t, :t)"), {"r": f"job-0002:crm:{table}", "p": payload,
+                                            "t": now})
+    eng.dispose()
+    assert revision(url) == "0002"
+    state = open_state_store(url)  # first use upgrades
+    assert revision(url) == migrations.HEAD
+    sent = state.claim_for_dispatch(job_ids=["job-0002"])
+    assert sorted(r.request_id for r in sent) == ["job-0002:crm:companies",
+                                                  "job-0002:crm:contacts"]
+    contacts = next(r for r in sent if r.table_name == "contacts")
+    assert state.claim_request(contacts.request_id, 60.0, holder="w1") == 1
+    assert state.claim_group(contacts, 15, 60.0, "w1", 3, "test") == []  # no target
+    assert state.claim_request("job-0002:crm:companies", 60.0, holder="w2") == 1
+    state.close()

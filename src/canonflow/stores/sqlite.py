@@ -4,6 +4,7 @@ only read begin a deferred transaction (a WAL snapshot) and wait for no writer."
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ def open_sqlite(url: str) -> SqlStateStore:
             raise ConfigError(f"cannot create the state store's folder {folder}: "
                               f"{exc.strerror}; choose a writable --data-dir or state_store "
                               "path") from None
+        _check_writable(Path(database).expanduser())
     engine = sa.create_engine(
         sa_url, connect_args={"timeout": 30, "isolation_level": None}
     )
@@ -49,3 +51,29 @@ def open_sqlite(url: str) -> SqlStateStore:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return SqlStateStore(url, engine, sqlite_insert)
+
+
+def _check_writable(path: Path) -> None:
+    """Open the database file and take its write lock once, now: a path that cannot hold a
+    database (a folder, a read-only file or folder) is a setting to change, said in one
+    line, not a busy database retried for a minute."""
+    try:
+        probe = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _unwritable(path, exc) from None
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return  # another process writes: it is usable
+        raise _unwritable(path, exc) from None
+    except sqlite3.Error as exc:
+        raise _unwritable(path, exc) from None
+    finally:
+        probe.close()
+
+
+def _unwritable(path: Path, exc: sqlite3.Error) -> ConfigError:
+    return ConfigError(f"cannot use {path} as the SQLite state store: {exc}; choose a "
+                       "writable --data-dir or state_store path")

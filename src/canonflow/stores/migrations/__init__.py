@@ -6,7 +6,7 @@ outbox, ledger and cursors intact. A store created before migrations existed (ta
 ``alembic_version``) is brought to ``0001`` (missing tables and columns added), stamped, then
 upgraded. To add a change: a new file in ``versions/`` (``down_revision`` the previous head),
 :data:`HEAD` set to it, and the table definitions in ``canonflow.stores.sql`` updated to
-match (``tests/unit/test_state_migrations.py`` compares them with the migrated database).
+match (``tests/integration/test_state_migrations.py`` compares them with the migrated database).
 """
 
 from __future__ import annotations
