@@ -109,7 +109,7 @@ def _emit_json(doc: Any) -> None:
     sys.stdout.write(jsonio.dumps_str(doc) + "\n")
 
 
-def _summary(reports: list[dict[str, Any]], seconds: float) -> Table:
+def _summary(reports: list[dict[str, Any]], seconds: float) -> render.FittedTable:
     jobs = ", ".join(f"{r['tenant_id']}={r['job_id']} ({r['status']}/{r['outcome']})"
                      for r in reports)
     table = render.View(f"canonflow sync: {len(reports)} job(s) in {seconds:.1f} s", jobs)
@@ -141,7 +141,7 @@ def _secs(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def _timings(rep: dict[str, Any]) -> Table:
+def _timings(rep: dict[str, Any]) -> render.FittedTable:
     """Where a job's time went, per table (times are the workers' clocks)."""
     table = render.View(f"timings (aggregated {rep.get('aggregated_at') or 'not yet'})")
     table.column("table").columns(

@@ -17,8 +17,10 @@ import subprocess
 import sys
 import termios
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +73,12 @@ def test_invalid_argument_values_name_their_option(tmp_path: Path) -> None:
     one_error_line(cli(*transform, "--tenant", "a", "--lookback-hours", "-5"), 2,
                    "--lookback-hours: Input should be greater than 0",
                    "canonflow transform --help")
+    one_error_line(cli(*transform, "--tenant", "a", "--lookback-hours", "inf"), 2,
+                   "--lookback-hours: Input should be a finite number",
+                   "canonflow transform --help")
+    one_error_line(cli(*transform, "--tenant", "a", "--lookback-hours", "1e12"), 2,
+                   "--lookback-hours: Input should be less than or equal to 87840",
+                   "canonflow transform --help")
     one_error_line(cli("demo", "--tenants", "0"), 2, "'--tenants'", "canonflow demo --help")
     one_error_line(cli("db", "upgrade", "--nope"), 2, "No such option: --nope",
                    "canonflow db upgrade --help")
@@ -104,6 +112,20 @@ def test_state_store_path_that_cannot_be_created(tmp_path: Path) -> None:
     one_error_line(cli("status", "--data-dir", str(blocker / "data")), 2,
                    f"cannot create the state store's folder {blocker / 'data'}",
                    "Not a directory", "--data-dir")
+
+
+def test_state_store_file_that_cannot_hold_a_database(tmp_path: Path) -> None:
+    """The folder exists, the database cannot be opened in it: one line at once (exit 2),
+    not a minute of retries of an "unavailable" store (exit 3)."""
+    data = tmp_path / "data"
+    (data / "state.db").mkdir(parents=True)  # a folder where the database file goes
+    started = time.monotonic()
+    one_error_line(cli("status", "--data-dir", str(data)), 2,
+                   f"cannot use {data / 'state.db'} as the SQLite state store",
+                   "unable to open database file", "writable --data-dir")
+    one_error_line(cli("status", "--data-dir", "/proc"), 2,
+                   "cannot use /proc/state.db as the SQLite state store", "--data-dir")
+    assert time.monotonic() - started < 30
 
 
 def test_unknown_store_scheme_is_one_line_and_nothing_else(tmp_path: Path) -> None:
@@ -248,16 +270,94 @@ def long_tenant_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     return root / "data", json.loads(proc.stdout)["jobs"][0]["job_id"]
 
 
+# a number as a whole token: not a piece of a date, an id or a label
+NUMBER = re.compile(r"(?<![\w.:/-])\d+(?:\.\d+)?(?![\w.:/-])")
+SUMMARY_NUMBERS = ("chunks", "records", "files", "transforms", "canonical", "quarantined",
+                   "read/ext", "chunk s", "trans. s")
+TIMINGS_NUMBERS = ("extraction s", "wait for aggr. s", "transform s", "files/transform",
+                   "read/ext")
+
+
+def _secs(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def shown_numbers(report: dict[str, Any], timings: bool) -> list[str]:
+    """Every number the summary (and the timings) of a job report show, formatted as the
+    CLI formats them."""
+    numbers = []
+    for t in report["tables"].values():
+        numbers += [str(t[k]) for k in ("chunks", "records_extracted", "files_written",
+                                        "transforms_triggered", "records_canonical",
+                                        "records_quarantined")]
+        numbers += [_secs(t.get("read_per_extracted")), _secs(t.get("chunk_seconds", 0.0)),
+                    _secs(t.get("transform_seconds", 0.0))]
+        if timings:
+            per = t.get("files_per_transform")
+            numbers += [_secs(t.get("extraction_seconds")),
+                        _secs(t.get("aggregation_wait_seconds")),
+                        _secs(t.get("transform_seconds")), "" if per is None else str(per),
+                        _secs(t.get("read_per_extracted"))]
+    return [n for n in numbers if n]
+
+
+def assert_readable(shown: str, report: dict[str, Any], timings: bool = True,
+                    columns: int = 80) -> None:
+    """A job's summary (and timings) on a narrow terminal: nothing wider than the terminal,
+    never an ellipsis, the job id whole on one line (to copy into `status JOB_ID`), the
+    caption whole, a label for every row of every table and every number whole."""
+    lines = shown.splitlines()
+    assert all(len(line) <= columns for line in lines), shown
+    assert "\u2026" not in shown, shown
+    assert any(report["job_id"] in line for line in lines), shown
+    assert any(f"({report['status']}/{report['outcome']})" in line for line in lines), shown
+    tables = 2 if timings else 1
+    for label in report["tables"]:
+        name = label.split("/", 1)[1]  # service.table, after the tenant
+        whole = label if len(label) <= columns else name  # a 143-character label folds
+        assert sum(whole in line for line in lines) >= tables, (label, shown)
+    assert any(line.strip().strip("\u2502").strip().startswith("total") for line in lines)
+    for header in (*SUMMARY_NUMBERS, *(TIMINGS_NUMBERS if timings else ())):
+        assert header in shown, (header, shown)  # a number column is not cropped away
+    found = Counter(NUMBER.findall(shown))
+    missing = Counter(shown_numbers(report, timings)) - found
+    assert not missing, (missing, shown)
+
+
+def job_report(data: Path, job_id: str) -> dict[str, Any]:
+    proc = cli("status", "--data-dir", str(data), "--json", job_id)
+    assert proc.returncode == 0, proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
 def test_ids_stay_whole_and_numbers_visible_on_80_columns(
         long_tenant_job: tuple[Path, str]) -> None:
     data, job_id = long_tenant_job
     recent = on_terminal("status", "--data-dir", str(data))
     assert job_id in recent, recent  # copyable into `canonflow status JOB_ID`
     assert "\u2026" not in recent  # never an ellipsis
-    one = on_terminal("status", "--data-dir", str(data), job_id)
-    rows = [line for line in one.splitlines() if "300" in line]
-    assert len(rows) >= 2, one  # the table's row and the total: the numbers are shown
-    assert all(len(line) <= 80 for line in one.splitlines()), one
+    assert all(len(line) <= 80 for line in recent.splitlines()), recent
+    assert_readable(on_terminal("status", "--data-dir", str(data), job_id),
+                    job_report(data, job_id))
+
+
+def test_a_short_tenant_keeps_its_labels_and_numbers_on_80_columns(data: Path) -> None:
+    jobs = json.loads(cli("status", "--data-dir", str(data), "--json").stdout)["jobs"]
+    report = job_report(data, jobs[-1]["job_id"])  # the demo's job, the first one
+    assert len(report["tables"]) == 7 and report["tenant_id"] == "acme"
+    assert_readable(on_terminal("status", "--data-dir", str(data), report["job_id"]), report)
+
+
+def test_the_run_summary_keeps_its_labels_and_numbers_on_80_columns(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shown = on_terminal("demo", "--records", "30", "--tenants", "1", "--data-dir", str(data))
+    (job,) = json.loads(cli("status", "--data-dir", str(data), "--json").stdout)["jobs"]
+    title = "canonflow sync: 1 job(s)"
+    assert title in shown, shown
+    summary = shown[shown.index(title):]  # not the progress display before it
+    assert_readable(summary.split("Canonical tables are in")[0],
+                    job_report(data, job["job_id"]), timings=False)
 
 
 def test_piped_tables_are_never_cut(long_tenant_job: tuple[Path, str]) -> None:
