@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import queue
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import (
-    FIRST_COMPLETED,
     Future,
     ThreadPoolExecutor,
     as_completed,
@@ -45,7 +45,14 @@ from canonflow.errors import (
 )
 from canonflow.lease import Heartbeat, holder_dead, holder_id, runner_alive, runner_lock
 from canonflow.log import bind
-from canonflow.model import TERMINAL, ChunkError, ChunkResult, ChunkSpec, TransformRequest
+from canonflow.model import (
+    TERMINAL,
+    ChunkError,
+    ChunkResult,
+    ChunkSpec,
+    TransformRequest,
+    TriggerMode,
+)
 from canonflow.plan import JobPlan, new_job_id, plan_job
 from canonflow.runtime import Runtime
 from canonflow.stores.state import JobRecord
@@ -54,6 +61,7 @@ from canonflow.telemetry import metrics, tracing
 log = logging.getLogger("canonflow.runner")
 ACTIVITY_MARGIN = 5.0  # seconds of overlap between polls: clocks of other machines differ
 FULL_CHECK_SECONDS = 15.0  # and a full look at the unfinished jobs this often
+RELAY_EVERY = 1.0  # seconds: a local run relays every job's outbox rows at least this often
 
 
 class ProgressSink(Protocol):
@@ -180,8 +188,12 @@ class JobRunner:
         self.refused: dict[str, str] = {}  # tenant -> why this run did not start its job
         self.resumed: list[str] = []
         self._pending: dict[Future[TaskOutcome], _Pending] = {}
+        # each pending future puts itself here when done: a poll takes what finished
+        # without looking at every pending future (thousands, in a run of many tenants)
+        self._finished: queue.SimpleQueue[Future[TaskOutcome]] = queue.SimpleQueue()
         self._started = time.monotonic()
         self._job_ids: list[str] = []
+        self._relayed = 0.0  # when the whole run's outbox was last relayed (monotonic)
         self._remote = False  # a chunk went to a remote worker (no future to follow)
         self._lease: Heartbeat | None = None  # while driving jobs
         self._spans: dict[str, Span] = {}  # job id -> its span, ended with the job
@@ -442,7 +454,7 @@ class JobRunner:
         future = self.dispatcher.submit_chunk(spec)
         if future is None:
             return True
-        self._pending[future] = _Pending("chunk", spec, tries)
+        self._follow(future, _Pending("chunk", spec, tries))
         return False
 
     def _check_wait(self, job_ids: Collection[str]) -> None:
@@ -469,29 +481,56 @@ class JobRunner:
 
     def _poll(self, timeout: float) -> None:
         """Hand on the tasks that finished (waiting up to ``timeout`` for one), then relay
-        the outbox."""
+        the outbox rows they left: of their jobs only, and the whole run's every
+        ``RELAY_EVERY`` seconds (a relay reads and claims in a write transaction: one
+        after every task, over every job of the run, cost what the number of jobs did)."""
+        moved: set[str] = set()
         if self._pending:
-            done, _ = wait(self._pending, timeout=timeout, return_when=FIRST_COMPLETED)
-            for future in done:
+            for future in self._done(timeout):
                 pending = self._pending.pop(future)
                 if pending.kind == "chunk":
-                    self._chunk_finished(pending, future)
+                    if self._chunk_finished(pending, future):
+                        moved.add(pending.payload.job_id)
                 elif _settle_transform(self.rt, self.dispatcher, pending.payload, future):
                     self._submit_transform(pending.payload)
                 else:
                     self.progress.transform_done(pending.payload)
-        self._relay()
+                    if future.exception() is not None or "result" not in future.result():
+                        moved.add(pending.payload.job_id)  # back in the outbox, maybe
+        if time.monotonic() - self._relayed >= RELAY_EVERY:
+            self._relay()
+        elif moved:
+            self._relay(moved)
 
-    def _relay(self) -> None:
-        """Send this run's committed outbox rows (never another pipeline's or run's)."""
-        for request in self.rt.state.claim_for_dispatch(job_ids=self._job_ids):
+    def _relay(self, job_ids: Collection[str] | None = None) -> None:
+        """Send the committed outbox rows of ``job_ids`` (default: every job of this run;
+        never another pipeline's or run's)."""
+        if job_ids is None:
+            job_ids, self._relayed = self._job_ids, time.monotonic()
+        for request in self.rt.state.claim_for_dispatch(job_ids=job_ids):
             self._submit_transform(request)
             self.progress.transform_submitted(request)
 
     def _submit_transform(self, request: TransformRequest) -> None:
         future = self.dispatcher.submit_transform(request)
         if future is not None:
-            self._pending[future] = _Pending("transform", request)
+            self._follow(future, _Pending("transform", request))
+
+    def _follow(self, future: Future[TaskOutcome], pending: _Pending) -> None:
+        self._pending[future] = pending
+        future.add_done_callback(self._finished.put)
+
+    def _done(self, timeout: float) -> list[Future[TaskOutcome]]:
+        """The tasks that finished since the last look, waiting up to ``timeout`` for one."""
+        done: list[Future[TaskOutcome]] = []
+        try:
+            done.append(self._finished.get(timeout=timeout) if timeout > 0
+                        else self._finished.get_nowait())
+            while True:
+                done.append(self._finished.get_nowait())
+        except queue.Empty:
+            pass
+        return done
 
     def _watch(self, job_ids: list[str]) -> None:
         """Remote workers: follow what changed in the jobs since the last look (one read
@@ -557,15 +596,19 @@ class JobRunner:
                 self.progress.transform_done(rec.request)
         return moved
 
-    def _chunk_finished(self, pending: _Pending, future: Future[TaskOutcome]) -> None:
+    def _chunk_finished(self, pending: _Pending, future: Future[TaskOutcome]) -> bool:
+        """Hand on a finished chunk task; True when its job may have outbox rows to send
+        (its completion aggregated the job, or per-batch requests came with its files)."""
         spec: ChunkSpec = pending.payload
         exc = future.exception()
         if exc is None:
-            self.progress.chunk_done(spec, future.result()["result"])
-            return
+            outcome = future.result()
+            self.progress.chunk_done(spec, outcome["result"])
+            return bool(outcome.get("aggregated")) \
+                or spec.trigger_mode is TriggerMode.PER_BATCH
         if not self.dispatcher.lost_in_worker(chunk_key(spec)):
             self._submit_chunk(spec, pending.tries)  # it never ran: no attempt used
-            return
+            return False
         # the worker died running the chunk: run it again (bounded), then record its
         # failure so the job ends
         if pending.tries < self.settings.chunk_attempts:
@@ -573,7 +616,7 @@ class JobRunner:
                 "job_id": spec.job_id, "chunk_id": spec.chunk_id, "attempt": pending.tries,
                 "error": f"{type(exc).__name__}: {exc}"})
             self._submit_chunk(spec, pending.tries + 1)
-            return
+            return spec.trigger_mode is TriggerMode.PER_BATCH  # it may have sent some
         log.error("chunk task lost", extra={"job_id": spec.job_id, "chunk_id": spec.chunk_id,
                                             "error": f"{type(exc).__name__}: {exc}"})
         result = ChunkResult(
@@ -581,5 +624,6 @@ class JobRunner:
             processing_time=0.0, s3_files_written=[], s3_files_count=0,
             table_metadata=spec.table, error=ChunkError(**error_payload(exc)),
         )
-        complete_chunk(self.rt, result)
+        completion = complete_chunk(self.rt, result)
         self.progress.chunk_done(spec, result.model_dump(mode="json"))
+        return completion.claimed or spec.trigger_mode is TriggerMode.PER_BATCH
