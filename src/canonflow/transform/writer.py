@@ -441,14 +441,17 @@ class CanonicalWriter:
         than ``max_files`` (each sync adds one for its new keys); under the tenant's lock,
         so its writers wait and other tenants' commits carry on. The files it replaced (0:
         nothing to do). Readers of earlier versions keep their files until a vacuum."""
-        table = self._recalled(name) or self._open(name)
+        # the handle this thread last wrote with, as it stands (not brought up to date:
+        # reading the log's new commits costs more as the log grows, and this look is
+        # approximate anyway)
+        table = getattr(self._recent, "tables", {}).get(name) or self._open(name)
         if table is None:
             return 0
         partition = [("_tenant_id", "=", tenant_id)]
         # looked at without the lock first: most syncs leave too few files to compact, and
-        # a count a concurrent writer just made stale only moves compaction to the next sync
+        # a count a concurrent writer (or our last commit) just made stale only moves
+        # compaction to the next sync
         if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
-            self._remember(name, table)
             return 0
         with self._locked(name, tenant_id):
             self._retry(f"open {name}", table.update_incremental)
