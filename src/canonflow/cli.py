@@ -305,7 +305,8 @@ def status(
         if job_id is not None:
             rep = job_report(rt.state, job_id)
             if rep["status"] == "unknown":
-                raise UnknownJob(f"no job {job_id!r} in {rt.settings.state_store}")
+                raise UnknownJob(f"no job {job_id!r} in {rt.settings.state_store}: "
+                                 "`canonflow status` lists the recent jobs")
             if timeline is not None:
                 written = str(write_timeline(rt.state, job_id, timeline))
                 if as_json:

@@ -34,7 +34,8 @@ def _expand(text: str, where: tuple[str | int, ...], env: Mapping[str, str]) -> 
             return "$"
         if (name := m.group("braced")) is not None:
             if name not in env:
-                raise ConfigError(f"at {place}: environment variable {name} is not set")
+                raise ConfigError(f"at {place}: environment variable {name} is not set "
+                                  "(export it, or write the value in the file)")
             return env[name]
         if (name := m.group("bare")) is not None:
             register_url_secrets([text])  # a $NAME inside a URL's password stays unnamed

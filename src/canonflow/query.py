@@ -197,7 +197,8 @@ def fetch(con: duckdb.DuckDBPyConnection, sql: str,
             return [], []
         return [d[0] for d in rel.description or []], rel.fetchall()
     except duckdb.Error as exc:
-        raise TerminalError(f"query failed: {str(exc).splitlines()[0]}") from None
+        raise TerminalError(f"query failed: {str(exc).splitlines()[0]} (DuckDB SQL over the "
+                            "tables `canonflow entities` lists)") from None
 
 
 def run_query(store: ObjectStore, sql: str, mapping_dirs: list[str] | None = None,

@@ -93,7 +93,8 @@ def test_load_settings_reports_env_errors_with_the_file(tmp_path: Path,
     path = write(tmp_path, "sources: [{service: crm, base_url: '${NOPE_URL}'}]\n"
                  "tenants: [{tenant_id: acme}]\n")
     with pytest.raises(ConfigError, match=rf"^{path}: at sources\.0\.base_url: environment "
-                                          "variable NOPE_URL is not set$"):
+                                          "variable NOPE_URL is not set \\(export it, or write "
+                                          "the value in the file\\)$"):
         load_settings(path)
 
 
