@@ -23,8 +23,6 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import (
     Future,
     ThreadPoolExecutor,
-    as_completed,
-    wait,
 )
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,7 +122,8 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
         max_attempts=rt.settings.transform_max_attempts, pipeline=pipeline,
     )
     futures = [(r, dispatcher.submit_transform(r)) for r in requests]
-    wait([f for _, f in futures if f is not None])
+    # each in turn (``future.exception()`` waits for it): ``concurrent.futures.wait`` takes
+    # every future's lock in a row, and a Ctrl-C in between leaves one held for good
     for request, future in futures:
         if future is not None:
             _settle_transform(rt, dispatcher, request, future)
@@ -277,8 +276,13 @@ class JobRunner:
             with ThreadPoolExecutor(threads, thread_name_prefix="canonflow-plan") as pool:
                 futures = [pool.submit(contextvars.copy_context().run, start, t)
                            for t in tenants]
-                for future in as_completed(futures):
-                    if (work := future.result()) is not None and launch is not None:
+                # in the order they finish, through a queue (``as_completed`` takes every
+                # future's lock in a row: a Ctrl-C in between would leave one held)
+                planned: queue.SimpleQueue[Future[_Work | None]] = queue.SimpleQueue()
+                for future in futures:
+                    future.add_done_callback(planned.put)
+                for _ in futures:
+                    if (work := planned.get().result()) is not None and launch is not None:
                         launch(work)
                 started = [f.result() for f in futures]  # in the tenants' order
         return [w for w in started if w is not None], failed
