@@ -65,3 +65,21 @@ def test_reconciliation_marks_only_keys_the_source_no_longer_lists(rt: Runtime) 
     # the key listed again with a newer version is live again
     sync(rt, "job-7", [contact(i, "2026-02-01T00:00:00Z") for i in (0, 1, 3, 5)])
     assert deleted(rt) == [("2", "job-6"), ("4", "job-3")]
+
+
+def test_a_first_load_reads_nothing_back_to_reconcile(rt: Runtime,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's first full load: its partition held nothing before the request wrote, so
+    every row there was listed and nothing is read back; the next full load reconciles."""
+    looked: list[str] = []
+    real = rt.canonical.absent_keys
+
+    def absent_keys(*args: object, **kwargs: object) -> object:
+        looked.append(str(kwargs.get("request_id", args[-1])))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rt.canonical, "absent_keys", absent_keys)
+    assert sync(rt, "job-1", [contact(i) for i in range(3)]) == 0
+    assert looked == []
+    assert sync(rt, "job-2", [contact(0), contact(1)]) == 1
+    assert looked == ["job-2:crm:contacts"] and deleted(rt) == [("2", "job-2")]
