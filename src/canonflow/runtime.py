@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +39,8 @@ class Runtime:
     def canonical(self) -> CanonicalWriter:
         url = self.settings.canonical_store
         return CanonicalWriter(open_object_store(url) if url else self.objects,
-                               lock=self.table_lock, writes=self.settings.canonical_writes)
+                               lock=self.table_lock, locks=self.table_locks,
+                               writes=self.settings.canonical_writes)
 
     @contextmanager
     def table_lock(self, name: str, ttl: float = LOCK_TTL,
@@ -70,6 +71,23 @@ class Runtime:
                 raise CommitConflict(f"{name}: the lock was lost while held")
         finally:
             self.state.release_lock(name, me)
+
+    @contextmanager
+    def table_locks(self, names: Collection[str], ttl: float = LOCK_TTL) -> Iterator[set[str]]:
+        """Those of ``names`` no other holder has, taken in one step and held (one
+        heartbeat renews them) for this block, then released in one step; the names taken.
+        Never waits: a caller takes the others one by one (:meth:`table_lock`)."""
+        me = holder_id()
+        taken = self.state.acquire_locks(names, me, ttl)
+        try:
+            with Heartbeat(ttl / 4, lambda: all([self.state.renew_lock(n, me, ttl)
+                                                 for n in sorted(taken)]),
+                           "table locks") as beat:
+                yield taken
+            if beat.lost.is_set():  # another writer may have written meanwhile: redo
+                raise CommitConflict(f"{len(taken)} table locks: one was lost while held")
+        finally:
+            self.state.release_locks(taken, me)
 
     @cached_property
     def holder(self) -> str:

@@ -166,6 +166,22 @@ def test_leases_exclude_other_holders_until_released_or_expired(state: StateStor
     assert state.acquire_lock("canonical/contact/acme", "c", ttl=60)  # b's lease expired
 
 
+def test_several_leases_are_taken_where_free_and_released_together(
+        state: StateStore) -> None:
+    x, y, z = "canonical/contact/x", "canonical/deal/x", "canonical/contact/y"
+    assert state.acquire_lock(z, "b", ttl=60)
+    assert state.acquire_locks([y, x, z, x], "a", ttl=60) == {x, y}  # z is b's: not taken
+    assert not state.acquire_lock(x, "b", ttl=60) and not state.acquire_lock(y, "b", ttl=60)
+    assert state.acquire_locks([x, y], "a", ttl=60) == {x, y}  # renewal
+    assert state.renew_lock(x, "a", ttl=60)
+    state.release_locks([x, y, z], "a")  # z is not a's: it stays b's
+    assert state.acquire_lock(x, "b", ttl=60) and state.acquire_lock(y, "b", ttl=0.0)
+    assert not state.acquire_lock(z, "a", ttl=60)
+    assert state.acquire_locks([y, z], "a", ttl=60) == {y}  # b's lease of y expired
+    assert state.acquire_locks([], "a", ttl=60) == set()
+    state.release_locks([], "a")
+
+
 def test_retryable_failures_go_back_to_the_outbox_until_attempts_run_out(
         state: StateStore) -> None:
     state.create_job("j", "acme", "p", "aggregated", specs("j", 1))

@@ -1502,6 +1502,15 @@ class DynamoStateStore:
                        **_expr("#holder", values={":holder": holder}))
 
     # -- reading jobs -------------------------------------------------------------------------
+
+    def acquire_locks(self, names: Collection[str], holder: str, ttl: float) -> set[str]:
+        """One conditional write per name (this store runs no group commits)."""
+        return {n for n in sorted(set(names)) if self.acquire_lock(n, holder, ttl)}
+
+    def release_locks(self, names: Collection[str], holder: str) -> None:
+        for name in sorted(names):
+            self.release_lock(name, holder)
+
     def _job_record(self, item: dict[str, Any]) -> JobRecord:
         report: dict[str, Any] = {}
         if "blob" in item or "digest" in item:

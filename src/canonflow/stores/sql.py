@@ -919,6 +919,32 @@ class SqlStateStore:
         self._run(lambda c: c.execute(
             locks.delete().where(locks.c.name == name, locks.c.holder == holder)))
 
+    def acquire_locks(self, names: Collection[str], holder: str, ttl: float) -> set[str]:
+        """One multi-row upsert; in name order, so two holders taking overlapping sets
+        lock the rows in the same order (PostgreSQL cannot deadlock on them)."""
+        wanted = sorted(set(names))
+        if not wanted:
+            return set()
+        now = _now()
+
+        def step(conn: Connection) -> set[str]:
+            stmt = self._insert(locks).values(
+                [{"name": n, "holder": holder, "expires_at": now + ttl} for n in wanted])
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[locks.c.name],
+                set_={"holder": holder, "expires_at": now + ttl},
+                where=sa.or_(locks.c.expires_at < now, locks.c.holder == holder),
+            ).returning(locks.c.name, locks.c.holder)
+            return {r.name for r in conn.execute(stmt) if r.holder == holder}
+
+        taken: set[str] = self._run(step)
+        return taken
+
+    def release_locks(self, names: Collection[str], holder: str) -> None:
+        if names:
+            self._run(lambda c: c.execute(locks.delete().where(
+                locks.c.name.in_(sorted(names)), locks.c.holder == holder)))
+
     # -- reading jobs -----------------------------------------------------------------------
     @staticmethod
     def _job_record(row: Any) -> JobRecord:

@@ -253,6 +253,13 @@ class Leases(Protocol):
 
     def release_lock(self, name: str, holder: str) -> None: ...
 
+    def acquire_locks(self, names: Collection[str], holder: str, ttl: float) -> set[str]:
+        """Take (or renew) every one of ``names`` that no other holder has, in one step
+        where the store can; the names taken. Never waits, never steals."""
+
+    def release_locks(self, names: Collection[str], holder: str) -> None:
+        """Release those of ``names`` this holder has, in one step where the store can."""
+
 
 class StateStore(JobCoordination, TransformOutbox, SyncProgress, Leases, Protocol):
     """The whole port, opened by URL (:func:`open_state_store`). A backend implements every

@@ -506,10 +506,14 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
     others = [c.request.request_id for c in group[1:]]
     lease = rt.settings.transform_lease_seconds
     written: list[tuple[_Claimed, _Run]] = []
+    # the tenant partitions the group writes, their locks taken together (the quarantine's
+    # only if a record is rejected: then as met)
+    partitions = {(canonical_path(name), c.request.tenant_id) for c in group
+                  for name in (c.spec.entity, *(child.entity for child in c.spec.children))}
     try:
         with Heartbeat(lease / 4, lambda: [rt.state.touch_request(i, rt.holder)
                                            for i in others], "group commit"), \
-                rt.canonical.grouped():
+                rt.canonical.grouped(partitions):
             for claimed in group:
                 r = claimed.request
                 with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):

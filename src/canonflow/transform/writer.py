@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +70,13 @@ class TableLock(Protocol):
     ``wait=0`` it fails at once (:class:`CommitConflict`) when another holder has it."""
 
     def __call__(self, name: str, *, wait: float = ...) -> AbstractContextManager[object]: ...
+
+
+class TableLocks(Protocol):
+    """Several such locks at once: those no other holder has, taken in one step, held for
+    the block and released in one step; the names taken. Never waits."""
+
+    def __call__(self, names: Collection[str]) -> AbstractContextManager[set[str]]: ...
 
 
 @contextmanager
@@ -134,11 +141,12 @@ class CanonicalWriter:
     (``quarantine/{tenant}``)."""
 
     def __init__(self, store: ObjectStore, attempts: int = 12,
-                 lock: TableLock | None = None,
+                 lock: TableLock | None = None, locks: TableLocks | None = None,
                  writes: CanonicalWrites = "copy_on_write") -> None:
         self._store = store
         self._attempts = attempts
         self._lock = lock or _no_lock
+        self._locks = locks
         self._writes = writes
         self._recent = threading.local()  # name -> the table this thread last wrote
         self._grouping = threading.local()  # the group commit this thread is in, if any
@@ -194,7 +202,7 @@ class CanonicalWriter:
         return {label for _, label in self._history(name, request_id, depth)}
 
     @contextmanager
-    def grouped(self) -> Iterator[None]:
+    def grouped(self, partitions: Collection[tuple[str, str]] = ()) -> Iterator[None]:
         """Group commit: inside this block the rows upserts append are not committed at
         once but when the block ends, in one commit per table however many requests and
         tenants they come from; its metadata names every request with its labels, so a
@@ -203,12 +211,17 @@ class CanonicalWriter:
         writers. A look-up of a partition with deferred rows commits them first (a request
         reads its own writes), and so does a lock another holder has, before waiting (a
         group never waits while it holds locks: two groups cannot deadlock). If the block
-        raises, nothing deferred is committed."""
+        raises, nothing deferred is committed. ``partitions`` (table, tenant) the group
+        will write: their locks are taken together up front where free (one state-store
+        step, not two a partition); the others, as the group meets them."""
         if self._group() is not None:
             raise RuntimeError("group commits do not nest")
         group = _GroupCommit()
         self._grouping.current = group
         try:
+            if partitions and self._locks is not None:
+                group.held.update(group.locks.enter_context(
+                    self._locks([f"{name}/{tenant}" for name, tenant in partitions])))
             yield
             self._commit_group(group)
         finally:
