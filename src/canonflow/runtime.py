@@ -79,6 +79,9 @@ class Runtime:
         Never waits: a caller takes the others one by one (:meth:`table_lock`)."""
         me = holder_id()
         taken = self.state.acquire_locks(names, me, ttl)
+        if not taken:  # every one is another holder's: nothing to renew or release
+            yield taken
+            return
         try:
             with Heartbeat(ttl / 4, lambda: all([self.state.renew_lock(n, me, ttl)
                                                  for n in sorted(taken)]),

@@ -123,7 +123,7 @@ for pid in pids:
         alive.append(pid)
     except ProcessLookupError:
         pass
-print(f"closed in {{took:.1f}} s; workers alive: {{alive}}", flush=True)
+print(f"closed in {{took:.3f}} s; workers alive: {{alive}}", flush=True)
 """
 
 
@@ -141,7 +141,9 @@ def test_close_stops_workers_whose_tasks_do_not_end(tmp_path: Path) -> None:
         pytest.fail("close waited for tasks that never end")
     assert proc.returncode == 0, err
     took = float(out.split()[2])
-    assert 1.0 <= took < 4.0, out  # one grace period, then SIGTERM ends them
+    # it waited one grace period (1 s: the tasks were not cut at once), then SIGTERM ended
+    # them (about 1.01 s in all here; a close that needed SIGKILL too takes 2 s or more)
+    assert 1.0 <= took < 2.0, out
     assert out.rstrip().endswith("workers alive: []"), out
 
 
