@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from canonflow import jsonio
+from canonflow import jsonio, yamlio
 from canonflow.connectors.spec import BaseUrl, ConnectorSpec, builtin_specs, load_spec
 from canonflow.connectors.tenancy import Connection, connect
 from canonflow.errors import ConfigError
@@ -277,10 +276,10 @@ def load_settings(path: str | Path, relative_to: Path | None = None,
     ``${VAR}`` or a secret manager in them does not matter."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yamlio.load(p.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read pipeline file {p}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except yamlio.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -20,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from canonflow import yamlio
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName
 
@@ -320,8 +320,8 @@ def _format_validation(source: str, exc: ValidationError) -> str:
 
 def parse_spec(text: str, source: str) -> ConnectorSpec:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data = yamlio.load(text)
+    except yamlio.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")

@@ -10,9 +10,9 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from canonflow import yamlio
 from canonflow.errors import ConfigError
 from canonflow.model import ServiceName, TableName
 
@@ -205,8 +205,8 @@ def _validation_message(origin: str, exc: ValidationError) -> str:
 
 def _read_yaml(entry: Path | Traversable, origin: str) -> object:
     try:
-        return yaml.safe_load(entry.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        return yamlio.load(entry.read_text())
+    except (OSError, yamlio.YAMLError) as exc:
         raise ConfigError(f"{origin}: cannot load: {exc}") from None
 
 

@@ -12,17 +12,21 @@ match (``tests/integration/test_state_migrations.py`` compares them with the mig
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 HEAD = "0003"
 BASELINE = "0001"
 
 
 def _config(conn: Connection) -> Config:
+    from alembic.config import Config  # imported when a store needs upgrading, not per start
+
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent))
     cfg.attributes["connection"] = conn
@@ -41,6 +45,8 @@ def upgrade(conn: Connection, target: str = "head") -> None:
     revision = current(conn)
     if target == "head" and revision == HEAD:
         return
+    from alembic import command
+
     cfg = _config(conn)
     if revision is None and sa.inspect(conn).has_table("jobs"):
         from canonflow.stores.migrations.versions import r0001_release_0_1_0 as baseline
