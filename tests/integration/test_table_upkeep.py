@@ -119,3 +119,31 @@ def test_maintain_compacts_vacuums_and_reports(tmp_path: Path) -> None:
     assert run_query(rt.canonical._store, "SELECT count(DISTINCT id) FROM contact")[1] == [
         (1800,)]
     rt.close()
+
+
+def test_a_first_load_skips_the_compaction_look_and_later_syncs_take_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting a partition's files lists every file of the table (all tenants'); a tenant's
+    first load, written in one upsert, leaves its partition one file: nothing to count."""
+    rt = Runtime(Settings(object_store=f"file://{tmp_path / 'data'}",
+                          state_store=f"sqlite:///{tmp_path / 'data' / 'state.db'}",
+                          compact_after_files=1))
+    looked: list[tuple[str, str]] = []
+    compact = rt.canonical.compact
+
+    def counting(name: str, tenant_id: str, max_files: int) -> int:
+        looked.append((name, tenant_id))
+        return compact(name, tenant_id, max_files)
+
+    monkeypatch.setattr(rt.canonical, "compact", counting)
+    sync(rt, "acme", "job-0", [contact("acme", i) for i in range(200)])
+    sync(rt, "globex", "job-0", [contact("globex", i) for i in range(50)])
+    assert looked == []
+    assert len(partition_files(rt, "acme")) == 1
+    sync(rt, "acme", "job-1", [changed("acme", i, 1) for i in range(0, 200, 20)]
+         + [contact("acme", 500)])
+    assert looked == [(ENTITY, "acme")]
+    assert len(partition_files(rt, "acme")) == 1  # 2 files, more than 1: compacted
+    assert run_query(rt.canonical._store, "SELECT count(*) FROM contact "
+                     "WHERE _tenant_id = 'acme'")[1] == [(201,)]
+    rt.close()
