@@ -111,6 +111,7 @@ def run_query_tables(store: object) -> list[str]:
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = settings_for(cfg)
     rt = Runtime(settings)
+    rt.warm_up()  # process start, as the workers' (and the floor's imports): not timed
     dispatcher = open_dispatcher(settings.dispatcher, settings)
     clock = PhaseClock()
     started = time.perf_counter()
