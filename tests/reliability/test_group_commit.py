@@ -145,10 +145,20 @@ def test_a_request_replayed_after_its_group_committed_changes_nothing(
 
     uri, _ = rt.canonical.uri(canonical_path("deal"))
     version = DeltaTable(uri).version()
+    claims: list[str] = []
+    claim = rt.state.claim_request
+
+    def counted(request_id: str, *args: Any, **kwargs: Any) -> int | None:
+        claims.append(request_id)
+        return claim(request_id, *args, **kwargs)
+
+    rt.state.claim_request = counted  # type: ignore[method-assign]
     for r in reversed(requests):  # duplicates of every request, the group's included
         outcome = tasks.run_transform_task(r.model_dump_json(), rt)
         assert outcome["result"]["skipped"] is True
+        assert outcome["result"]["records_written"] > 0  # the counts of the run that did it
     assert DeltaTable(uri).version() == version  # nothing written
+    assert claims == []  # a finished request is known from a read: no write step queued
     check_exact(rt, requests)
 
 

@@ -30,7 +30,7 @@ from canonflow.lease import Heartbeat, holder_dead, worker_label
 from canonflow.mappings import Entity, MappingSpec
 from canonflow.model import ProcessingMode, TransformRequest, TransformResult
 from canonflow.redact import redact
-from canonflow.stores.state import Progress
+from canonflow.stores.state import Progress, RequestRecord
 from canonflow.telemetry import metrics
 from canonflow.transform.discovery import resolve_files
 from canonflow.transform.mapping import (
@@ -447,6 +447,11 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
         fresh = [f for f in files if f not in done]
         files_skipped, files = len(files) - len(fresh), fresh
 
+    # a request already finished (most deliveries of a request a group took with it) is
+    # known from a read, which waits for no writer; only the others queue for a claim
+    record = state.request(request.request_id)
+    if record is not None and record.status in FINISHED:
+        return _skipped(request, entity.name, record)
     # its outbox row added if it came without one (manual, an event); a request running
     # under a holder known dead (a killed worker) is taken over at once
     attempt = state.claim_request(request.request_id, rt.settings.transform_lease_seconds,
@@ -454,27 +459,36 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
                                   max_attempts=rt.settings.transform_max_attempts,
                                   enqueue=request)
     if attempt is None:
-        record = state.request(request.request_id)
-        log.info("transform request already claimed or done; skipped", extra={
-            "request_id": request.request_id, "status": record.status if record else None})
-        base = record.result if record and record.result else None
-        return TransformResult(
-            request_id=request.request_id, tenant_id=request.tenant_id,
-            service_name=request.service_name, table_name=request.table_name,
-            entity=entity.name, processing_mode=mode, skipped=True,
-            files_read=base.files_read if base else 0,
-            records_read=base.records_read if base else 0,
-            records_written=base.records_written if base else 0,
-            records_quarantined=base.records_quarantined if base else 0,
-            records_merged=base.records_merged if base else 0,
-            child_rows_written=base.child_rows_written if base else 0,
-            child_rows_rejected=base.child_rows_rejected if base else 0,
-        )
+        return _skipped(request, entity.name, state.request(request.request_id))
     first = _Claimed(request, spec, entity, files, files_skipped, attempt, started, started_at)
     more = _claim_group(request, rt)
     if not more:
         return _finish(first, _write(first, rt), rt)
     return _run_group(first, more, rt)
+
+
+FINISHED = frozenset({"done", "failed"})  # request statuses no claim takes again
+
+
+def _skipped(request: TransformRequest, entity: str,
+             record: RequestRecord | None) -> TransformResult:
+    """The outcome of a delivery that found its request claimed or finished: skipped, with
+    the counts of the run that did it, if finished."""
+    log.info("transform request already claimed or done; skipped", extra={
+        "request_id": request.request_id, "status": record.status if record else None})
+    base = record.result if record and record.result else None
+    return TransformResult(
+        request_id=request.request_id, tenant_id=request.tenant_id,
+        service_name=request.service_name, table_name=request.table_name,
+        entity=entity, processing_mode=request.processing_mode, skipped=True,
+        files_read=base.files_read if base else 0,
+        records_read=base.records_read if base else 0,
+        records_written=base.records_written if base else 0,
+        records_quarantined=base.records_quarantined if base else 0,
+        records_merged=base.records_merged if base else 0,
+        child_rows_written=base.child_rows_written if base else 0,
+        child_rows_rejected=base.child_rows_rejected if base else 0,
+    )
 
 
 def _claim_group(request: TransformRequest, rt: Runtime) -> list[tuple[TransformRequest, int]]:
