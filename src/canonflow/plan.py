@@ -74,6 +74,13 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
     for src in settings.sources:  # every source's tenant values, before any request
         settings.connection(tenant_id, src.service)
     chunks: list[ChunkSpec] = []
+    marks: dict[TableRef, str] = {}
+    if not full_refresh:  # every incremental table's high-water mark, in one read
+        marks = rt.state.sync_cursors([
+            TableRef(tenant_id=tenant_id, service_name=src.service, table_name=table)
+            for src in settings.sources
+            for table in src.tables or list(settings.spec_for(src.service).tables)
+            if settings.spec_for(src.service).table(table).incremental is not None])
     for src in settings.sources:
         spec = settings.spec_for(src.service)
         for table in src.tables or list(spec.tables):
@@ -91,7 +98,7 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
             inc = tspec.incremental
             full = True  # the query lists the whole table (no mark narrows it)
             if inc is not None:
-                mark = None if full_refresh else rt.state.sync_cursor(ref)
+                mark = marks.get(ref)
                 full = mark is None
                 since = mark or inc.start
                 if since is not None:  # time windows start at the mark (ISO)

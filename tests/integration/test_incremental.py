@@ -34,7 +34,7 @@ def test_second_sync_fetches_only_the_changed_window(make_settings: Any) -> None
 
         first = sync()
         assert first["records_extracted"] == 2000
-        mark = rt.state.sync_cursor(TICKETS)
+        mark = rt.state.sync_cursors([TICKETS]).get(TICKETS)
         assert mark is not None
         api.touch(every=100)  # 1% of the tickets change
         second = sync()
@@ -42,7 +42,7 @@ def test_second_sync_fetches_only_the_changed_window(make_settings: Any) -> None
         # (the filter is inclusive; the upsert absorbs them)
         assert 20 <= second["records_extracted"] <= 25
         assert second["chunks"] == 1
-        assert rt.state.sync_cursor(TICKETS) > mark  # type: ignore[operator]
+        assert rt.state.sync_cursors([TICKETS]).get(TICKETS) > mark  # type: ignore[operator]
         store = rt.canonical._store
         _, rows = run_query(store, "SELECT count(*), count(DISTINCT id) FROM ticket")
         assert rows == [(1996, 1996)]  # 2000 minus the 4 deliberately bad tickets

@@ -169,8 +169,8 @@ def test_zendesk_incremental_export_first_and_second_run_and_deleted_tickets(
     assert [set(q) for q in requests[1:]] == [{"cursor", "per_page"}] * 2
     assert sync.rows("SELECT count(*), count(*) FILTER (status = 'pending') FROM ticket") == [
         (300, 100)]  # hold -> pending
-    mark = sync.rt.state.sync_cursor(
-        TableRef(tenant_id="acme", service_name="zendesk", table_name="tickets"))
+    tickets = TableRef(tenant_id="acme", service_name="zendesk", table_name="tickets")
+    mark = sync.rt.state.sync_cursors([tickets]).get(tickets)
     assert mark == "2024-01-02T04:59:00Z"  # the newest updated_at
 
     at = T0 + timedelta(days=30)

@@ -120,7 +120,7 @@ def test_a_release_0_1_0_store_is_upgraded_with_its_data_and_syncs(
     (rec,) = state.requests("job-old-done")
     assert rec.status == "done" and rec.request.source_files == ["raw/acme/x"]
     assert state.processed_files(rec.request, ["raw/acme/x", "raw/acme/y"]) == {"raw/acme/x"}
-    assert state.sync_cursor(T) == "2026-01-02T03:04:05Z"
+    assert state.sync_cursors([T]).get(T) == "2026-01-02T03:04:05Z"
     assert [j.job_id for j in state.unfinished_jobs()] == ["job-old-open"]
     eng = engine(url)
     with eng.connect() as conn:  # the migrated database is what the code declares

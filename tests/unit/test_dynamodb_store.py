@@ -312,7 +312,7 @@ def test_conditional_updates_whose_responses_were_lost_report_what_they_did(
     faults.after["UpdateItem"] = 1
     assert store.advance_cursor(T, "2026-01-01T00:00:00Z", "j")
     assert not store.advance_cursor(T, "2026-01-01T00:00:00Z", "j")
-    assert store.sync_cursor(T) == "2026-01-01T00:00:00Z"
+    assert store.sync_cursors([T]).get(T) == "2026-01-01T00:00:00Z"
     assert faults.after["UpdateItem"] == 0
 
 

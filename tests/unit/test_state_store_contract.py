@@ -369,3 +369,21 @@ def test_activity_lists_only_what_changed_since(state: StateStore) -> None:
     later = state.activity(["j"], first.as_of)
     assert [r.chunk_id for r in later.chunk_results] == ["c0"]
     assert state.activity(["j"], later.as_of + 0.001).chunk_results == []
+
+
+def test_sync_cursors_read_the_marks_asked_for_in_one_call(state: StateStore) -> None:
+    def ref(tenant: str, table: str) -> TableRef:
+        return TableRef(tenant_id=tenant, service_name="crm", table_name=table)
+
+    tables = [ref("acme", f"t{i:03d}") for i in range(130)]  # more than a batch of 100
+    for i, table in enumerate(tables[::2]):
+        assert state.advance_cursor(table, f"2026-01-01T00:00:{i % 60:02d}Z", "job-1")
+    assert state.advance_cursor(ref("globex", "t000"), "2030-01-01T00:00:00Z", "job-2")
+    assert not state.advance_cursor(tables[0], "2025-01-01T00:00:00Z", "job-3")  # never back
+    marks = state.sync_cursors(tables)
+    assert set(marks) == set(tables[::2])  # never synced: absent; another tenant's: not asked
+    assert marks[tables[2]] == "2026-01-01T00:00:01Z"
+    assert marks[tables[0]] == "2026-01-01T00:00:00Z"
+    assert state.sync_cursors([ref("globex", "t000"), ref("globex", "t001")]) == {
+        ref("globex", "t000"): "2030-01-01T00:00:00Z"}
+    assert state.sync_cursors([]) == {}

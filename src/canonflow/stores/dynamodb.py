@@ -1400,31 +1400,39 @@ class DynamoStateStore:
         pk = self._ledger_pk(request)
         if keys is None:
             return {i["file_key"] for i in self._query(pk, projection="#file_key")}
-        done: set[str] = set()
         wanted = list(dict.fromkeys(keys))
-        for start in range(0, len(wanted), 100):  # BatchGetItem: 100 keys a request
-            pending: list[dict[str, Any]] = [
-                _key(pk, self._ledger_sk(k)) for k in wanted[start:start + 100]]
+        return {str(i["file_key"]) for i in self._batch_get(
+            [(pk, self._ledger_sk(k)) for k in wanted], "file_key")}
+
+    def _batch_get(self, keys: Sequence[tuple[str, str]], *names: str
+                   ) -> list[dict[str, Any]]:
+        """The items of ``keys`` (pk, sk) that exist, with attributes ``names``:
+        BatchGetItem, 100 keys a request, unprocessed keys asked again."""
+        found: list[dict[str, Any]] = []
+        projection = ", ".join(f"#{n}" for n in names)
+        for start in range(0, len(keys), 100):
+            pending: list[dict[str, Any]] = [_key(pk, sk) for pk, sk in keys[start:start + 100]]
             while pending:
                 response = self._call("batch_get_item", RequestItems={self.table: {
                     "Keys": pending, "ConsistentRead": True,
-                    "ProjectionExpression": "#file_key",
-                    "ExpressionAttributeNames": {"#file_key": "file_key"}}})
+                    "ProjectionExpression": projection,
+                    "ExpressionAttributeNames": {f"#{n}": n for n in names}}})
                 for raw in response.get("Responses", {}).get(self.table, []):
                     item = _item(raw)
                     if item is not None:
-                        done.add(str(item["file_key"]))
+                        found.append(item)
                 pending = response.get("UnprocessedKeys", {}).get(self.table, {}).get(
                     "Keys", [])
-        return done
+        return found
 
     @staticmethod
     def _cursor_pk(table: TableRef) -> str:
         return f"CURSOR#{_composite(table.tenant_id, table.service_name, table.table_name)}"
 
-    def sync_cursor(self, table: TableRef) -> str | None:
-        item = self._get(self._cursor_pk(table), "#CURSOR")
-        return None if item is None else str(item["value"])
+    def sync_cursors(self, tables: Sequence[TableRef]) -> dict[TableRef, str]:
+        wanted = {self._cursor_pk(t): t for t in tables}
+        return {wanted[str(i["pk"])]: str(i["value"]) for i in self._batch_get(
+            [(pk, "#CURSOR") for pk in wanted], "pk", "value")}
 
     def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool:
         """``attribute_not_exists(value) OR value < :value``: never moves back."""

@@ -830,12 +830,19 @@ class SqlStateStore:
         return [self._request_record(r) for r in rows]
 
     # -- incremental sync cursors -----------------------------------------------------------
-    def sync_cursor(self, table: TableRef) -> str | None:
-        row = self._read(lambda c: c.execute(sa.select(sync_cursors.c.value).where(
-            sync_cursors.c.tenant_id == table.tenant_id,
-            sync_cursors.c.service_name == table.service_name,
-            sync_cursors.c.table_name == table.table_name)).one_or_none())
-        return None if row is None else str(row.value)
+    def sync_cursors(self, tables: Sequence[TableRef]) -> dict[TableRef, str]:
+        wanted = set(tables)
+        if not wanted:
+            return {}
+        c = sync_cursors.c
+        rows = self._read(lambda conn: conn.execute(sa.select(
+            c.tenant_id, c.service_name, c.table_name, c.value).where(
+            c.tenant_id.in_({t.tenant_id for t in wanted}),
+            c.service_name.in_({t.service_name for t in wanted}),
+            c.table_name.in_({t.table_name for t in wanted}))).all())
+        found = {TableRef(tenant_id=r.tenant_id, service_name=r.service_name,
+                          table_name=r.table_name): str(r.value) for r in rows}
+        return {t: v for t, v in found.items() if t in wanted}
 
     def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool:
         """Move the high-water mark forward (never back); True if it moved."""

@@ -224,8 +224,9 @@ class SyncProgress(Protocol):
         """Which of ``keys`` (all, if None) the ledger holds for the request's table: a
         time-based transform asks about the files of its window, never the whole ledger."""
 
-    def sync_cursor(self, table: TableRef) -> str | None:
-        """The table's incremental high-water mark (ISO UTC), if it was ever synced."""
+    def sync_cursors(self, tables: Sequence[TableRef]) -> dict[TableRef, str]:
+        """The incremental high-water marks (ISO UTC) of those of ``tables`` ever synced, in
+        one read (a plan asks for every table of a tenant at once)."""
 
     def advance_cursor(self, table: TableRef, value: str, job_id: str | None) -> bool: ...
 
