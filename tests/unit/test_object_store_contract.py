@@ -59,6 +59,16 @@ def test_list_of_an_absent_prefix_is_empty(store: ObjectStore) -> None:
     assert list(store.list("raw/none/")) == []
 
 
+def test_read_times_match_the_listing_and_a_directory_is_no_object(store: ObjectStore) -> None:
+    store.put("t/a/one", b"1")
+    (listed,) = store.list("t/a/")
+    _, modified = store.get_object("t/a/one")
+    assert abs((modified - listed.last_modified).total_seconds()) < 1
+    assert modified.tzinfo is not None
+    with pytest.raises(FileNotFoundError):
+        store.get("t/a")  # a prefix, not an object
+
+
 def test_unknown_scheme_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="file://, memory://, s3://"):
         open_object_store("ftp://x")
