@@ -200,7 +200,8 @@ class _Beats:
                 self._thread = threading.Thread(target=self._loop, name="canonflow-heartbeats",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._due[0][2] is beat:  # due before the one the thread waits for
+                self._cond.notify()
 
     def remove(self, beat: Heartbeat) -> None:
         deadline = time.monotonic() + STOP_WAIT_SECONDS
