@@ -197,11 +197,14 @@ class _Beats:
             beat._stopped = False
             self._schedule(beat)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="canonflow-heartbeats",
-                                                daemon=True)
-                self._thread.start()
+                self._start()
             elif self._due[0][2] is beat:  # due before the one the thread waits for
                 self._cond.notify()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="canonflow-heartbeats",
+                                        daemon=True)
+        self._thread.start()
 
     def remove(self, beat: Heartbeat) -> None:
         deadline = time.monotonic() + STOP_WAIT_SECONDS
@@ -229,15 +232,24 @@ class _Beats:
             self._cond.wait(wait)
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    beat = self._running = self._next()
+                again = False
+                try:
+                    again = beat._run()
+                finally:
+                    with self._cond:
+                        self._running = None
+                        if again and not beat._stopped:
+                            self._schedule(beat)
+                        self._cond.notify_all()
+        finally:  # a beat raised past Exception: the other heartbeats beat on a new thread
             with self._cond:
-                beat = self._running = self._next()
-            again = beat._run()
-            with self._cond:
-                self._running = None
-                if again and not beat._stopped:
-                    self._schedule(beat)
-                self._cond.notify_all()
+                self._thread = None
+                if self._due:
+                    self._start()
 
 
 _shared: list[_Beats] = []

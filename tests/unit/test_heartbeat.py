@@ -8,6 +8,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from canonflow import lease
 from canonflow.lease import Heartbeat
 
@@ -109,3 +111,22 @@ def test_a_forked_child_beats_on_a_thread_of_its_own() -> None:
         os.close(read)
     assert beats >= 3
     assert lease._shared  # the parent's scheduler is still its own
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_beat_that_raises_past_exception_ends_only_its_own_heartbeat() -> None:
+    class Fatal(BaseException):
+        pass
+
+    def fatal() -> bool:
+        raise Fatal
+
+    others: list[int] = []
+    steady = Heartbeat(0.02, lambda: others.append(1), "steady")
+    with steady, Heartbeat(0.01, fatal, "fatal"):
+        time.sleep(0.2)
+        seen = len(others)
+        time.sleep(0.1)
+        assert len(others) > seen  # still beating after the other's beat raised
+        leaving = time.monotonic()
+    assert time.monotonic() - leaving < 1  # stop waits for no beat of a thread that died
