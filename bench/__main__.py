@@ -2,7 +2,8 @@
 
 Scenarios (each run in its own process tree, the demo API in a separate process):
   1. trigger modes — the same job with ``per_batch`` (legacy) and ``aggregated`` triggering
-  2. throughput — end-to-end records/s at three sizes, extraction and transform apart
+  2. throughput — one tenant, 4 tables of 50k / 200k / 500k records: end-to-end records/s,
+     extraction and transform apart
   3. scaling — coordination cost per chunk at 10, 100, 1000 chunks for the same data
      (3b: the same on DynamoDB, requests per completion and per aggregation)
   4. floor — the same pages fetched and written by plain concurrent code (beside 2)
