@@ -194,3 +194,40 @@ def test_a_crash_between_the_group_commit_and_marking_its_requests_done(
         assert rec is not None and rec.attempts == 2 and rec.result is not None
         assert [k for k in after if k[0] == r.request_id] == [(r.request_id, "0/append")]
         assert rec.result.records_written == good and rec.result.records_merged == 0
+
+
+def test_a_group_reads_its_table_log_once_and_ends_its_requests_in_one_step(
+        waiting: tuple[Runtime, list[TransformRequest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed costs are paid per group, not per request: the partitions a group holds cannot
+    change under it, so its table handle is brought up to date once (then at its commit),
+    and its requests end in one state-store step (one transaction on SQL stores)."""
+    from deltalake import DeltaTable
+
+    rt, requests = waiting
+    updates: list[int] = []
+    update = DeltaTable.update_incremental
+
+    def counted(self: DeltaTable) -> None:
+        updates.append(1)
+        update(self)
+
+    ends: list[int] = []
+    finish_requests = rt.state.finish_requests
+
+    def counted_ends(batch: Any, holder: str) -> list[bool]:
+        ends.append(len(batch))
+        return finish_requests(batch, holder=holder)
+
+    tasks.run_transform_task(requests[0].model_dump_json(), rt)  # the table exists now
+    rt.state.finish_requests = counted_ends  # type: ignore[method-assign]
+    monkeypatch.setattr(DeltaTable, "update_incremental", counted)
+    outcome = tasks.run_transform_task(requests[4].model_dump_json(), rt)
+    assert "result" in outcome and not outcome["result"]["skipped"], outcome
+    assert ends == [3], ends  # the three requests left, ended together
+    # deal and deal_company: each read once before the group's first look-up, once to
+    # commit (each request read both again before)
+    assert len(updates) <= 4, len(updates)
+    for r in requests[4:]:
+        tasks.run_transform_task(r.model_dump_json(), rt)
+    check_exact(rt, requests)

@@ -8,7 +8,7 @@ import pytest
 from canonflow.errors import ConfigError, UnknownJob
 from canonflow.model import ChunkResult, ChunkSpec, TableRef, TransformRequest, TransformResult
 from canonflow.stores import StateStore, open_state_store
-from canonflow.stores.state import Backlog
+from canonflow.stores.state import Backlog, Progress
 
 T = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
 
@@ -387,3 +387,48 @@ def test_sync_cursors_read_the_marks_asked_for_in_one_call(state: StateStore) ->
     assert state.sync_cursors([ref("globex", "t000"), ref("globex", "t001")]) == {
         ref("globex", "t000"): "2030-01-01T00:00:00Z"}
     assert state.sync_cursors([]) == {}
+
+
+def test_a_group_of_requests_ends_together_each_under_its_holder(state: StateStore) -> None:
+    """``finish_requests``: each request ends as ``finish_request`` would (files into the
+    ledger, the mark moved forward only, the row ended only under its holder) and each job
+    settles once all its requests ended, whatever the order of the group."""
+    def req(job: str, tenant: str) -> TransformRequest:
+        return TransformRequest(tenant_id=tenant, service_name="crm", table_name="contacts",
+                                job_id=job, request_id=f"{job}:crm:contacts", source_files=[])
+
+    def res(r: TransformRequest) -> TransformResult:
+        return TransformResult(request_id=r.request_id, tenant_id=r.tenant_id,
+                               service_name="crm", table_name="contacts", entity="contact",
+                               processing_mode="file_specific", records_written=3)
+
+    jobs = {"j2": "globex", "j1": "acme", "j3": "initech"}
+    reqs = {}
+    for job, tenant in jobs.items():
+        state.create_job(job, tenant, "p", "aggregated", specs(job, 1))
+        state.complete_chunk(result(job, 0))
+        reqs[job] = req(job, tenant)
+        extra = [req(job, tenant).model_copy(update={"request_id": f"{job}:more"})] \
+            if job == "j3" else []  # j3 has a second request, still open after the group
+        state.finish_aggregation(job, "completed", [reqs[job], *extra], {})
+    for job in ("j1", "j2"):
+        assert state.claim_request(reqs[job].request_id, 60, holder="h") == 1
+    assert state.claim_request(reqs["j3"].request_id, 60, holder="other") == 1
+    state.advance_cursor(reqs["j2"].table, "2030-01-01T00:00:00Z", "older")
+    ends = [(res(reqs[job]), Progress(reqs[job], [f"raw/{job}/a", f"raw/{job}/b"],
+                                      "2026-06-01T00:00:00Z"))
+            for job in ("j2", "j3", "j1")]
+    assert state.finish_requests(ends, holder="h") == [True, False, True]
+    for job in ("j1", "j2", "j3"):  # the ledger takes the files whatever the holder
+        assert state.processed_files(reqs[job]) == {f"raw/{job}/a", f"raw/{job}/b"}
+    marks = state.sync_cursors([reqs[j].table for j in jobs])
+    assert marks[reqs["j1"].table] == "2026-06-01T00:00:00Z"
+    assert marks[reqs["j2"].table] == "2030-01-01T00:00:00Z"  # never back
+    one, two, three = (state.request(reqs[j].request_id) for j in ("j1", "j2", "j3"))
+    assert one is not None and one.status == "done" and one.result == res(reqs["j1"])
+    assert two is not None and two.status == "done"
+    assert three is not None and three.status == "running"  # another holder's: untouched
+    assert [state.job(j).status for j in ("j1", "j2", "j3")] == [  # type: ignore[union-attr]
+        "done", "done", "transforms_enqueued"]
+    assert state.finish_requests(ends[:1], holder="h") == [False]  # ended already
+    assert state.finish_requests([], holder="h") == []

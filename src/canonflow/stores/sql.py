@@ -714,25 +714,63 @@ class SqlStateStore:
             self._lock_request_job(conn, request_id)
             if progress is not None:
                 self._record_files(conn, progress.request, progress.files, now)
-                if progress.high_water is not None:
-                    self._advance_cursor(conn, progress.request.table, progress.high_water,
-                                         progress.request.job_id, now)
-            cond = [outbox.c.request_id == request_id]
-            if holder is not None:
-                cond += [outbox.c.status == "running", outbox.c.holder == holder]
-            row = conn.execute(
-                outbox.update().where(*cond).values(
-                    status="failed" if error else "done",
-                    result=result.model_dump_json() if result else None,
-                    error=redact(error) if error else None, updated_at=now,
-                ).returning(outbox.c.job_id)
-            ).one_or_none()
-            if row is not None and row.job_id is not None:
-                self._settle_job(conn, row.job_id, now)
-            return row is not None
+            job_id = self._end_request(conn, request_id, result, error, holder, progress, now)
+            if job_id:
+                self._settle_job(conn, job_id, now)
+            return job_id is not None
 
         finished: bool = self._run(step)
         return finished
+
+    def finish_requests(self, ends: Sequence[tuple[TransformResult, Progress]],
+                        holder: str) -> list[bool]:
+        """A group commit's requests ended in one transaction: their jobs' rows locked in
+        one order (two groups finishing together never wait on each other), their files
+        into the ledger in one statement, each request ended as :meth:`finish_request`
+        would, then each job settled once."""
+        now = _now()
+        ids = [result.request_id for result, _ in ends]
+
+        def step(conn: Connection) -> list[bool]:
+            job_ids = conn.execute(sa.select(outbox.c.job_id).where(
+                outbox.c.request_id.in_(ids))).scalars().all()
+            for job_id in sorted({j for j in job_ids if j is not None}):
+                self._lock_job(conn, job_id)
+            self._record_files_of(conn, [progress for _, progress in ends], now)
+            ended, settle = [], set()
+            for result, progress in sorted(ends, key=lambda e: e[1].request.table.label):
+                job_id = self._end_request(conn, result.request_id, result, None, holder,
+                                           progress, now)
+                ended.append((result.request_id, job_id is not None))
+                if job_id:
+                    settle.add(job_id)
+            for job_id in sorted(settle):
+                self._settle_job(conn, job_id, now)
+            return [dict(ended)[request_id] for request_id in ids]
+
+        finished: list[bool] = self._run(step)
+        return finished
+
+    def _end_request(self, conn: Connection, request_id: str, result: TransformResult | None,
+                     error: str | None, holder: str | None, progress: Progress | None,
+                     now: float) -> str | None:
+        """Move the table's mark with ``progress``, then end the request's row (done, or
+        failed with ``error``); with ``holder``, only while that holder has it. The job
+        id of the row ended ("" for a request of no job), None if none was."""
+        if progress is not None and progress.high_water is not None:
+            self._advance_cursor(conn, progress.request.table, progress.high_water,
+                                 progress.request.job_id, now)
+        cond = [outbox.c.request_id == request_id]
+        if holder is not None:
+            cond += [outbox.c.status == "running", outbox.c.holder == holder]
+        row = conn.execute(
+            outbox.update().where(*cond).values(
+                status="failed" if error else "done",
+                result=result.model_dump_json() if result else None,
+                error=redact(error) if error else None, updated_at=now,
+            ).returning(outbox.c.job_id)
+        ).one_or_none()
+        return None if row is None else row.job_id or ""
 
     def retry_later(self, request_id: str, error: str, max_attempts: int,
                     holder: str | None = None) -> bool:
@@ -780,14 +818,18 @@ class SqlStateStore:
 
     def _record_files(self, conn: Connection, request: TransformRequest,
                       keys: Sequence[str], now: float) -> None:
-        if not keys:
-            return
+        self._record_files_of(conn, [Progress(request, keys)], now)
+
+    def _record_files_of(self, conn: Connection, progress: Sequence[Progress],
+                         now: float) -> None:
+        """The files of each request into the ledger, in one statement."""
         rows = [{
-            "tenant_id": request.tenant_id, "service_name": request.service_name,
-            "table_name": request.table_name, "file_key": k, "request_id": request.request_id,
-            "processed_at": now,
-        } for k in keys]
-        conn.execute(self._insert(ledger).on_conflict_do_nothing(), rows)
+            "tenant_id": p.request.tenant_id, "service_name": p.request.service_name,
+            "table_name": p.request.table_name, "file_key": k,
+            "request_id": p.request.request_id, "processed_at": now,
+        } for p in progress for k in p.files]
+        if rows:
+            conn.execute(self._insert(ledger).on_conflict_do_nothing(), rows)
 
     def processed_files(self, request: TransformRequest,
                         keys: Sequence[str] | None = None) -> set[str]:

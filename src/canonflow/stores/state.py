@@ -202,6 +202,12 @@ class TransformOutbox(Protocol):
         :meth:`record_files` and :meth:`advance_cursor` would; whatever the holder: the
         rows were committed), in the same step where the store can."""
 
+    def finish_requests(self, ends: Sequence[tuple[TransformResult, Progress]],
+                        holder: str) -> list[bool]:
+        """:meth:`finish_request` for each (result, progress) of a group commit, under
+        ``holder``, in one step where the store can (each job settles once): whether each
+        request ended (False: another holder took it over meanwhile)."""
+
     def retry_later(self, request_id: str, error: str, max_attempts: int,
                     holder: str | None = None) -> bool:
         """After a retryable failure: back to pending, or failed after ``max_attempts``;

@@ -463,7 +463,7 @@ def run_transform(request: TransformRequest, rt: Runtime) -> TransformResult:
     first = _Claimed(request, spec, entity, files, files_skipped, attempt, started, started_at)
     more = _claim_group(request, rt)
     if not more:
-        return _finish(first, _write(first, rt), rt)
+        return _finish([(first, _write(first, rt))], rt)[0]
     return _run_group(first, more, rt)
 
 
@@ -544,12 +544,10 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
                                      rt.settings.transform_max_attempts, holder=rt.holder)
         raise  # the first request: its task gives it back
     results = {}
-    for claimed, run in written:
-        r = claimed.request
-        with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):
-            results[r.request_id] = result = _finish(claimed, run, rt)
+    for (claimed, _), result in zip(written, _finish(written, rt), strict=True):
+        results[claimed.request.request_id] = result
         if claimed is not first:
-            metrics.transform_finished(r, result)
+            metrics.transform_finished(claimed.request, result)
     if first.request.request_id in failed:
         raise failed[first.request.request_id]
     return results[first.request.request_id]
@@ -592,10 +590,36 @@ def _write(claimed: _Claimed, rt: Runtime) -> _Run:
     return run
 
 
-def _finish(claimed: _Claimed, run: _Run, rt: Runtime) -> TransformResult:
-    """Account the request, record its files in the ledger, move its table's cursor,
-    finish it (settling its job), compact its tenant's partitions when they need it."""
-    request, entity, state = claimed.request, claimed.entity, rt.state
+def _finish(written: list[tuple[_Claimed, _Run]], rt: Runtime) -> list[TransformResult]:
+    """Account each request, record its files in the ledger, move its table's cursor,
+    finish it (settling its job): one state-store step for all of them (a group commit's
+    requests end together); then compact their tenants' partitions where they need it."""
+    ends = [_ended(claimed, run) for claimed, run in written]
+    finished = rt.state.finish_requests(ends, holder=rt.holder)
+    for (claimed, run), (result, _), ok in zip(written, ends, finished, strict=True):
+        request = claimed.request
+        with logs.bind(tenant_id=request.tenant_id, job_id=request.job_id,
+                       request_id=request.request_id):
+            if not ok:
+                log.warning("transform finished after another worker took its request "
+                            "over; that worker's outcome stands",
+                            extra={"request_id": request.request_id})
+            log.info("canonical transform finished", extra=result.model_dump(mode="json"))
+            if run.written:
+                children = [c.entity.name for _, c in run.mapping.children]
+                # a first load written in one upsert left the partition the files of that
+                # upsert: too few to compact, and counting them lists every file of the table
+                first_load = run.held_before is False and run.group_index <= 1
+                compact(rt, request.tenant_id,
+                        children if first_load else [claimed.entity.name, *children])
+    return [result for result, _ in ends]
+
+
+def _ended(claimed: _Claimed, run: _Run) -> tuple[TransformResult, Progress]:
+    """A written request's result, and what it moves forward: its files into the ledger,
+    its table's incremental mark (an incremental sync moves on only once the table's
+    transform has succeeded)."""
+    request, entity = claimed.request, claimed.entity
     result = TransformResult(
         request_id=request.request_id, tenant_id=request.tenant_id,
         service_name=request.service_name, table_name=request.table_name, entity=entity.name,
@@ -611,22 +635,8 @@ def _finish(claimed: _Claimed, run: _Run, rt: Runtime) -> TransformResult:
     )
     if run.read != run.written + run.quarantined + run.merged:
         log.error("record accounting mismatch", extra=result.model_dump(mode="json"))
-    # the ledger, the table's incremental mark (an incremental sync moves on only once the
-    # table's transform has succeeded) and the request's end: one step
-    progress = Progress(request, claimed.files, result.high_water
-                        if request.trigger == "aggregated" else None)
-    if not state.finish_request(request.request_id, result, holder=rt.holder,
-                                progress=progress):
-        log.warning("transform finished after another worker took its request over; "
-                    "that worker's outcome stands", extra={"request_id": request.request_id})
-    log.info("canonical transform finished", extra=result.model_dump(mode="json"))
-    if run.written:
-        children = [c.entity.name for _, c in run.mapping.children]
-        # a first load written in one upsert left the partition the files of that upsert:
-        # too few to compact, and counting them lists every file of the table
-        first_load = run.held_before is False and run.group_index <= 1
-        compact(rt, request.tenant_id, children if first_load else [entity.name, *children])
-    return result
+    return result, Progress(request, claimed.files, result.high_water
+                            if request.trigger == "aggregated" else None)
 
 
 def compact(rt: Runtime, tenant_id: str, entities: list[str]) -> None:

@@ -94,6 +94,10 @@ class _GroupCommit:
     dirty: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # -> request ids
     held: set[str] = field(default_factory=set)
     locks: ExitStack = field(default_factory=ExitStack)
+    # tables whose handle was brought up to date since the group last took a lock of one
+    # of their partitions: the partitions it holds cannot have changed since (their
+    # writers wait for the lock)
+    fresh: set[str] = field(default_factory=set)
 
 
 def _lit(value: str) -> str:
@@ -240,11 +244,13 @@ class CanonicalWriter:
             labels, group.labels = group.labels, {}
             group.dirty.clear()
             group.held.clear()
+            group.fresh.clear()
             for name, parts in pending.items():
                 props = CommitProperties(custom_metadata={
                     _GROUP: "group", _REQUESTS: jsonio.dumps_str(labels[name])})
                 rows = pa.concat_tables(parts, promote_options="default")
-                handle: list[DeltaTable | None] = [self._recalled(name)]
+                # brought up to date by the commit itself (``_latest``)
+                handle: list[DeltaTable | None] = [self._recent_tables().pop(name, None)]
 
                 def commit(name: str = name, rows: pa.Table = rows,
                            props: CommitProperties = props,
@@ -274,6 +280,7 @@ class CanonicalWriter:
                 self._commit_group(group)
                 group.locks.enter_context(self._lock(key))
             group.held.add(key)
+            group.fresh.discard(name)  # its handle may predate this partition's last write
         yield
 
     def _read_own_writes(self, name: str, tenant_id: str, besides: str | None = None) -> None:
@@ -395,7 +402,7 @@ class CanonicalWriter:
         with self._locked(name, tenant_id):
             if rows.num_rows == 0 and self._open(name) is None:
                 return Upserted(constant(False, 0), 0, partition_empty=True)  # nothing held
-            table = self._recalled(name) or self._retry(f"open {name}",
+            table = self._recalled(name, locked=True) or self._retry(f"open {name}",
                                                         lambda: self._table(name, schema))
             seen = self._before_group(name, table, request_id, group, done)
             if parents is not None and parents.num_rows and f"{group}/replace" not in done:
@@ -457,7 +464,7 @@ class CanonicalWriter:
         # the handle this thread last wrote with, as it stands (not brought up to date:
         # reading the log's new commits costs more as the log grows, and this look is
         # approximate anyway)
-        table = getattr(self._recent, "tables", {}).get(name) or self._open(name)
+        table = self._recent_tables().get(name) or self._open(name)
         if table is None:
             return 0
         partition = [("_tenant_id", "=", tenant_id)]
@@ -549,21 +556,35 @@ class CanonicalWriter:
 
         self._retry(f"replace children in {name}", op)
 
-    def _remember(self, name: str, table: DeltaTable) -> None:
-        tables: dict[str, DeltaTable] = getattr(self._recent, "tables", {})
-        tables[name] = table
-        self._recent.tables = tables
+    def _recent_tables(self) -> dict[str, DeltaTable]:
+        """This thread's table handles, by table name (the last one it used of each)."""
+        tables: dict[str, DeltaTable] | None = getattr(self._recent, "tables", None)
+        if tables is None:
+            tables = self._recent.tables = {}
+        return tables
 
-    def _recalled(self, name: str) -> DeltaTable | None:
+    def _remember(self, name: str, table: DeltaTable) -> None:
+        self._recent_tables()[name] = table
+
+    def _recalled(self, name: str, locked: bool = False) -> DeltaTable | None:
         """The table this thread last wrote to, brought up to date (cheaper than an open:
-        only the log's new commits are read); None if there is none."""
-        table: DeltaTable | None = getattr(self._recent, "tables", {}).pop(name, None)
+        only the log's new commits are read); None if there is none. ``locked``: the
+        caller holds the lock of the partition it reads; in a group commit whose handle
+        was brought up to date since it last took a lock, the handle is as good as the
+        latest for every partition the group holds, and is not read again (its log's
+        new commits are the other tenants')."""
+        table = self._recent_tables().pop(name, None)
         if table is None:
             return None
+        group = self._group()
+        if locked and group is not None and name in group.fresh:
+            return table
         try:
             table.update_incremental()
         except DeltaError:  # e.g. the log it knew was cleaned up: open the table anew
             return None
+        if group is not None:
+            group.fresh.add(name)
         return table
 
     @staticmethod
