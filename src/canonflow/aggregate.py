@@ -165,3 +165,13 @@ def complete_chunk(rt: Runtime, result: ChunkResult) -> Completion:
     if completion.claimed:
         aggregate_job(rt, result.job_id)
     return completion
+
+
+def complete_chunks(rt: Runtime, results: Sequence[ChunkResult]) -> list[Completion]:
+    """Record the results of the chunks one task ran, in one step; aggregate each job whose
+    last chunk was among them (exactly once)."""
+    completions = rt.state.complete_chunks(results)
+    for result, completion in zip(results, completions, strict=True):
+        if completion.claimed:
+            aggregate_job(rt, result.job_id)
+    return completions

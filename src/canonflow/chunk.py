@@ -145,9 +145,11 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             log.info("chunk resumes from its checkpoint", extra={
                 "chunk_id": spec.chunk_id, "records": records, "files": len(writer.files)})
         client = rt.client(t.tenant_id, t.service_name)
+        after_first = PageRequest(**spec.first_page_next) if spec.first_page_next else None
         walk = iter(()) if finished else client.walk(
             t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume,
-            params=spec.params, first_body=None if resume else _handed_page(spec, rt))
+            params=spec.params, first_body=None if resume else _handed_page(spec, rt),
+            first_next=after_first)
         for fetched, nxt in walk:
             if announced is None:
                 announced = fetched.total

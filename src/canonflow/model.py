@@ -109,6 +109,10 @@ class ChunkSpec(Contract):
     first_page_stored: bool = Field(
         default=False, description="planning read page 1 and stored its body (at "
         "first_page_key): the chunk uses it instead of asking the API again")
+    first_page_next: dict[str, Any] | None = Field(
+        default=None, description="with first_page_stored, on a sequential chunk: the request "
+        "for the page after page 1 as page 1 named it (a next link, a cursor: what the stored "
+        "body no longer holds), never one holding a secret; None when page 1 named none")
     trace_context: dict[str, str] | None = Field(
         default=None, description="W3C trace context (traceparent, tracestate) of the job's "
         "trace: the task's span joins it whichever dispatcher carried the task")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from canonflow.config import Settings
-from canonflow.connectors.spec import PageRangeChunking, TimeWindowChunking
+from canonflow.connectors.spec import (
+    PageRangeChunking,
+    SequentialChunking,
+    TimeWindowChunking,
+)
 from canonflow.errors import ConfigError
 from canonflow.model import ChunkSpec, TableRef, first_page_key, validate_identifier
 from canonflow.telemetry import tracing
@@ -62,6 +66,30 @@ def page_ranges(
     return [(start, start + pages_per_chunk - 1) for start in starts[:-1]] + [(starts[-1], None)]
 
 
+TASK_BATCH_CHUNKS = 32  # at most this many chunks in one task
+
+
+def task_batches(specs: list[ChunkSpec]) -> list[list[ChunkSpec]]:
+    """The chunks of one job as tasks. Those that need next to nothing from the API go
+    together, up to ``TASK_BATCH_CHUNKS`` a task (a task of its own would cost more to
+    dispatch and record than to run): the page planning read is all they read (page 1
+    alone, or a table read page after page whose page 1 named no next page), or their
+    table's total fits in that page (then they ask at most once more, for the empty page
+    after a full one). Every other chunk is a task of its own, first: they run in
+    parallel, and the longest work starts first."""
+    small: list[ChunkSpec] = []
+    alone: list[list[ChunkSpec]] = []
+    for spec in specs:
+        whole = spec.end_page == 1 or spec.announced_total is None \
+            or spec.announced_total <= spec.page_size
+        if spec.first_page_stored and spec.first_page_next is None and whole:
+            small.append(spec)
+        else:
+            alone.append([spec])
+    return alone + [small[i:i + TASK_BATCH_CHUNKS]
+                    for i in range(0, len(small), TASK_BATCH_CHUNKS)]
+
+
 def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None = None,
              full_refresh: bool = False) -> JobPlan:
     """Read each table's total (first page) and split it into page-range chunks, the last
@@ -104,11 +132,15 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                 if since is not None:  # time windows start at the mark (ISO)
                     params[inc.cursor_param] = since if isinstance(
                         tspec.chunking, TimeWindowChunking) else inc.render(since)
-            total, first_body = None, None
+            total, first_body, after_first = None, None, None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
                 first, first_body = rt.client(tenant_id, src.service).first_page(
                     table, page_size, params)
                 total = first.total
+            elif isinstance(tspec.chunking, SequentialChunking):  # page 1 for the chunk
+                opened = rt.client(tenant_id, src.service).opening(table, page_size, params)
+                if opened is not None:
+                    first_body, after_first = opened
             work: list[tuple[int, int | None, dict[str, str]]]
             if isinstance(tspec.chunking, TimeWindowChunking):
                 tw = tspec.chunking
@@ -133,6 +165,7 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     batch_records=settings.batch_records, trigger_mode=settings.trigger_mode,
                     params=chunk_params, announced_total=total, full_extraction=full,
                     first_page_stored=handed,
+                    first_page_next=asdict(after_first) if handed and after_first else None,
                     trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)

@@ -30,9 +30,15 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import Span
 
-from canonflow.aggregate import aggregate_job, complete_chunk
+from canonflow.aggregate import aggregate_job, complete_chunks
 from canonflow.config import Settings
-from canonflow.dispatch.base import Dispatcher, TaskOutcome, chunk_key, transform_key
+from canonflow.dispatch.base import (
+    Dispatcher,
+    TaskOutcome,
+    chunk_key,
+    chunks_key,
+    transform_key,
+)
 from canonflow.errors import (
     ActiveJobExists,
     CanonflowError,
@@ -51,7 +57,7 @@ from canonflow.model import (
     TransformRequest,
     TriggerMode,
 )
-from canonflow.plan import JobPlan, new_job_id, plan_job
+from canonflow.plan import JobPlan, new_job_id, plan_job, task_batches
 from canonflow.runtime import Runtime
 from canonflow.stores.state import JobRecord
 from canonflow.telemetry import metrics, tracing
@@ -372,8 +378,8 @@ class JobRunner:
         tenants are still being planned, and what finished meanwhile is handed on."""
         self.progress.planned([work.plan])
         self._job_ids.append(work.plan.job_id)
-        for spec in work.submit:
-            self._remote = self._submit_chunk(spec) or self._remote
+        for batch in task_batches(work.submit):
+            self._remote = self._submit_chunks(batch) or self._remote
         self._poll(timeout=0.0)
 
     def resume(self, job_ids: Collection[str] | None = None,
@@ -429,10 +435,10 @@ class JobRunner:
             self._started = time.monotonic()
             self.progress.planned([w.plan for w in works])
             # interleave tenants so one large tenant does not starve the others
-            for spec in itertools.chain.from_iterable(
-                    itertools.zip_longest(*(w.submit for w in works))):
-                if spec is not None:
-                    remote = self._submit_chunk(spec) or remote
+            for batch in itertools.chain.from_iterable(
+                    itertools.zip_longest(*(task_batches(w.submit) for w in works))):
+                if batch is not None:
+                    remote = self._submit_chunks(batch) or remote
         if not job_ids:
             return job_ids
         resumed = [w.plan.job_id for w in works if w.resumed]
@@ -453,12 +459,14 @@ class JobRunner:
                 "chunks": f"{job.completed_chunks}/{job.total_chunks}"})
         return job_ids
 
-    def _submit_chunk(self, spec: ChunkSpec, tries: int = 1) -> bool:
-        """True if the chunk went to a remote worker (no future to follow)."""
-        future = self.dispatcher.submit_chunk(spec)
+    def _submit_chunks(self, specs: list[ChunkSpec], tries: int = 1) -> bool:
+        """Submit one task of a job's chunks (:func:`task_batches`); True if it went to a
+        remote worker (no future to follow)."""
+        future = self.dispatcher.submit_chunk(specs[0]) if len(specs) == 1 \
+            else self.dispatcher.submit_chunks(specs)
         if future is None:
             return True
-        self._follow(future, _Pending("chunk", spec, tries))
+        self._follow(future, _Pending("chunk", specs, tries))
         return False
 
     def _check_wait(self, job_ids: Collection[str]) -> None:
@@ -494,7 +502,7 @@ class JobRunner:
                 pending = self._pending.pop(future)
                 if pending.kind == "chunk":
                     if self._chunk_finished(pending, future):
-                        moved.add(pending.payload.job_id)
+                        moved.add(pending.payload[0].job_id)
                 elif _settle_transform(self.rt, self.dispatcher, pending.payload, future):
                     self._submit_transform(pending.payload)
                 else:
@@ -601,33 +609,38 @@ class JobRunner:
         return moved
 
     def _chunk_finished(self, pending: _Pending, future: Future[TaskOutcome]) -> bool:
-        """Hand on a finished chunk task; True when its job may have outbox rows to send
-        (its completion aggregated the job, or per-batch requests came with its files)."""
-        spec: ChunkSpec = pending.payload
+        """Hand on a finished chunk task (one chunk or several of a job); True when its job
+        may have outbox rows to send (a completion aggregated the job, or per-batch
+        requests came with its files)."""
+        specs: list[ChunkSpec] = pending.payload
+        per_batch = specs[0].trigger_mode is TriggerMode.PER_BATCH
         exc = future.exception()
         if exc is None:
             outcome = future.result()
-            self.progress.chunk_done(spec, outcome["result"])
-            return bool(outcome.get("aggregated")) \
-                or spec.trigger_mode is TriggerMode.PER_BATCH
-        if not self.dispatcher.lost_in_worker(chunk_key(spec)):
-            self._submit_chunk(spec, pending.tries)  # it never ran: no attempt used
+            results = outcome["results"] if "results" in outcome else [outcome["result"]]
+            for spec, result in zip(specs, results, strict=True):
+                self.progress.chunk_done(spec, result)
+            return bool(outcome.get("aggregated")) or per_batch
+        key = chunk_key(specs[0]) if len(specs) == 1 else chunks_key(specs)
+        if not self.dispatcher.lost_in_worker(key):
+            self._submit_chunks(specs, pending.tries)  # it never ran: no attempt used
             return False
-        # the worker died running the chunk: run it again (bounded), then record its
-        # failure so the job ends
+        # the worker died running the task: run it again (bounded), then record its
+        # chunks' failure so the job ends
+        where = {"job_id": specs[0].job_id, "chunk_ids": [s.chunk_id for s in specs],
+                 "error": f"{type(exc).__name__}: {exc}"}
         if pending.tries < self.settings.chunk_attempts:
-            log.warning("chunk task lost; running it again", extra={
-                "job_id": spec.job_id, "chunk_id": spec.chunk_id, "attempt": pending.tries,
-                "error": f"{type(exc).__name__}: {exc}"})
-            self._submit_chunk(spec, pending.tries + 1)
-            return spec.trigger_mode is TriggerMode.PER_BATCH  # it may have sent some
-        log.error("chunk task lost", extra={"job_id": spec.job_id, "chunk_id": spec.chunk_id,
-                                            "error": f"{type(exc).__name__}: {exc}"})
-        result = ChunkResult(
+            log.warning("chunk task lost; running it again",
+                        extra={**where, "attempt": pending.tries})
+            self._submit_chunks(specs, pending.tries + 1)
+            return per_batch  # it may have sent some
+        log.error("chunk task lost", extra=where)
+        results = [ChunkResult(
             job_id=spec.job_id, chunk_id=spec.chunk_id, completed=False, records_processed=0,
             processing_time=0.0, s3_files_written=[], s3_files_count=0,
             table_metadata=spec.table, error=ChunkError(**error_payload(exc)),
-        )
-        completion = complete_chunk(self.rt, result)
-        self.progress.chunk_done(spec, result.model_dump(mode="json"))
-        return completion.claimed or spec.trigger_mode is TriggerMode.PER_BATCH
+        ) for spec in specs]
+        completions = complete_chunks(self.rt, results)
+        for spec, result in zip(specs, results, strict=True):
+            self.progress.chunk_done(spec, result.model_dump(mode="json"))
+        return any(c.claimed for c in completions) or per_batch

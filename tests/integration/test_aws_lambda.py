@@ -143,6 +143,9 @@ class _Recorder:
     def submit_chunk(self, spec: ChunkSpec) -> None:
         self.chunks.append(spec)
 
+    def submit_chunks(self, specs: list[ChunkSpec]) -> None:
+        self.chunks.extend(specs)
+
     def submit_transform(self, request: Any) -> None:
         self.transforms.append(request)
 

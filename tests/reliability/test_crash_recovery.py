@@ -72,6 +72,10 @@ class DuplicatingDispatcher:
         self.inner.submit_chunk(spec)
         return self.inner.submit_chunk(spec)
 
+    def submit_chunks(self, specs):
+        self.inner.submit_chunks(specs)
+        return self.inner.submit_chunks(specs)
+
     def submit_transform(self, request):
         self.inner.submit_transform(request)
         return self.inner.submit_transform(request)
@@ -89,6 +93,36 @@ def test_every_task_delivered_twice_changes_nothing(settings) -> None:
     (job_id,) = JobRunner(settings, rt, dispatcher).run()
     report = job_report(rt.state, job_id)
     assert report["status"] == "done" and report["outcome"] == "completed"
+    assert len(report["transforms"]) == 3
+    assert all(t["attempts"] == 1 for t in report["transforms"])
+    assert count(rt, "company") == 1200 and count(rt, "deal") == 1198
+
+
+def test_every_task_of_several_chunks_delivered_twice_changes_nothing(
+        settings, make_settings) -> None:
+    """Small tables (each read whole by the page planning read) run as one task of several
+    chunks: delivered twice, each chunk is still counted once and the job aggregated once,
+    on every state store (SQL: one transaction for the task's results; DynamoDB: one per
+    chunk)."""
+    small = settings.model_copy(update={"sources": [
+        s.model_copy(update={"page_size": 2000}) for s in settings.sources]})
+    rt = Runtime(small)
+    tasks: list[int] = []
+    inner = open_dispatcher("inline://", small)
+    submit = inner.submit_chunks
+
+    def counted(specs):  # type: ignore[no-untyped-def]
+        tasks.append(len(specs))
+        return submit(specs)
+
+    inner.submit_chunks = counted  # type: ignore[method-assign]
+    (job_id,) = JobRunner(small, rt, DuplicatingDispatcher(inner)).run()
+    assert tasks == [3, 3], tasks  # the job's three chunks in one task, delivered twice
+    report = job_report(rt.state, job_id)
+    assert report["status"] == "done" and report["outcome"] == "completed"
+    assert len(rt.state.chunk_results(job_id)) == 3
+    job = rt.state.job(job_id)
+    assert job is not None and (job.completed_chunks, job.total_chunks) == (3, 3)
     assert len(report["transforms"]) == 3
     assert all(t["attempts"] == 1 for t in report["transforms"])
     assert count(rt, "company") == 1200 and count(rt, "deal") == 1198

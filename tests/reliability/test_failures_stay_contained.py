@@ -169,6 +169,9 @@ class LosesFirstTransform:
     def submit_chunk(self, spec: ChunkSpec) -> Any:
         return self.inner.submit_chunk(spec)
 
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Any:
+        return self.inner.submit_chunks(specs)
+
     def submit_transform(self, request: TransformRequest) -> Any:
         if self.lost == 0:
             self.lost += 1
@@ -393,3 +396,57 @@ def test_holders_of_another_pid_space_are_never_judged_dead_by_pid() -> None:
     assert holder_dead(":".join(gone))
     other_space = [mine[0], "0123456789ab-4026531999", "999999999", "1", "x"]
     assert not holder_dead(":".join(other_space))
+
+
+class LosesFirstChunksTask:
+    """The worker running the first task of several chunks dies (a broken pool)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.url, self.lost, self.keys = inner, inner.url, 0, []
+
+    def submit_chunk(self, spec: ChunkSpec) -> Any:
+        return self.inner.submit_chunk(spec)
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Any:
+        if self.lost == 0:
+            self.lost += 1
+            future: Future[Any] = Future()
+            future.set_exception(BrokenProcessPool("a worker died"))
+            return future
+        return self.inner.submit_chunks(specs)
+
+    def submit_transform(self, request: TransformRequest) -> Any:
+        return self.inner.submit_transform(request)
+
+    def lost_in_worker(self, key: str) -> bool:
+        self.keys.append(key)
+        return True
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_a_task_of_several_chunks_whose_worker_died_runs_again_or_fails_each_chunk(
+        make_settings, attempts: int) -> None:
+    """A lost task of several chunks is run again while attempts remain; after the last,
+    each of its chunks is recorded as failed, once, and the job ends."""
+    settings = make_settings(tables={"crm": ["companies", "deals"]}, chunk_attempts=attempts)
+    settings = settings.model_copy(update={"sources": [
+        s.model_copy(update={"page_size": 2000}) for s in settings.sources]})
+    rt = Runtime(settings)
+    dispatcher = LosesFirstChunksTask(open_dispatcher("inline://", settings))
+    (job_id,) = JobRunner(settings, rt, dispatcher).run()
+    assert dispatcher.lost == 1
+    (key,) = dispatcher.keys
+    assert key == f"chunks:{job_id}:crm-companies-00000+{job_id}:crm-deals-00000"
+    report = job_report(rt.state, job_id)
+    results = rt.state.chunk_results(job_id)
+    assert len(results) == 2
+    if attempts == 1:
+        assert report["status"] == "failed" and report["transforms"] == []
+        assert [r.completed for r in results] == [False, False]
+        assert all("a worker died" in (r.error.message if r.error else "") for r in results)
+    else:
+        assert (report["status"], report["outcome"]) == ("done", "completed")
+        assert all(r.completed for r in results) and len(report["transforms"]) == 2

@@ -432,3 +432,20 @@ def test_a_group_of_requests_ends_together_each_under_its_holder(state: StateSto
         "done", "done", "transforms_enqueued"]
     assert state.finish_requests(ends[:1], holder="h") == [False]  # ended already
     assert state.finish_requests([], holder="h") == []
+
+
+def test_the_chunks_of_one_task_complete_together_as_one_by_one(state: StateStore) -> None:
+    """``complete_chunks`` counts each new result once, in order; a repeat in the same call
+    is not new; the result that completes the job claims it, once."""
+    state.create_job("j", "acme", "p", "aggregated", specs("j", 4))
+    done = state.complete_chunks([result("j", 0), result("j", 1, ok=False), result("j", 0)])
+    assert [(c.new, c.completed, c.claimed) for c in done] == [
+        (True, 1, False), (True, 2, False), (False, 2, False)]
+    last = state.complete_chunks([result("j", 2), result("j", 3)])
+    assert [(c.completed, c.total, c.claimed) for c in last] == [(3, 4, False), (4, 4, True)]
+    assert not any(c.claimed or c.new for c in state.complete_chunks(
+        [result("j", 3), result("j", 2)]))  # delivered again: nothing new, no second claim
+    job = state.job("j")
+    assert job is not None
+    assert (job.status, job.completed_chunks, job.failed_chunks) == ("aggregating", 4, 1)
+    assert state.complete_chunks([]) == []

@@ -19,6 +19,7 @@ travels with its list in a manifest object (claim check), the same
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,7 +63,7 @@ def _client(service: str, options: dict[str, str]) -> Any:
     return boto3.client(service, **kwargs)
 
 
-class _AwsDispatcher:
+class _AwsDispatcher(ABC):
     def __init__(self, url: str, settings: Settings) -> None:
         self.url = url
         self.settings = settings
@@ -75,10 +76,19 @@ class _AwsDispatcher:
             self._objects = open_object_store(self.settings.object_store)
         return self._objects
 
+    @abstractmethod
+    def submit_chunk(self, spec: ChunkSpec) -> None: ...
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> None:
+        """Each chunk its own message or invocation: a function's events name one chunk
+        (its handler resumes, re-enqueues and times out chunk by chunk)."""
+        for spec in specs:
+            self.submit_chunk(spec)
+
     def lost_in_worker(self, key: str) -> bool:
         return True  # no pool to break: a failed task failed itself
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - nothing to close: clients close with the process
         pass
 
 

@@ -179,6 +179,26 @@ class RestClient:
         body, url, _ = self._get(tspec.path, self._query(tspec, request, params))
         return self._parse(tspec, body, url), paging_view(tspec, body)
 
+    def opening(self, table: str, page_size: int | None = None,
+                params: Mapping[str, str] | None = None
+                ) -> tuple[bytes, PageRequest | None] | None:
+        """Page 1 of a table read page after page, for its chunk: what paging reads of it
+        (:func:`paging_view`) and the request for the next page as page 1 names it (None
+        when it names none). None when that request holds a secret (it is never stored):
+        the chunk then asks for page 1 itself."""
+        tspec = self.spec.table(table)
+        size = page_size or tspec.pagination.page_size
+        strategy = paginator(tspec.pagination)
+        request = strategy.first(1, size)
+        body, url, response = self._get(tspec.path, self._query(tspec, request, params))
+        page = self._parse(tspec, body, url)
+        nxt = strategy.next(request, page.records, size, body, response)
+        if nxt is not None and nxt.url is not None:
+            nxt = replace(nxt, url=str(self._without_credentials(httpx.URL(nxt.url))))
+        if nxt is not None and not storable(nxt):
+            return None
+        return paging_view(tspec, body), nxt
+
     @staticmethod
     def _query(tspec: TableSpec, request: PageRequest,
                params: Mapping[str, str] | None) -> dict[str, Any]:
@@ -198,11 +218,14 @@ class RestClient:
     def walk(self, table: str, start_page: int = 1, end_page: int | None = None,
              page_size: int | None = None, resume: PageRequest | None = None,
              params: Mapping[str, str] | None = None, first_body: bytes | None = None,
+             first_next: PageRequest | None = None,
              ) -> Iterator[tuple[Page, PageRequest | None]]:
         """Each page with the request for the next one (None after the last): a checkpoint
         saves that request, and ``resume`` starts from it. The next request never carries
         the client's own credentials (see :meth:`_without_credentials`). ``first_body``
-        is the first page's body when it was read already (:meth:`first_page`)."""
+        is the first page's body when it was read already (:meth:`first_page`,
+        :meth:`opening`), ``first_next`` the request for the page after it when that body no
+        longer tells it (:meth:`opening`)."""
         tspec = self.spec.table(table)
         size = page_size or tspec.pagination.page_size
         strategy = paginator(tspec.pagination)
@@ -215,6 +238,7 @@ class RestClient:
                                     f"{request.index} again (a repeated cursor or link)")
             seen.add(request.identity())
             query = self._query(tspec, request, params)
+            handed = first_body is not None
             if first_body is not None:
                 target = self._client.build_request("GET", tspec.path, params=query).url
                 body, url = first_body, self._shown(target)
@@ -230,6 +254,8 @@ class RestClient:
                                     f"{request.index - 1} (the API clamps page numbers?)")
             previous = page.records
             nxt = strategy.next(request, page.records, size, body, response)
+            if handed and first_next is not None:
+                nxt = first_next
             if nxt is not None and end_page is not None and nxt.index > end_page:
                 nxt = None
             if nxt is not None and nxt.url is not None:

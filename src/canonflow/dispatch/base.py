@@ -23,6 +23,10 @@ class Dispatcher(Protocol):
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome] | None: ...
 
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Future[TaskOutcome] | None:
+        """Chunks of one job to run in one task (:func:`canonflow.plan.task_batches`),
+        where the transport has such a task; else each as :meth:`submit_chunk`."""
+
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome] | None: ...
 
     def lost_in_worker(self, key: str) -> bool:
@@ -35,6 +39,10 @@ class Dispatcher(Protocol):
 
 def chunk_key(spec: ChunkSpec) -> str:
     return f"chunk:{spec.job_id}:{spec.chunk_id}"
+
+
+def chunks_key(specs: list[ChunkSpec]) -> str:
+    return "chunks:" + "+".join(f"{s.job_id}:{s.chunk_id}" for s in specs)
 
 
 def transform_key(request: TransformRequest) -> str:

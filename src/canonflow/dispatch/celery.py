@@ -103,6 +103,15 @@ def chunk_task(spec_json: str, pipeline: str | None = None) -> None:
         relay(tasks.current_runtime(), outcome["result"]["job_id"])
 
 
+@app.task(name="canonflow.chunks", autoretry_for=(RetryableError,), retry_backoff=True,
+          max_retries=5)
+def chunks_task(payload: str, pipeline: str | None = None) -> None:
+    _ours(pipeline, "chunks")
+    outcome = tasks.run_chunks(payload)
+    if outcome["aggregated"]:
+        relay(tasks.current_runtime(), outcome["results"][0]["job_id"])
+
+
 @app.task(name="canonflow.transform")
 def transform_task(request_json: str, pipeline: str | None = None) -> None:
     _ours(pipeline, "transform")
@@ -171,6 +180,9 @@ class CeleryDispatcher:
 
     def submit_chunk(self, spec: ChunkSpec) -> None:
         chunk_task.apply_async(args=[spec.model_dump_json()], kwargs={"pipeline": _pipeline})
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> None:
+        chunks_task.apply_async(args=[tasks.specs_json(specs)], kwargs={"pipeline": _pipeline})
 
     def submit_transform(self, request: TransformRequest) -> None:
         transform_task.apply_async(args=[request.model_dump_json()],

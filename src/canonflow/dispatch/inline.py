@@ -6,7 +6,7 @@ from concurrent.futures import Future
 
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome
-from canonflow.dispatch.tasks import run_chunk, run_transform_task
+from canonflow.dispatch.tasks import run_chunk, run_chunks, run_transform_task, specs_json
 from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.runtime import Runtime
 
@@ -27,6 +27,9 @@ class InlineDispatcher:
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
         return _done(run_chunk, spec.model_dump_json(), self._rt)
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Future[TaskOutcome]:
+        return _done(run_chunks, specs_json(specs), self._rt)
 
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
         return _done(run_transform_task, request.model_dump_json(), self._rt)

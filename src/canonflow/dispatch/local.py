@@ -37,13 +37,21 @@ from typing import Any, TypeVar, cast
 
 from canonflow import jsonio, log
 from canonflow.config import Settings
-from canonflow.dispatch.base import TaskOutcome, chunk_key, transform_key, url_options
+from canonflow.dispatch.base import (
+    TaskOutcome,
+    chunk_key,
+    chunks_key,
+    transform_key,
+    url_options,
+)
 from canonflow.dispatch.tasks import (
     init_worker,
     ping,
     run_chunk,
+    run_chunks,
     run_marked,
     run_transform_task,
+    specs_json,
 )
 from canonflow.errors import ConfigError, RetryableError, TerminalError
 from canonflow.lease import holder_id, pid_gone
@@ -104,6 +112,9 @@ class LocalDispatcher:
 
     def submit_chunk(self, spec: ChunkSpec) -> Future[TaskOutcome]:
         return self._submit(run_chunk, chunk_key(spec), spec.model_dump_json())
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Future[TaskOutcome]:
+        return self._submit(run_chunks, chunks_key(specs), specs_json(specs))
 
     def submit_transform(self, request: TransformRequest) -> Future[TaskOutcome]:
         return self._submit(run_transform_task, transform_key(request),

@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from canonflow import jsonio, log, memory, retry
-from canonflow.aggregate import complete_chunk
+from canonflow.aggregate import complete_chunk, complete_chunks
 from canonflow.chunk import process_chunk
 from canonflow.config import Settings
 from canonflow.dispatch.base import TaskOutcome
 from canonflow.errors import CanonflowError, error_payload
 from canonflow.lease import Heartbeat, exit_with
-from canonflow.model import ChunkSpec, TransformRequest
+from canonflow.model import ChunkResult, ChunkSpec, TransformRequest
 from canonflow.redact import redact
 from canonflow.runtime import Runtime
 from canonflow.telemetry import metrics, setup, tracing
@@ -95,22 +97,62 @@ def run_chunk(spec_json: str, rt: Runtime | None = None) -> TaskOutcome:
     error, then record its result: a brief S3 or database error does not fail its table."""
     rt = rt or current_runtime()
     spec = ChunkSpec.model_validate_json(spec_json)
-    t = spec.table
     try:
-        with log.bind(pipeline=rt.settings.name, tenant_id=t.tenant_id, job_id=spec.job_id,
-                      chunk_id=spec.chunk_id, service=t.service_name, table=t.table_name), \
-                tracing.span("canonflow.chunk", parent=spec.trace_context, job_id=spec.job_id,
-                             chunk_id=spec.chunk_id, tenant_id=t.tenant_id,
-                             service=t.service_name, table=t.table_name) as span:
-            result = retry.chunk(rt.settings.chunk_attempts)(process_chunk, spec, rt)
-            metrics.chunk_finished(result)
-            tracing.annotate(span, error=result.error.message if result.error else None,
-                             records=result.records_processed, files=result.s3_files_count)
+        with _chunk_scope(spec, rt) as span:
+            result = _processed(spec, rt, span)
             completion = complete_chunk(rt, result)
     finally:
         setup.flush(every=1.0)
     return {"result": result.model_dump(mode="json"), "new": completion.new,
             "aggregated": completion.claimed}
+
+
+def specs_json(specs: list[ChunkSpec]) -> str:
+    """The payload of :func:`run_chunks`: the specs as one JSON array."""
+    return "[" + ",".join(spec.model_dump_json() for spec in specs) + "]"
+
+
+def run_chunks(payload: str, rt: Runtime | None = None) -> TaskOutcome:
+    """Several chunks of one job in one task (its small tables, see
+    :func:`canonflow.plan.task_batches`): each processed as :func:`run_chunk` does, then
+    their results recorded in one state-store step. The task's fixed costs (its dispatch,
+    a state-store transaction) are paid once for them all."""
+    rt = rt or current_runtime()
+    specs = [ChunkSpec.model_validate(spec) for spec in jsonio.loads(payload)]
+    results = []
+    try:
+        for spec in specs:
+            with _chunk_scope(spec, rt) as span:
+                results.append(_processed(spec, rt, span))
+        with log.bind(pipeline=rt.settings.name, tenant_id=specs[0].table.tenant_id,
+                      job_id=specs[0].job_id):
+            completions = complete_chunks(rt, results)
+    finally:
+        setup.flush(every=1.0)
+    return {"results": [r.model_dump(mode="json") for r in results],
+            "new": [c.new for c in completions],
+            "aggregated": any(c.claimed for c in completions)}
+
+
+@contextmanager
+def _chunk_scope(spec: ChunkSpec, rt: Runtime) -> Iterator[Span]:
+    """The chunk's log context and its span (a child of its job's)."""
+    t = spec.table
+    with log.bind(pipeline=rt.settings.name, tenant_id=t.tenant_id, job_id=spec.job_id,
+                  chunk_id=spec.chunk_id, service=t.service_name, table=t.table_name), \
+            tracing.span("canonflow.chunk", parent=spec.trace_context, job_id=spec.job_id,
+                         chunk_id=spec.chunk_id, tenant_id=t.tenant_id,
+                         service=t.service_name, table=t.table_name) as span:
+        yield span
+
+
+def _processed(spec: ChunkSpec, rt: Runtime, span: Span) -> ChunkResult:
+    """The chunk's result: processed, again while it fails with a retryable error."""
+    result = retry.chunk(rt.settings.chunk_attempts)(process_chunk, spec, rt)
+    metrics.chunk_finished(result)
+    tracing.annotate(span, error=result.error.message if result.error else None,
+                     records=result.records_processed, files=result.s3_files_count)
+    return result
 
 
 def run_transform_task(request_json: str, rt: Runtime | None = None) -> TaskOutcome:

@@ -674,6 +674,11 @@ class DynamoStateStore:
             return job is not None and job.get("runner") == runner
         return True
 
+    def complete_chunks(self, results: Sequence[ChunkResult]) -> list[Completion]:
+        """Each as :meth:`complete_chunk` (one transaction each: a chunk is counted by the
+        transaction that records it, and one transaction holds at most 100 actions)."""
+        return [self.complete_chunk(result) for result in results]
+
     def complete_chunk(self, result: ChunkResult) -> Completion:
         """One transaction of three actions (docs/architecture.md, DynamoDB):
 

@@ -290,51 +290,65 @@ class SqlStateStore:
         the recorded one supersedes it too (its files are what the store holds now) and is
         reported as a conflict; after the claim, late results change nothing and are
         reported. Results for chunks that are not part of the job are refused."""
+        completion: Completion = self._run(lambda c: self._complete(c, result, _now()))
+        return completion
+
+    def complete_chunks(self, results: Sequence[ChunkResult]) -> list[Completion]:
+        """Several chunk results (the chunks one task ran) recorded in one transaction,
+        each as :meth:`complete_chunk` would in that order; their jobs' rows locked first,
+        in one order. A refused result refuses them all (nothing recorded)."""
         now = _now()
 
-        def step(conn: Connection) -> Completion:
-            job = self._lock_job(conn, result.job_id)
-            if job is None:
-                raise UnknownJob(f"unknown job {result.job_id!r}")
-            spec_row = conn.execute(sa.select(chunks.c.spec).where(
-                chunks.c.job_id == result.job_id, chunks.c.chunk_id == result.chunk_id)
-            ).one_or_none()
-            if spec_row is None:
-                raise InvalidCompletion(
-                    f"chunk {result.chunk_id!r} is not part of job {result.job_id!r}")
-            spec = ChunkSpec.model_validate_json(spec_row.spec)
-            if spec.table != result.table_metadata:
-                raise InvalidCompletion(
-                    f"chunk {result.chunk_id!r} of job {result.job_id!r} belongs to "
-                    f"{spec.table.label}, not {result.table_metadata.label}")
-            # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT
-            inserted = conn.execute(
-                self._insert(chunk_results).values(
-                    job_id=result.job_id, chunk_id=result.chunk_id, completed=result.completed,
-                    result=result.model_dump_json(), recorded_at=now,
-                ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
-            ).first()
-            if inserted is None:
-                return self._repeat_completion(conn, result, job, now)
-            row = conn.execute(
-                jobs.update().where(jobs.c.job_id == result.job_id).values(
-                    completed_chunks=jobs.c.completed_chunks + 1,
-                    failed_chunks=jobs.c.failed_chunks + (0 if result.completed else 1),
-                    updated_at=now,
-                ).returning(jobs.c.completed_chunks, jobs.c.total_chunks)
-            ).one()
-            claimed = False
-            if row.completed_chunks >= row.total_chunks:
-                claimed = conn.execute(
-                    jobs.update().where(
-                        jobs.c.job_id == result.job_id,
-                        jobs.c.status == JobStatus.RUNNING.value,
-                    ).values(status=JobStatus.AGGREGATING.value, updated_at=now)
-                ).rowcount == 1
-            return Completion(True, row.completed_chunks, row.total_chunks, claimed)
+        def step(conn: Connection) -> list[Completion]:
+            for job_id in sorted({r.job_id for r in results}):
+                self._lock_job(conn, job_id)
+            return [self._complete(conn, result, now) for result in results]
 
-        completion: Completion = self._run(step)
-        return completion
+        completions: list[Completion] = self._run(step)
+        return completions
+
+    def _complete(self, conn: Connection, result: ChunkResult, now: float) -> Completion:
+        """One chunk result recorded (see :meth:`complete_chunk`), in ``conn``'s
+        transaction."""
+        job = self._lock_job(conn, result.job_id)
+        if job is None:
+            raise UnknownJob(f"unknown job {result.job_id!r}")
+        spec_row = conn.execute(sa.select(chunks.c.spec).where(
+            chunks.c.job_id == result.job_id, chunks.c.chunk_id == result.chunk_id)
+        ).one_or_none()
+        if spec_row is None:
+            raise InvalidCompletion(
+                f"chunk {result.chunk_id!r} is not part of job {result.job_id!r}")
+        spec = ChunkSpec.model_validate_json(spec_row.spec)
+        if spec.table != result.table_metadata:
+            raise InvalidCompletion(
+                f"chunk {result.chunk_id!r} of job {result.job_id!r} belongs to "
+                f"{spec.table.label}, not {result.table_metadata.label}")
+        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT
+        inserted = conn.execute(
+            self._insert(chunk_results).values(
+                job_id=result.job_id, chunk_id=result.chunk_id, completed=result.completed,
+                result=result.model_dump_json(), recorded_at=now,
+            ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
+        ).first()
+        if inserted is None:
+            return self._repeat_completion(conn, result, job, now)
+        row = conn.execute(
+            jobs.update().where(jobs.c.job_id == result.job_id).values(
+                completed_chunks=jobs.c.completed_chunks + 1,
+                failed_chunks=jobs.c.failed_chunks + (0 if result.completed else 1),
+                updated_at=now,
+            ).returning(jobs.c.completed_chunks, jobs.c.total_chunks)
+        ).one()
+        claimed = False
+        if row.completed_chunks >= row.total_chunks:
+            claimed = conn.execute(
+                jobs.update().where(
+                    jobs.c.job_id == result.job_id,
+                    jobs.c.status == JobStatus.RUNNING.value,
+                ).values(status=JobStatus.AGGREGATING.value, updated_at=now)
+            ).rowcount == 1
+        return Completion(True, row.completed_chunks, row.total_chunks, claimed)
 
     def _repeat_completion(self, conn: Connection, result: ChunkResult, job: Any,
                            now: float) -> Completion:

@@ -119,6 +119,11 @@ class JobCoordination(Protocol):
         """Record a chunk result (refused for a chunk not in the job); see the rule for
         repeats in docs/architecture.md."""
 
+    def complete_chunks(self, results: Sequence[ChunkResult]) -> list[Completion]:
+        """:meth:`complete_chunk` for each result, in that order (the chunks one task ran),
+        in one step where the store can: the completion that counts a job's last chunk
+        claims it, exactly as one by one."""
+
     def events(self, job_id: str) -> list[JobEvent]: ...
 
     def cancel_job(self, job_id: str, reason: str) -> bool: ...
