@@ -290,7 +290,8 @@ class SqlStateStore:
         the recorded one supersedes it too (its files are what the store holds now) and is
         reported as a conflict; after the claim, late results change nothing and are
         reported. Results for chunks that are not part of the job are refused."""
-        completion: Completion = self._run(lambda c: self._complete(c, result, _now()))
+        now = _now()
+        completion: Completion = self._run(lambda c: self._complete(c, result, now))
         return completion
 
     def complete_chunks(self, results: Sequence[ChunkResult]) -> list[Completion]:
