@@ -192,9 +192,8 @@ class RestClient:
         request = strategy.first(1, size)
         body, url, response = self._get(tspec.path, self._query(tspec, request, params))
         page = self._parse(tspec, body, url)
-        nxt = strategy.next(request, page.records, size, body, response)
-        if nxt is not None and nxt.url is not None:
-            nxt = replace(nxt, url=str(self._without_credentials(httpx.URL(nxt.url))))
+        nxt = self._credentials_removed(strategy.next(request, page.records, size, body,
+                                                      response))
         if nxt is not None and not storable(nxt):
             return None
         return paging_view(tspec, body), nxt
@@ -258,10 +257,15 @@ class RestClient:
                 nxt = first_next
             if nxt is not None and end_page is not None and nxt.index > end_page:
                 nxt = None
-            if nxt is not None and nxt.url is not None:
-                nxt = replace(nxt, url=str(self._without_credentials(httpx.URL(nxt.url))))
+            nxt = self._credentials_removed(nxt)
             yield page, nxt
             request = nxt
+
+    def _credentials_removed(self, request: PageRequest | None) -> PageRequest | None:
+        """A next-page request without the client's own credentials in its URL."""
+        if request is None or request.url is None:
+            return request
+        return replace(request, url=str(self._without_credentials(httpx.URL(request.url))))
 
     def _without_credentials(self, url: httpx.URL) -> httpx.URL:
         """``url`` without userinfo and without the auth's query parameters (an API may echo
