@@ -28,6 +28,7 @@ from canonflow.errors import CommitConflict, StoreUnavailable
 from canonflow.mappings import Entity
 from canonflow.stores.object_store import ObjectStore
 from canonflow.transform.mapping import constant, entity_schema, key_column, sequence
+from canonflow.transform.partitions import partition_index
 from canonflow.transform.versions import CanonicalWrites, Versioning
 
 QUARANTINE_TABLE = "quarantine"
@@ -306,7 +307,7 @@ class CanonicalWriter:
     @staticmethod
     def _scan(dataset: pads.Dataset | None, service: str, column: str,
               values: pa.Array, columns: list[str]) -> pa.Table:
-        """A tenant partition's rows (see :func:`_partition`) of ``service`` whose
+        """A tenant partition's rows (see :meth:`_partition`) of ``service`` whose
         ``column`` is one of ``values``. When the key column holds any of them, reads the
         wanted columns in slices of at most ``SCAN_ROWS`` rows, each matched against the
         values at once (one hash set a slice): memory bounded by the key column, the slice
@@ -358,7 +359,7 @@ class CanonicalWriter:
         none = constant(False, n)
         order = entity.ordering
         deletes = "_deleted_at" in table.schema().to_arrow().names
-        partition = _partition(table, tenant_id)
+        partition = self._partition(table, tenant_id)
         held = self._scan(partition, service, entity.keys[0], rows.column(entity.keys[0]),
                           [*entity.keys, order, "_request_id"]
                           + (["_deleted_at"] if deletes else []))
@@ -471,11 +472,11 @@ class CanonicalWriter:
         # looked at without the lock first: most syncs leave too few files to compact, and
         # a count a concurrent writer (or our last commit) just made stale only moves
         # compaction to the next sync
-        if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
+        if len(self._partition_files(table, tenant_id)) <= max_files:
             return 0
         with self._locked(name, tenant_id):
             self._retry(f"open {name}", table.update_incremental)
-            if len(table.file_uris(file_pruning_predicate=partition)) <= max_files:
+            if len(self._partition_files(table, tenant_id)) <= max_files:
                 return 0
             props = CommitProperties(custom_metadata={"canonflow.operation": "compact"})
             versioning = Versioning.from_properties(table.metadata().configuration)
@@ -527,7 +528,7 @@ class CanonicalWriter:
                  request_id: str) -> None:
         """Delete the children of ``parents`` that ``rows`` (their new children) lacks."""
         links = parents.column_names
-        held = self._scan(_partition(table, tenant_id), service, links[0],
+        held = self._scan(self._partition(table, tenant_id), service, links[0],
                           parents.column(links[0]),
                           list(dict.fromkeys([*links, *entity.keys])))
         if held.num_rows == 0:
@@ -555,6 +556,18 @@ class CanonicalWriter:
              .when_matched_delete().execute())
 
         self._retry(f"replace children in {name}", op)
+
+    def _partition(self, table: DeltaTable, tenant_id: str) -> pads.Dataset | None:
+        """The tenant's partition of ``table`` as a dataset; None when it has no files (a new
+        tenant's first load), known without building one."""
+        return partition_index(table, self._storage_options()).dataset(tenant_id)
+
+    def _partition_files(self, table: DeltaTable, tenant_id: str) -> list[str]:
+        return partition_index(table, self._storage_options()).files(tenant_id)
+
+    def _storage_options(self) -> dict[str, str] | None:
+        """deltalake's storage options for this store's tables (the same for every table)."""
+        return self.uri(QUARANTINE_TABLE)[1] or None
 
     def _recent_tables(self) -> dict[str, DeltaTable]:
         """This thread's table handles, by table name (the last one it used of each)."""
@@ -689,7 +702,7 @@ class CanonicalWriter:
                    marks: pa.Table) -> int:
         """How many of the keys ``marks`` lists have a version not yet deleted."""
         deletes = "_deleted_at" in table.schema().to_arrow().names
-        held = self._scan(_partition(table, tenant_id), service, entity.keys[0],
+        held = self._scan(self._partition(table, tenant_id), service, entity.keys[0],
                           marks.column(entity.keys[0]),
                           [*entity.keys, *(["_deleted_at"] if deletes else [])])
         if deletes and held.num_rows:
@@ -712,7 +725,7 @@ class CanonicalWriter:
         if table is None:
             return pa.table({})
         self._remember(name, table)
-        dataset = _partition(table, tenant_id)
+        dataset = self._partition(table, tenant_id)
         if dataset is None:
             return pa.table({})
         have = set(table.schema().to_arrow().names)
@@ -804,15 +817,6 @@ class CanonicalWriter:
 
             with self._locked(QUARANTINE_TABLE, str(tenant)):
                 self._retry("upsert into quarantine", op)
-
-
-def _partition(table: DeltaTable, tenant_id: str) -> pads.Dataset | None:
-    """The tenant's partition as a dataset; None when it has no files (a new tenant's first
-    load), known from the log without building a dataset."""
-    partition = [("_tenant_id", "=", tenant_id)]
-    if not table.file_uris(file_pruning_predicate=partition):
-        return None
-    return table.to_pyarrow_dataset(file_pruning_predicate=partition)
 
 
 def plain_strings(schema: pa.Schema) -> pa.Schema:
