@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -146,6 +147,51 @@ job_events = sa.Table(  # what an operator must see: superseded results, conflic
 InsertFactory = Callable[[sa.Table], Any]  # dialect insert() with on_conflict_do_nothing
 
 
+# The statements of the steps every chunk and request takes, built once: building a
+# statement costs SQLAlchemy several times what executing it costs SQLite. Values are bound
+# at execution (``b_*`` parameters).
+_LOCK_JOB = sa.select(jobs.c.status, jobs.c.completed_chunks, jobs.c.total_chunks,
+                      jobs.c.outcome).where(jobs.c.job_id == sa.bindparam("b_job")
+                                            ).with_for_update()
+_CHUNK_SPEC = sa.select(chunks.c.spec).where(chunks.c.job_id == sa.bindparam("b_job"),
+                                             chunks.c.chunk_id == sa.bindparam("b_chunk"))
+_COUNT_CHUNK = jobs.update().where(jobs.c.job_id == sa.bindparam("b_job")).values(
+    completed_chunks=jobs.c.completed_chunks + 1,
+    failed_chunks=jobs.c.failed_chunks + sa.bindparam("b_failed"),
+    updated_at=sa.bindparam("b_now"),
+).returning(jobs.c.completed_chunks, jobs.c.total_chunks)
+_CLAIM_JOB = jobs.update().where(
+    jobs.c.job_id == sa.bindparam("b_job"), jobs.c.status == JobStatus.RUNNING.value,
+).values(status=JobStatus.AGGREGATING.value, updated_at=sa.bindparam("b_now"))
+# a job's requests still open, and failed ones
+_OPEN_AND_FAILED = sa.select(
+    sa.func.coalesce(sa.func.sum(sa.case(
+        (outbox.c.status.notin_(FINISHED_REQUEST), 1), else_=0)), 0),
+    sa.func.coalesce(sa.func.sum(sa.case((outbox.c.status == "failed", 1), else_=0)), 0),
+).where(outbox.c.job_id == sa.bindparam("b_job"))
+_SETTLE = jobs.update().where(
+    jobs.c.job_id == sa.bindparam("b_job"),
+    jobs.c.status == JobStatus.TRANSFORMS_ENQUEUED.value,
+).values(status=sa.bindparam("b_status"), updated_at=sa.bindparam("b_now"))
+_NOT_ACTIVE = active_jobs.delete().where(active_jobs.c.job_id == sa.bindparam("b_job"))
+_END_VALUES: dict[str, Any] = {
+    "status": sa.bindparam("b_status"), "result": sa.bindparam("b_result"),
+    "error": sa.bindparam("b_error"), "updated_at": sa.bindparam("b_now")}
+_END_REQUEST = outbox.update().where(outbox.c.request_id == sa.bindparam("b_request")).values(
+    _END_VALUES).returning(outbox.c.job_id)
+_END_HELD_REQUEST = outbox.update().where(
+    outbox.c.request_id == sa.bindparam("b_request"), outbox.c.status == "running",
+    outbox.c.holder == sa.bindparam("b_holder")).values(_END_VALUES).returning(outbox.c.job_id)
+_JOBS_OF_REQUESTS = sa.select(outbox.c.job_id).where(
+    outbox.c.request_id.in_(sa.bindparam("b_requests", expanding=True)))
+_REQUEST = sa.select(outbox).where(outbox.c.request_id == sa.bindparam("b_request"))
+_JOB_OF_REQUEST = sa.select(outbox.c.job_id).where(
+    outbox.c.request_id == sa.bindparam("b_request"))
+_CHECKPOINT = sa.select(checkpoints.c.state).where(
+    checkpoints.c.job_id == sa.bindparam("b_job"),
+    checkpoints.c.chunk_id == sa.bindparam("b_chunk"))
+
+
 READ_ONLY = "canonflow_read_only"  # an execution option: the transaction only reads
 LEDGER_BATCH = 500  # file keys per ledger look-up (bound parameters stay few)
 
@@ -156,6 +202,16 @@ def _now() -> float:
 
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
+
+
+@dataclass
+class _Job:
+    """A job's row as a transaction that locked it sees it (and keeps it, as it moves it)."""
+
+    status: str
+    completed_chunks: int
+    total_chunks: int
+    outcome: str | None
 
 
 class SqlStateStore:
@@ -197,16 +253,41 @@ class SqlStateStore:
         return self._run(step, engine=self._reader)
 
     @cached_property
+    def _record_result(self) -> Any:
+        """A chunk's result, unless one is recorded (RETURNING, not rowcount: drivers
+        disagree on rowcount for ON CONFLICT)."""
+        return self._insert(chunk_results).values(
+            job_id=sa.bindparam("b_job"), chunk_id=sa.bindparam("b_chunk"),
+            completed=sa.bindparam("b_completed"), result=sa.bindparam("b_result"),
+            recorded_at=sa.bindparam("b_now"),
+        ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
+
+    @cached_property
+    def _move_cursor(self) -> Any:
+        """A table's high-water mark set, or moved forward (never back)."""
+        stmt = self._insert(sync_cursors).values(
+            tenant_id=sa.bindparam("b_tenant"), service_name=sa.bindparam("b_service"),
+            table_name=sa.bindparam("b_table"), value=sa.bindparam("b_value"),
+            job_id=sa.bindparam("b_job"), updated_at=sa.bindparam("b_now"))
+        return stmt.on_conflict_do_update(
+            index_elements=[sync_cursors.c.tenant_id, sync_cursors.c.service_name,
+                            sync_cursors.c.table_name],
+            set_={"value": stmt.excluded.value, "job_id": stmt.excluded.job_id,
+                  "updated_at": stmt.excluded.updated_at},
+            where=sync_cursors.c.value < stmt.excluded.value,
+        ).returning(sync_cursors.c.value)
+
+    @cached_property
     def _reader(self) -> Engine:
         return self._engine.execution_options(**{READ_ONLY: True})
 
-    def _lock_job(self, conn: Connection, job_id: str) -> Any:
+    def _lock_job(self, conn: Connection, job_id: str) -> _Job | None:
         """Serialize on the job's row for the rest of the transaction (PostgreSQL: a row
-        lock; SQLite: the database write lock ``BEGIN IMMEDIATE`` holds already)."""
-        return conn.execute(
-            sa.select(jobs.c.status, jobs.c.completed_chunks, jobs.c.total_chunks)
-            .where(jobs.c.job_id == job_id).with_for_update()
-        ).one_or_none()
+        lock; SQLite: the database write lock ``BEGIN IMMEDIATE`` holds already); the row
+        as it stands."""
+        row = conn.execute(_LOCK_JOB, {"b_job": job_id}).one_or_none()
+        return None if row is None else _Job(row.status, row.completed_chunks,
+                                             row.total_chunks, row.outcome)
 
     def _event(self, conn: Connection, job_id: str, kind: str, detail: str,
                chunk_id: str | None = None, now: float | None = None) -> None:
@@ -301,57 +382,51 @@ class SqlStateStore:
         now = _now()
 
         def step(conn: Connection) -> list[Completion]:
-            for job_id in sorted({r.job_id for r in results}):
-                self._lock_job(conn, job_id)
-            return [self._complete(conn, result, now) for result in results]
+            locked = {job_id: self._lock_job(conn, job_id)
+                      for job_id in sorted({r.job_id for r in results})}
+            return [self._complete(conn, result, now, locked[result.job_id])
+                    for result in results]
 
         completions: list[Completion] = self._run(step)
         return completions
 
-    def _complete(self, conn: Connection, result: ChunkResult, now: float) -> Completion:
+    def _complete(self, conn: Connection, result: ChunkResult, now: float,
+                  job: _Job | None = None) -> Completion:
         """One chunk result recorded (see :meth:`complete_chunk`), in ``conn``'s
-        transaction."""
-        job = self._lock_job(conn, result.job_id)
+        transaction; ``job``: its job's row, if this transaction locked it already (kept
+        as this step moves it)."""
+        job = job or self._lock_job(conn, result.job_id)
         if job is None:
             raise UnknownJob(f"unknown job {result.job_id!r}")
-        spec_row = conn.execute(sa.select(chunks.c.spec).where(
-            chunks.c.job_id == result.job_id, chunks.c.chunk_id == result.chunk_id)
-        ).one_or_none()
+        spec_row = conn.execute(_CHUNK_SPEC, {"b_job": result.job_id,
+                                              "b_chunk": result.chunk_id}).one_or_none()
         if spec_row is None:
             raise InvalidCompletion(
                 f"chunk {result.chunk_id!r} is not part of job {result.job_id!r}")
-        spec = ChunkSpec.model_validate_json(spec_row.spec)
-        if spec.table != result.table_metadata:
+        # the spec's table, compared as stored (validating the whole spec again costs more
+        # than the rest of this step)
+        table = jsonio.loads(spec_row.spec)["table"]
+        if table != result.table_metadata.model_dump(mode="json"):
             raise InvalidCompletion(
                 f"chunk {result.chunk_id!r} of job {result.job_id!r} belongs to "
-                f"{spec.table.label}, not {result.table_metadata.label}")
-        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT
-        inserted = conn.execute(
-            self._insert(chunk_results).values(
-                job_id=result.job_id, chunk_id=result.chunk_id, completed=result.completed,
-                result=result.model_dump_json(), recorded_at=now,
-            ).on_conflict_do_nothing().returning(chunk_results.c.chunk_id)
-        ).first()
+                f"{TableRef.model_validate(table).label}, not {result.table_metadata.label}")
+        inserted = conn.execute(self._record_result, {
+            "b_job": result.job_id, "b_chunk": result.chunk_id, "b_completed": result.completed,
+            "b_result": result.model_dump_json(), "b_now": now}).first()
         if inserted is None:
             return self._repeat_completion(conn, result, job, now)
-        row = conn.execute(
-            jobs.update().where(jobs.c.job_id == result.job_id).values(
-                completed_chunks=jobs.c.completed_chunks + 1,
-                failed_chunks=jobs.c.failed_chunks + (0 if result.completed else 1),
-                updated_at=now,
-            ).returning(jobs.c.completed_chunks, jobs.c.total_chunks)
-        ).one()
+        row = conn.execute(_COUNT_CHUNK, {"b_job": result.job_id, "b_now": now,
+                                          "b_failed": 0 if result.completed else 1}).one()
+        job.completed_chunks = row.completed_chunks
         claimed = False
         if row.completed_chunks >= row.total_chunks:
-            claimed = conn.execute(
-                jobs.update().where(
-                    jobs.c.job_id == result.job_id,
-                    jobs.c.status == JobStatus.RUNNING.value,
-                ).values(status=JobStatus.AGGREGATING.value, updated_at=now)
-            ).rowcount == 1
+            claimed = conn.execute(_CLAIM_JOB, {"b_job": result.job_id,
+                                                "b_now": now}).rowcount == 1
+            if claimed:
+                job.status = JobStatus.AGGREGATING.value
         return Completion(True, row.completed_chunks, row.total_chunks, claimed)
 
-    def _repeat_completion(self, conn: Connection, result: ChunkResult, job: Any,
+    def _repeat_completion(self, conn: Connection, result: ChunkResult, job: _Job,
                            now: float) -> Completion:
         """A second result for a recorded chunk (the job row is locked)."""
         recorded = ChunkResult.model_validate_json(conn.execute(
@@ -456,44 +531,33 @@ class SqlStateStore:
                 )
             ).rowcount == 1
             if moved:
-                self._settle_job(conn, job_id, now)
+                self._settle_job(conn, job_id, now, replace(
+                    job, status=JobStatus.TRANSFORMS_ENQUEUED.value, outcome=outcome))
             return moved
 
         moved: bool = self._run(step)
         return moved
 
-    def _settle_job(self, conn: Connection, job_id: str, now: float) -> bool:
+    def _settle_job(self, conn: Connection, job_id: str, now: float,
+                    job: _Job | None = None) -> bool:
         """Move a job to done/failed once none of its transform requests is open.
 
-        Locks the job's row first: two transforms finishing at the same instant each see
-        the other's row still open under READ COMMITTED unless they take turns here; the
-        second one counts again after the first committed, and settles."""
-        job = self._lock_job(conn, job_id)
+        Locks the job's row first (``job``: its row, when this transaction locked it
+        already): two transforms finishing at the same instant each see the other's row
+        still open under READ COMMITTED unless they take turns here; the second one counts
+        again after the first committed, and settles."""
+        job = job or self._lock_job(conn, job_id)
         if job is None or job.status != JobStatus.TRANSFORMS_ENQUEUED.value:
             return False
-        open_rows = conn.execute(
-            sa.select(sa.func.count()).select_from(outbox).where(
-                outbox.c.job_id == job_id, outbox.c.status.notin_(FINISHED_REQUEST)
-            )
-        ).scalar_one()
+        open_rows, failed = conn.execute(_OPEN_AND_FAILED, {"b_job": job_id}).one()
         if open_rows:
             return False
-        failed = conn.execute(
-            sa.select(sa.func.count()).select_from(outbox).where(
-                outbox.c.job_id == job_id, outbox.c.status == "failed"
-            )
-        ).scalar_one()
-        row = conn.execute(
-            sa.select(jobs.c.outcome).where(jobs.c.job_id == job_id)
-        ).one_or_none()
-        final = JobStatus.FAILED if failed or (row and row.outcome == "failed") else JobStatus.DONE
-        moved = conn.execute(
-            jobs.update().where(
-                jobs.c.job_id == job_id, jobs.c.status == JobStatus.TRANSFORMS_ENQUEUED.value
-            ).values(status=final.value, updated_at=now)
-        ).rowcount == 1
+        final = JobStatus.FAILED if failed or job.outcome == "failed" else JobStatus.DONE
+        moved = conn.execute(_SETTLE, {"b_job": job_id, "b_status": final.value,
+                                       "b_now": now}).rowcount == 1
         if moved:
-            conn.execute(active_jobs.delete().where(active_jobs.c.job_id == job_id))
+            conn.execute(_NOT_ACTIVE, {"b_job": job_id})
+            job.status = final.value
         return moved
 
     def settle_jobs(self, job_ids: Collection[str] | None = None) -> list[str]:
@@ -702,8 +766,7 @@ class SqlStateStore:
     def _lock_request_job(self, conn: Connection, request_id: str) -> None:
         """Lock the job row of a request before its outbox row: every step that touches
         both takes them in this order (a cancel does too), so none waits on the other."""
-        job_id = conn.execute(sa.select(outbox.c.job_id).where(
-            outbox.c.request_id == request_id)).scalar_one_or_none()
+        job_id = conn.execute(_JOB_OF_REQUEST, {"b_request": request_id}).scalar_one_or_none()
         if job_id is not None:
             self._lock_job(conn, job_id)
 
@@ -747,10 +810,9 @@ class SqlStateStore:
         ids = [result.request_id for result, _ in ends]
 
         def step(conn: Connection) -> list[bool]:
-            job_ids = conn.execute(sa.select(outbox.c.job_id).where(
-                outbox.c.request_id.in_(ids))).scalars().all()
-            for job_id in sorted({j for j in job_ids if j is not None}):
-                self._lock_job(conn, job_id)
+            job_ids = conn.execute(_JOBS_OF_REQUESTS, {"b_requests": ids}).scalars().all()
+            locked = {job_id: self._lock_job(conn, job_id)
+                      for job_id in sorted({j for j in job_ids if j is not None})}
             self._record_files_of(conn, [progress for _, progress in ends], now)
             ended, settle = [], set()
             for result, progress in sorted(ends, key=lambda e: e[1].request.table.label):
@@ -760,7 +822,7 @@ class SqlStateStore:
                 if job_id:
                     settle.add(job_id)
             for job_id in sorted(settle):
-                self._settle_job(conn, job_id, now)
+                self._settle_job(conn, job_id, now, locked.get(job_id))
             return [dict(ended)[request_id] for request_id in ids]
 
         finished: list[bool] = self._run(step)
@@ -775,16 +837,13 @@ class SqlStateStore:
         if progress is not None and progress.high_water is not None:
             self._advance_cursor(conn, progress.request.table, progress.high_water,
                                  progress.request.job_id, now)
-        cond = [outbox.c.request_id == request_id]
+        values = {"b_request": request_id, "b_status": "failed" if error else "done",
+                  "b_result": result.model_dump_json() if result else None,
+                  "b_error": redact(error) if error else None, "b_now": now}
         if holder is not None:
-            cond += [outbox.c.status == "running", outbox.c.holder == holder]
-        row = conn.execute(
-            outbox.update().where(*cond).values(
-                status="failed" if error else "done",
-                result=result.model_dump_json() if result else None,
-                error=redact(error) if error else None, updated_at=now,
-            ).returning(outbox.c.job_id)
-        ).one_or_none()
+            values["b_holder"] = holder
+        row = conn.execute(_END_REQUEST if holder is None else _END_HELD_REQUEST,
+                           values).one_or_none()
         return None if row is None else row.job_id or ""
 
     def retry_later(self, request_id: str, error: str, max_attempts: int,
@@ -875,9 +934,7 @@ class SqlStateStore:
         )
 
     def request(self, request_id: str) -> RequestRecord | None:
-        row = self._read(lambda c: c.execute(
-            sa.select(outbox).where(outbox.c.request_id == request_id)
-        ).one_or_none())
+        row = self._read(lambda c: c.execute(_REQUEST, {"b_request": request_id}).one_or_none())
         return None if row is None else self._request_record(row)
 
     def requests(self, job_id: str) -> list[RequestRecord]:
@@ -909,16 +966,10 @@ class SqlStateStore:
 
     def _advance_cursor(self, conn: Connection, table: TableRef, value: str,
                         job_id: str | None, now: float) -> bool:
-        stmt = self._insert(sync_cursors).values(
-            tenant_id=table.tenant_id, service_name=table.service_name,
-            table_name=table.table_name, value=value, job_id=job_id, updated_at=now)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[sync_cursors.c.tenant_id, sync_cursors.c.service_name,
-                            sync_cursors.c.table_name],
-            set_={"value": value, "job_id": job_id, "updated_at": now},
-            where=sync_cursors.c.value < value,
-        ).returning(sync_cursors.c.value)
-        return conn.execute(stmt).first() is not None
+        return conn.execute(self._move_cursor, {
+            "b_tenant": table.tenant_id, "b_service": table.service_name,
+            "b_table": table.table_name, "b_value": value, "b_job": job_id, "b_now": now,
+        }).first() is not None
 
     # -- chunk checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, job_id: str, chunk_id: str, state: dict[str, Any]) -> None:
@@ -930,8 +981,8 @@ class SqlStateStore:
                                    set_={"state": text, "updated_at": now})))
 
     def load_checkpoint(self, job_id: str, chunk_id: str) -> dict[str, Any] | None:
-        row = self._read(lambda c: c.execute(sa.select(checkpoints.c.state).where(
-            checkpoints.c.job_id == job_id, checkpoints.c.chunk_id == chunk_id)).one_or_none())
+        row = self._read(lambda c: c.execute(
+            _CHECKPOINT, {"b_job": job_id, "b_chunk": chunk_id}).one_or_none())
         return None if row is None else dict(jsonio.loads(row.state))
 
     # -- leases -----------------------------------------------------------------------------
