@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from canonflow.errors import ConfigError
+from canonflow.errors import ConfigError, InvalidIdentifier
 from canonflow.stores import ObjectStore, open_object_store
 
 
@@ -67,6 +67,71 @@ def test_read_times_match_the_listing_and_a_directory_is_no_object(store: Object
     assert modified.tzinfo is not None
     with pytest.raises(FileNotFoundError):
         store.get("t/a")  # a prefix, not an object
+
+
+def test_of_writers_creating_one_key_at_once_exactly_one_wins(store: ObjectStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(i: int) -> bool:
+        try:
+            store.put("race/key", f"writer {i}".encode(), create_only=True)
+        except FileExistsError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [i for i, ok in enumerate(pool.map(create, range(16))) if ok]
+    assert len(won) == 1
+    assert store.get("race/key") == f"writer {won[0]}".encode()
+    assert [o.key for o in store.list("race/")] == ["race/key"]
+
+
+def test_a_reader_sees_a_whole_object_or_none_while_it_is_written(
+        store: ObjectStore) -> None:
+    """Overwrites replace an object whole: a reader, or a listing, in between never sees a
+    part of one, nor a write in progress."""
+    import threading
+
+    old, new = b"a" * 4_000_000, b"b" * 4_000_000
+    store.put("big/obj", old)
+    done = threading.Event()
+    seen: set[bytes] = set()
+    listed: set[str] = set()
+
+    def read() -> None:
+        while not done.is_set():
+            data = store.get("big/obj")
+            seen.add(data[:1] + data[-1:] + str(len(data)).encode())
+            listed.update(o.key for o in store.list("big/"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(10):
+            store.put("big/obj", new)
+            store.put("big/obj", old)
+    finally:
+        done.set()
+        reader.join()
+    assert seen <= {b"aa4000000", b"bb4000000"}
+    assert listed == {"big/obj"}
+
+
+def test_keys_that_leave_the_store_are_refused(store: ObjectStore) -> None:
+    for key in ("../outside", "a/../../outside"):
+        with pytest.raises(InvalidIdentifier):
+            store.put(key, b"x")
+        with pytest.raises(InvalidIdentifier):
+            store.get(key)
+    assert list(store.list("")) == []
+
+
+def test_a_local_key_never_names_a_place_outside_its_folder(tmp_path: Path) -> None:
+    store = open_object_store(f"file://{tmp_path / 'objects'}")
+    for key in ("/etc/outside", "a//b", "a/./b", "a/b#1"):  # absolute, empty, staging
+        with pytest.raises(InvalidIdentifier):
+            store.put(key, b"x")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "objects"]
 
 
 def test_unknown_scheme_names_the_known_ones() -> None:
