@@ -66,7 +66,7 @@ class Port:
 
 
 OBJECT_STORES = Port("object store", {
-    "file": Backend("canonflow.stores.local_files:open_local"),
+    "file": Backend("canonflow.stores.obstore_backend:open_obstore"),
     "memory": Backend("canonflow.stores.obstore_backend:open_obstore"),
     "s3": Backend("canonflow.stores.obstore_backend:open_obstore"),
 })

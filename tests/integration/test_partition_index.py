@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from canonflow.stores import open_object_store
+from canonflow.stores.obstore_backend import ObstoreObjectStore
 from canonflow.transform.partitions import partition_index
 
 
@@ -19,7 +19,7 @@ from canonflow.transform.partitions import partition_index
 def table_place(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:
     url = f"file://{tmp_path}/store" if request.param == "file" else request.getfixturevalue(
         "s3_url")
-    return open_object_store(url).delta_uri("canonical/contact")
+    return ObstoreObjectStore(url).delta_uri("canonical/contact")
 
 
 def rows(tenant: str, ids: range) -> pa.Table:

@@ -23,7 +23,7 @@ from canonflow.model import ChunkSpec, TransformRequest
 from canonflow.report import job_report
 from canonflow.runner import JobRunner
 from canonflow.runtime import Runtime
-from canonflow.stores.local_files import LocalObjectStore
+from canonflow.stores.obstore_backend import ObstoreObjectStore
 
 TABLES = {"crm": ["companies"], "helpdesk": ["users"]}
 
@@ -120,16 +120,16 @@ def test_a_store_that_cannot_open_stops_the_run_before_any_job(make_settings) ->
 def test_a_chunk_that_fails_with_a_retryable_error_is_retried(
         make_settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(tables={"crm": ["companies"]}, chunk_attempts=3)
-    real_put = LocalObjectStore.put
+    real_put = ObstoreObjectStore.put
     failed: set[str] = set()
 
-    def flaky_put(self: LocalObjectStore, key: str, data: bytes, **kw: Any) -> None:
+    def flaky_put(self: ObstoreObjectStore, key: str, data: bytes, **kw: Any) -> None:
         if key.startswith("raw/") and key.endswith("part-00000.jsonl.zst") and key not in failed:
             failed.add(key)  # every chunk's first write fails once
             raise StoreUnavailable("object store briefly unavailable")
         real_put(self, key, data, **kw)
 
-    monkeypatch.setattr(LocalObjectStore, "put", flaky_put)
+    monkeypatch.setattr(ObstoreObjectStore, "put", flaky_put)
     rt = Runtime(settings)
     with caplog.at_level(logging.WARNING, logger="canonflow.retry"):
         (job_id,) = JobRunner(settings, rt, open_dispatcher("inline://", settings)).run()

@@ -1,5 +1,4 @@
-"""Object store backend on obstore (Rust object_store): memory and S3 (local files:
-:mod:`canonflow.stores.local_files`).
+"""Object store backend on obstore (Rust object_store): local files, memory and S3.
 
 ``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`` names any
 S3-compatible server; credentials come from the standard AWS environment variables (or the
@@ -11,22 +10,33 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
-from obstore.store import MemoryStore, S3Store
+from obstore.store import LocalStore, MemoryStore, S3Store
 
 from canonflow.errors import ConfigError, InvalidIdentifier, StoreUnavailable
 from canonflow.stores.object_store import ObjectInfo, ObjectStoreCapabilities
 
 
+def local_root(url: str) -> Path:
+    """``file://./data`` (relative) and ``file:///abs/data`` both name a directory."""
+    parsed = urlparse(url)
+    raw = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+    if not raw:
+        raise ConfigError(f"object store URL {url!r} names no directory")
+    return Path(raw).expanduser().resolve()
+
+
 class ObstoreObjectStore:
     def __init__(self, url: str) -> None:
         self.url = url
+        self._root: Path | None = None
         self._s3: tuple[str, dict[str, str]] | None = None
         if url.startswith("memory://"):
-            self._store: MemoryStore | S3Store = MemoryStore()
+            self._store: LocalStore | MemoryStore | S3Store = MemoryStore()
             self.capabilities = ObjectStoreCapabilities(
                 create_only_writes=True, shared_between_processes=False
             )
@@ -36,8 +46,12 @@ class ObstoreObjectStore:
                 create_only_writes=True, shared_between_processes=True
             )
         else:
-            raise ConfigError(f"object store URL {url.split('?')[0]!r}: obstore serves "
-                              "memory:// and s3:// here")
+            self._root = local_root(url)
+            self._root.mkdir(parents=True, exist_ok=True)
+            self._store = LocalStore(str(self._root))
+            self.capabilities = ObjectStoreCapabilities(
+                create_only_writes=True, shared_between_processes=True
+            )
 
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         try:
@@ -71,6 +85,8 @@ class ObstoreObjectStore:
         return True
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if self._root is not None and not (self._root / prefix).parent.exists():
+            return
         try:
             for batch in obstore.list(self._store, prefix=prefix.rstrip("/")):
                 for meta in batch:
@@ -86,10 +102,12 @@ class ObstoreObjectStore:
         if self._s3 is not None:
             base, options = self._s3
             return f"{base}/{name}", dict(options)
-        raise ConfigError(
-            "canonical tables need a shared store: memory:// cannot hold Delta tables, "
-            "set canonical_store to a file:// or s3:// URL"
-        )
+        if self._root is None:
+            raise ConfigError(
+                "canonical tables need a shared store: memory:// cannot hold Delta tables, "
+                "set canonical_store to a file:// or s3:// URL"
+            )
+        return os.fspath(self._root / name), {}
 
 
 def _open_s3(url: str) -> tuple[S3Store, tuple[str, dict[str, str]]]:
