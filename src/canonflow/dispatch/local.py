@@ -184,7 +184,10 @@ class LocalDispatcher:
 
     def _start(self) -> None:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["canonflow.dispatch.tasks", "canonflow.stores.sqlite"])
+        # imported once in the fork server, for every worker it forks (httpcore: what httpx
+        # imports on its first client)
+        context.set_forkserver_preload(["canonflow.dispatch.tasks", "canonflow.stores.sqlite",
+                                        "httpcore"])
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context,
             initializer=_start_worker,
