@@ -239,12 +239,14 @@ def tenants(work: Path, quick: bool) -> tuple[Table, list[dict[str, Any]]]:
                   "one worker, concurrency 2)")
     table.add_column("engine")
     for col in ("tenants", "records", "seconds", "records/s", "ms a tenant job",
-                "transforms / tables", "read / extracted", "contact rows = distinct"):
+                "CPU s (workers / runner / API)", "transforms / tables", "read / extracted",
+                "contact rows = distinct"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["engine"], f"{r['tenants']:,}", f"{r['records_extracted']:,}",
                       f"{r['seconds']:.1f}", f"{r['records_per_s']:,.0f}",
                       f"{r['ms_per_tenant']:.0f}",
+                      " / ".join(f"{r['cpu_s'][k]:.0f}" for k in ("workers", "runner", "api")),
                       f"{r['transforms_triggered']:,} / {r['tables']:,}",
                       f"{r['records_read'] / max(1, r['records_extracted']):.2f}",
                       str(r["contact_rows"] == r["distinct_contacts"]))

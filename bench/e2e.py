@@ -53,7 +53,7 @@ class PhaseClock:
         self.transform_end = time.perf_counter()
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -69,6 +69,24 @@ def _descendants(root: int) -> list[int]:
         found += kids
         frontier += kids
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used, all its threads (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def peak_rss_mb(pids: list[int]) -> float:
@@ -117,7 +135,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         job_ids = JobRunner(settings, rt, dispatcher, clock).run()
-        peak = peak_rss_mb([os.getpid(), *_descendants(os.getpid())])  # workers still alive
+        peak = peak_rss_mb([os.getpid(), *descendants(os.getpid())])  # workers still alive
     finally:
         dispatcher.close()
     wall = time.perf_counter() - started

@@ -5,8 +5,9 @@ whole pipeline (plan, chunks, aggregation, one transform per (job, table), canon
 ``local://?workers=2``) or ``celery`` (PostgreSQL state in a schema of its own, a Redis
 broker, one ``canonflow worker --concurrency 2`` process started and stopped by PID; the
 object store is a local folder in both). The demo API runs in its own process. Reports wall
-seconds of the run, records/s, milliseconds per tenant job, and the invariants it checked:
-transforms per (job, table) and canonical rows against the records extracted.
+seconds of the run, records/s, milliseconds per tenant job, the CPU seconds the runner, the
+demo API and the workers used during the run, and the invariants it checked: transforms per
+(job, table) and canonical rows against the records extracted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from bench.e2e import command_line, cpu_seconds, descendants
 from bench.server import demo_api
 from canonflow import memory
 from canonflow.config import Settings, SourceConfig, TenantConfig
@@ -101,12 +103,15 @@ def run(settings: Settings) -> dict[str, Any]:
     rt = Runtime(settings)
     rt.state.upgrade()
     dispatcher = open_dispatcher(settings.dispatcher, settings)
+    before = cpu_by_role()
     started = time.perf_counter()
     try:
         jobs = JobRunner(settings, rt, dispatcher).run()
+        seconds = time.perf_counter() - started
+        cpu = {role: round(used - before.get(role, 0.0), 1)  # the workers are still alive
+               for role, used in cpu_by_role().items()}
     finally:
         dispatcher.close()
-    seconds = time.perf_counter() - started
     totals = {"tables": 0, "records_extracted": 0, "records_read": 0,
               "transforms_triggered": 0, "records_canonical": 0, "records_quarantined": 0}
     for job in jobs:
@@ -119,7 +124,16 @@ def run(settings: Settings) -> dict[str, Any]:
         rt.canonical._store, "SELECT count(*), count(DISTINCT (_tenant_id, id)) FROM contact")
     rt.close()
     return {"seconds": seconds, "jobs": len(jobs), **totals, "contact_rows": contacts,
-            "distinct_contacts": distinct}
+            "distinct_contacts": distinct, "cpu_s": cpu}
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this process (the runner), the demo API and the worker
+    processes (every other descendant: the local pool, or the Celery worker and its pool)."""
+    used = {"runner": cpu_seconds(os.getpid()), "api": 0.0, "workers": 0.0}
+    for pid in descendants(os.getpid()):
+        used["api" if "demo-api" in command_line(pid) else "workers"] += cpu_seconds(pid)
+    return used
 
 
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
