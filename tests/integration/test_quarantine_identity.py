@@ -141,3 +141,22 @@ def test_quarantine_list_shows_each_bad_record_once_after_demo_re_runs(tmp_path:
     key = ("_tenant_id", "_source_table", "field", "reason", "raw")
     assert sorted(tuple(r[k] for k in key) for r in again) == sorted(
         tuple(r[k] for k in key) for r in first)
+
+
+def test_new_bad_records_are_appended_and_known_ones_merged(rt: Runtime) -> None:
+    """A group whose bad records the tenant's partition has no entry for is appended (a
+    merge would only insert them); one that meets an entry again is merged."""
+    from deltalake import DeltaTable
+
+    def operations() -> list[str]:
+        uri, opts = rt.canonical.uri("quarantine")
+        table = DeltaTable(uri, storage_options=opts or None)
+        return [h["operation"] for h in reversed(table.history())
+                if h.get("canonflow.request_id")]
+
+    sync(rt, "job-1", [deal(1, amount="n/a")])
+    sync(rt, "job-2", [deal(2, amount="n/a")])  # another record: no entry matches
+    sync(rt, "job-3", [deal(1, amount="n/a"), deal(3, amount="n/a")])  # one known
+    assert operations() == ["WRITE", "WRITE", "MERGE"]
+    rows = {r["record_key"]: r["occurrences"] for r in entries(rt)}
+    assert rows == {"key:1": 2, "key:2": 1, "key:3": 1}

