@@ -228,3 +228,43 @@ def test_generated_entity_docs_are_current() -> None:
         "docs/entities.md is stale: run `canonflow entities --markdown > docs/entities.md`"
     for entity in ("contact", "company", "deal", "ticket", "user", "invoice"):
         assert f"## {entity}\n" in docs.read_text()
+
+
+def test_a_zone_applies_to_timestamps_without_an_offset_only_through_the_read_path() -> None:
+    """pyarrow.json turns ISO text into UTC instants, with an offset or without; a field
+    with a zone of its own is read as text, so the zone applies to local times only (the
+    parent's field and a child's ``$item`` field alike)."""
+    entity = ENTITY.model_copy(update={"fields": {
+        "id": FieldDef(type="string", required=True),
+        "seen_at": FieldDef(type="timestamp"),
+        "updated_at": FieldDef(type="timestamp", required=True)}})
+    child = CHILD.model_copy(update={"fields": {
+        **CHILD.fields, "updated_at": FieldDef(type="timestamp", required=True)}})
+    spec = MappingSpec(
+        source=SourceRef(service="svc", table="things"), entity="thing", fields={
+            "id": FieldRule(path="id"),
+            "seen_at": FieldRule(path="meta.seen", timezone="America/New_York"),
+            "updated_at": FieldRule(path="updated_at")},
+        children=[ChildMapping(entity="thing_tag", explode="labels", fields={
+            "thing_id": FieldRule(path="id"), "tag": FieldRule(path="$item.name"),
+            "updated_at": FieldRule(path="$item.at", timezone="America/New_York")})])
+    compiled = CompiledMapping(spec, entity, {"thing": entity, "thing_tag": child})
+    assert compiled.text_paths == ["labels.[].at", "meta.seen"]
+    seen = ["2026-01-01T00:00:00Z", "2026-01-01T02:00:00+02:00", "2026-01-01T00:00:00"]
+    data = encode_batch([orjson.dumps({
+        "id": str(i), "meta": {"seen": s, "other": 1}, "updated_at": TS,
+        "labels": [{"name": "x", "at": s}]}) for i, s in enumerate(seen)])
+    raw = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths,
+                   compiled.text_paths)
+    assert raw.lines is None  # the fast path
+    mapped = compiled.apply(raw.columns)
+    midnight, five = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 5, tzinfo=UTC)
+    assert mapped.canonical.column("seen_at").to_pylist() == [midnight, midnight, five]
+    (tags,) = compiled.apply_children(raw.columns, mapped.kept)
+    assert tags.rows.column("updated_at").to_pylist() == [midnight, midnight, five]
+    # a value there that is not text (an epoch number) takes the slow path: still mapped
+    data = encode_batch([orjson.dumps({"id": "1", "meta": {"seen": 0}, "updated_at": TS})])
+    raw = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths,
+                   compiled.text_paths)
+    assert compiled.apply(raw.columns).canonical.column("seen_at").to_pylist() == [
+        datetime(1970, 1, 1, tzinfo=UTC)]

@@ -116,7 +116,7 @@ def probe(settings: Settings, catalog: Catalog, tenant_id: str,
                     continue
                 mapping = CompiledMapping(mspec, entity, catalog.entities)
                 raw = read_raw(f"probe/{src.service}/{table}.jsonl",
-                               b"\n".join(page.records), mapping.paths)
+                               b"\n".join(page.records), mapping.paths, mapping.text_paths)
                 mapped = mapping.apply(raw.columns, raw.raw_line)
                 row.fetched = len(page.records)
                 row.landed = mapped.canonical.num_rows

@@ -444,6 +444,7 @@ class CompiledMapping:
                                  for n, d in entity.fields.items()])
         self.children: list[tuple[str, CompiledMapping]] = []
         self.paths: list[str] = []
+        self.text_paths: list[str] = []  # paths read as text (``[]``: a list's elements)
         self.parent_key: dict[str, str] = {}  # a child's: child field -> parent key field
         if isinstance(spec, MappingSpec):
             for child in spec.children:
@@ -461,6 +462,18 @@ class CompiledMapping:
             paths.add(explode)
             paths |= {p for p in compiled.paths if not p.startswith(ITEM)}
         self.paths = sorted(paths)
+        # timestamps read in a zone of their own are read as text: pyarrow.json turns ISO
+        # text into UTC instants, those with an offset and those without alike, so the
+        # zone could no longer be applied to the second kind only
+        rules = [(r, entity.fields.get(name)) for name, r in spec.fields.items()]
+        if isinstance(spec, MappingSpec) and spec.deleted is not None and spec.deleted.at:
+            rules.append((spec.deleted.at, None))
+        text = {p for r, fdef in rules if r.timezone not in (None, "UTC")
+                and (fdef is None or fdef.type == "timestamp") for p in r.paths}
+        for explode, compiled in self.children:  # ``$item``: the elements of the list
+            text |= {f"{explode}.[]{p[len(ITEM):]}" if p.startswith(ITEM) else p
+                     for p in compiled.text_paths}
+        self.text_paths = sorted(text)
 
     def _column(self, source: SourceColumns, name: str, fdef: FieldDef,
                 rule: FieldRule, n: int) -> tuple[pa.Array, pa.Array, str]:

@@ -115,7 +115,7 @@ def _replay_table(rt: Runtime, part: pa.Table, tenant: str, service: str, table:
     entity = rt.catalog.entities[spec.entity]
     mapping = CompiledMapping(spec, entity, rt.catalog.entities)
     data = "\n".join(part.column("raw").to_pylist()).encode()
-    raw = read_raw("replay.jsonl", data, mapping.paths)
+    raw = read_raw("replay.jsonl", data, mapping.paths, mapping.text_paths)
     # rows of the raw file that parse: their positions in ``part``
     parsed = raw.good_lines if raw.good_lines is not None else list(range(raw.columns.num_rows))
     mapped = mapping.apply(raw.columns, raw.raw_line)

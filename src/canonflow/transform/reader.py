@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.json as pj
@@ -48,12 +49,44 @@ def decompress(data: bytes, key: str) -> bytes:
     return data
 
 
-def read_raw(key: str, compressed: bytes, paths: Iterable[str]) -> RawFile:
+def text_schema(paths: Iterable[str]) -> pa.Schema | None:
+    """A pyarrow.json schema that reads each dotted path as text, whatever it looks like
+    (``[]`` steps into a list's elements); every other field is inferred as usual. A path
+    that is also the parent of another is read as the parent."""
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node.setdefault(leaf, None)
+    return pa.schema([(name, _text_type(node)) for name, node in tree.items()]) if tree else None
+
+
+def _text_type(node: dict[str, Any] | None) -> pa.DataType:
+    if node is None:
+        return pa.string()
+    if set(node) == {"[]"}:
+        return pa.list_(_text_type(node["[]"]))
+    return pa.struct([(name, _text_type(child)) for name, child in node.items() if name != "[]"])
+
+
+def read_raw(key: str, compressed: bytes, paths: Iterable[str],
+             text_paths: Iterable[str] = ()) -> RawFile:
+    """``text_paths`` are read as text by the fast path (values there that are not text
+    send the file to the slow path, which keeps every value as it came)."""
     data = decompress(compressed, key)
     if not data.strip():
         return RawFile(key, PathColumns({}, 0), [], data)
+    schema = text_schema(text_paths)
     try:
-        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(block_size=_BLOCK))
+        table = pj.read_json(
+            pa.BufferReader(data), read_options=pj.ReadOptions(block_size=_BLOCK),
+            parse_options=pj.ParseOptions(explicit_schema=schema,
+                                          unexpected_field_behavior="infer"))
         # pyarrow.json can build an invalid list column (a list whose first elements are
         # nulls, e.g. [null, "a"]); reading it later fails the whole file: take the slow path
         table.validate()

@@ -579,7 +579,7 @@ def _write(claimed: _Claimed, rt: Runtime) -> _Run:
             data, modified = rt.objects.get_object(key)
         except FileNotFoundError:
             raise TerminalError(f"source file {key!r} does not exist") from None
-        return read_raw(key, data, mapping.paths), modified
+        return read_raw(key, data, mapping.paths, mapping.text_paths), modified
 
     try:
         for raw, modified in prefetch(claimed.files, load):
