@@ -19,6 +19,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     """Quiet, keep-alive, and ``_send`` answers a JSON document."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a small body does not wait 40 ms for a delayed ACK
 
     def log_message(self, format: str, *args: Any) -> None:
         return
