@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from canonflow.connectors.pagination import PageRequest
-from canonflow.connectors.rest import storable
+from canonflow.connectors.rest import Page, storable
 from canonflow.errors import error_payload
 from canonflow.lease import worker_label
 from canonflow.model import (
@@ -144,30 +144,35 @@ def process_chunk(spec: ChunkSpec, rt: Runtime) -> ChunkResult:
             finished = resume is None
             log.info("chunk resumes from its checkpoint", extra={
                 "chunk_id": spec.chunk_id, "records": records, "files": len(writer.files)})
-        client = rt.client(t.tenant_id, t.service_name)
-        after_first = PageRequest(**spec.first_page_next) if spec.first_page_next else None
-        walk = iter(()) if finished else client.walk(
-            t.table_name, spec.start_page, spec.end_page, spec.page_size, resume=resume,
-            params=spec.params, first_body=None if resume else _handed_page(spec, rt),
-            first_next=after_first)
-        for fetched, nxt in walk:
-            if announced is None:
-                announced = fetched.total
-            records += len(fetched.records)
-            final_page = page
-            page += 1
-            if not sequential:
-                writer.add(fetched.records)
-            elif writer.add_page(fetched.records) and (nxt is None or storable(nxt)):
-                # a next request the API signed with a secret of its own is never stored:
-                # a retry then resumes from an earlier checkpoint, or from the start
-                rt.state.save_checkpoint(spec.job_id, spec.chunk_id, {
-                    "files": writer.files, "records": records, "page": page,
-                    "final_page": final_page, "next": asdict(nxt) if nxt else None,
-                    "announced_total": announced})
-                if (time_low := _time_low.get()) is not None and nxt is not None \
-                        and time_low():
-                    raise ChunkContinues(f"{spec.chunk_id}: continues from page {page}")
+        with ExitStack() as using:
+            walk: Iterator[tuple[Page, PageRequest | None]] = iter(())
+            if not finished:  # a checkpoint after the last page: nothing to ask the API
+                client = using.enter_context(rt.client(t.tenant_id, t.service_name))
+                after_first = PageRequest(**spec.first_page_next) \
+                    if spec.first_page_next else None
+                walk = client.walk(
+                    t.table_name, spec.start_page, spec.end_page, spec.page_size,
+                    resume=resume, params=spec.params,
+                    first_body=None if resume else _handed_page(spec, rt),
+                    first_next=after_first)
+            for fetched, nxt in walk:
+                if announced is None:
+                    announced = fetched.total
+                records += len(fetched.records)
+                final_page = page
+                page += 1
+                if not sequential:
+                    writer.add(fetched.records)
+                elif writer.add_page(fetched.records) and (nxt is None or storable(nxt)):
+                    # a next request the API signed with a secret of its own is never stored:
+                    # a retry then resumes from an earlier checkpoint, or from the start
+                    rt.state.save_checkpoint(spec.job_id, spec.chunk_id, {
+                        "files": writer.files, "records": records, "page": page,
+                        "final_page": final_page, "next": asdict(nxt) if nxt else None,
+                        "announced_total": announced})
+                    if (time_low := _time_low.get()) is not None and nxt is not None \
+                            and time_low():
+                        raise ChunkContinues(f"{spec.chunk_id}: continues from page {page}")
         writer.close()
     except ChunkContinues:
         raise

@@ -134,11 +134,12 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                         tspec.chunking, TimeWindowChunking) else inc.render(since)
             total, first_body, after_first = None, None, None
             if isinstance(tspec.chunking, PageRangeChunking):  # read the total first
-                first, first_body = rt.client(tenant_id, src.service).first_page(
-                    table, page_size, params)
+                with rt.client(tenant_id, src.service) as client:
+                    first, first_body = client.first_page(table, page_size, params)
                 total = first.total
             elif isinstance(tspec.chunking, SequentialChunking):  # page 1 for the chunk
-                opened = rt.client(tenant_id, src.service).opening(table, page_size, params)
+                with rt.client(tenant_id, src.service) as client:
+                    opened = client.opening(table, page_size, params)
                 if opened is not None:
                     first_body, after_first = opened
             work: list[tuple[int, int | None, dict[str, str]]]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from canonflow import retry
 from canonflow.config import Settings
 from canonflow.connectors import tls
+from canonflow.connectors.pool import ClientPool
 from canonflow.connectors.rest import RestClient
 from canonflow.errors import CommitConflict
 from canonflow.lease import Heartbeat, holder_dead, holder_id
@@ -27,7 +28,12 @@ LOCK_TTL = 60.0  # a table lock lapses this long after its holder's last heartbe
 @dataclass
 class Runtime:
     settings: Settings
-    _clients: dict[tuple[str, str], RestClient] = field(default_factory=dict)
+    # the process's REST clients: one per (tenant, service), the least recently used idle
+    # ones closed past :data:`canonflow.connectors.pool.KEPT`
+    clients: ClientPool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.clients = ClientPool(self._open_client)
 
     @cached_property
     def objects(self) -> ObjectStore:
@@ -112,21 +118,18 @@ class Runtime:
         tls.context()
         importlib.import_module("httpcore")
 
-    def client(self, tenant_id: str, service: str) -> RestClient:
-        """One keep-alive client per (tenant, service) per process."""
-        key = (tenant_id, service)
-        if key not in self._clients:
-            connection = self.settings.connection(tenant_id, service)
-            self._clients[key] = RestClient(
-                connection.spec,
-                self.settings.credentials(tenant_id, service),
-                base_url=connection.base_url, tenant=tenant_id,
-            )
-        return self._clients[key]
+    def _open_client(self, key: tuple[str, str]) -> RestClient:
+        tenant_id, service = key
+        connection = self.settings.connection(tenant_id, service)
+        return RestClient(connection.spec, self.settings.credentials(tenant_id, service),
+                          base_url=connection.base_url, tenant=tenant_id)
+
+    def client(self, tenant_id: str, service: str) -> AbstractContextManager[RestClient]:
+        """The keep-alive client of (tenant, service) for a ``with`` block; it stays open
+        for the next block unless the process opens many others meanwhile."""
+        return self.clients.use(tenant_id, service)
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
+        self.clients.close()
         if "state" in self.__dict__:
             self.state.close()

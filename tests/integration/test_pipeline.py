@@ -107,7 +107,7 @@ def test_a_failed_table_is_reported_not_transformed(make_settings) -> None:
     from canonflow.plan import plan_job
     plan = plan_job(settings, rt, "acme", job_id="job-partial")
     rt.state.create_job(plan.job_id, "acme", "t", "aggregated", plan.chunks)
-    rt._clients[("acme", "crm")].spec = broken  # type: ignore[misc]
+    rt.clients.open[("acme", "crm")].spec = broken  # type: ignore[misc]
     from canonflow.dispatch.tasks import run_chunk, run_transform_task
     for c in plan.chunks:
         run_chunk(c.model_dump_json(), rt)

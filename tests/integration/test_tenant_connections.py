@@ -151,3 +151,33 @@ def test_three_tenants_of_one_api_in_one_run_each_get_exactly_their_records(
         assert sorted((r[1], r[2]) for r in rows if r[0] == tenant) == sorted(
             (record(tenant, i)["id"], record(tenant, i)["email"]) for i in range(n))
     assert len(rows) == sum(n for _, n in TENANTS.values())
+
+
+def test_a_process_serving_more_tenants_than_it_keeps_clients_for_closes_the_oldest(
+        make_settings: Any) -> None:
+    """A run of 10 tenants through one runtime (inline dispatcher) that keeps 4 clients:
+    every tenant's job is done, and at most 4 clients (one connection each) stay open."""
+    from canonflow.connectors.pool import ClientPool
+
+    tenants = tuple(f"t{i:03d}" for i in range(10))
+    settings = make_settings(tenants=tenants, tables={"crm": ["contacts"]})
+    rt = Runtime(settings)
+    made: list[Any] = []
+
+    def make(key: tuple[str, str]) -> Any:
+        made.append(rt._open_client(key))
+        return made[-1]
+
+    rt.clients = ClientPool(make, kept=4)
+    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    try:
+        jobs = JobRunner(settings, rt, dispatcher).run()
+    finally:
+        dispatcher.close()
+    assert len(jobs) == len(tenants)
+    assert all(job_report(rt.state, job)["status"] == "done" for job in jobs)
+    open_now = {id(c) for c in rt.clients.open.values()}
+    assert len(open_now) <= 4 and len(made) >= len(tenants)
+    assert all(c._client.is_closed for c in made if id(c) not in open_now)
+    rt.close()
+    assert all(c._client.is_closed for c in made)

@@ -69,7 +69,7 @@ def test_unknown_tenants_and_duplicate_runs_are_refused_before_extracting(
 
 
 def _api_requests(rt: Runtime) -> int:
-    return sum(c._client.__dict__.get("_requests", 0) for c in rt._clients.values())
+    return sum(c._client.__dict__.get("_requests", 0) for c in rt.clients.open.values())
 
 
 def test_two_runs_at_once_start_one_job_per_tenant(make_settings) -> None:

@@ -117,7 +117,7 @@ def test_planning_hands_page_one_of_a_table_read_page_after_page_to_its_chunk(
         [(1, None, True)] * 2
     assert [c.first_page_next is None for c in plan.chunks] == [whole] * 2
     assert len(task_batches(plan.chunks)) == (1 if whole else 2)
-    client = runtime.client("acme", "billing")
+    client = runtime.clients.open[("acme", "billing")]  # the one planning used
     asked: list[dict[str, object]] = []
     get = client._get
 

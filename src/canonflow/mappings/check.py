@@ -108,9 +108,10 @@ def probe(settings: Settings, catalog: Catalog, tenant_id: str,
                 row.entity = entity.name
                 tspec = spec.table(table)
                 try:
-                    page = rt.client(tenant_id, src.service).fetch_page(
-                        table, 1, src.page_size or tspec.pagination.page_size,
-                        first_query(tspec))
+                    with rt.client(tenant_id, src.service) as client:
+                        page = client.fetch_page(
+                            table, 1, src.page_size or tspec.pagination.page_size,
+                            first_query(tspec))
                 except CanonflowError as exc:
                     row.error, row.retryable = redact(str(exc)), exc.retryable
                     continue
