@@ -19,6 +19,7 @@ from canonflow.dispatch import Dispatcher, open_dispatcher
 from canonflow.errors import ConfigError, TerminalError, UnknownJob
 from canonflow.lease import runner_alive
 from canonflow.model import TERMINAL, TransformRequest, TriggerMode
+from canonflow.plan import PLAN_PREFIX, forget_pages
 from canonflow.progress import RichProgress
 from canonflow.query import Scan, run_query
 from canonflow.report import job_report, totals
@@ -799,7 +800,8 @@ def maintain(
 ) -> None:
     """Table upkeep (run it now and then, like recover): compact tenant partitions holding
     more than compact_after_files files, delete data files no version within the retention
-    reads, checkpoint each log and drop expired log entries."""
+    reads, checkpoint each log and drop expired log entries; delete the first pages planning
+    kept for chunks (plan/) of jobs that ended, and of any job after the retention."""
     settings = _settings(pipeline, data_dir)
     rt = Runtime(settings)
     rows: list[dict[str, Any]] = []
@@ -814,6 +816,8 @@ def maintain(
             vacuumed = rt.canonical.vacuum(name, retention_hours)
             rows.append({"table": name, "files_compacted": compacted,
                          "files_deleted": vacuumed})
+        rows.append({"table": PLAN_PREFIX, "files_compacted": 0,
+                     "files_deleted": forget_pages(rt, retention_hours)})
     finally:
         rt.close()
     if as_json:

@@ -15,7 +15,13 @@ from canonflow.connectors.spec import (
     TimeWindowChunking,
 )
 from canonflow.errors import ConfigError
-from canonflow.model import ChunkSpec, TableRef, first_page_key, validate_identifier
+from canonflow.model import (
+    TERMINAL,
+    ChunkSpec,
+    TableRef,
+    first_page_key,
+    validate_identifier,
+)
 from canonflow.telemetry import tracing
 
 if TYPE_CHECKING:
@@ -170,3 +176,28 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
                     trace_context=tracing.carrier() or None,  # the job's span, if traced
                 ))
     return JobPlan(job_id, tenant_id, chunks)
+
+
+PLAN_PREFIX = "plan/"
+
+
+def forget_pages(rt: Runtime, retention_hours: float) -> int:
+    """Delete the page 1 bodies planning left for chunks (:func:`first_page_key`) of jobs
+    that ended (done, failed, cancelled, or no longer known to the state store), and of any
+    job after ``retention_hours`` (a chunk that still runs then asks the API for its first
+    page again, as it would without them). Returns how many were deleted."""
+    cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+    ended: dict[str, bool] = {}
+    gone: list[str] = []
+    for obj in rt.objects.list(PLAN_PREFIX):
+        parts = obj.key.split("/")
+        if len(parts) != 7:  # not a page planning left
+            continue
+        job_id = parts[4]
+        if job_id not in ended:
+            job = rt.state.job(job_id)
+            ended[job_id] = job is None or job.status in TERMINAL
+        if ended[job_id] or obj.last_modified < cutoff:
+            gone.append(obj.key)
+    rt.objects.delete(gone)
+    return len(gone)

@@ -147,3 +147,43 @@ def test_a_first_load_skips_the_compaction_look_and_later_syncs_take_it(
     assert run_query(rt.canonical._store, "SELECT count(*) FROM contact "
                      "WHERE _tenant_id = 'acme'")[1] == [(201,)]
     rt.close()
+
+
+def test_maintain_deletes_the_first_pages_planning_kept_for_ended_jobs(
+        make_settings: Any, tmp_path: Path) -> None:
+    """Planning keeps page 1 of each table for its chunk (plan/); a job that ended needs it
+    no more: maintain deletes those (and their folders), keeps a running job's until the
+    retention, and reports them."""
+    from canonflow.dispatch import open_dispatcher
+    from canonflow.model import ChunkSpec, first_page_key
+    from canonflow.plan import forget_pages
+    from canonflow.runner import JobRunner
+
+    settings = make_settings(tables={"crm": ["contacts", "companies"]})
+    rt = Runtime(settings)
+    dispatcher = open_dispatcher(settings.dispatcher, settings)
+    try:
+        (job,) = JobRunner(settings, rt, dispatcher).run()
+    finally:
+        dispatcher.close()
+    kept = [o.key for o in rt.objects.list("plan/")]
+    assert kept and all(f"/{job}/" in key for key in kept)
+    running = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
+    rt.state.create_job("job-running", "acme", "test", "aggregated", [ChunkSpec(
+        job_id="job-running", chunk_id="crm-contacts-00000", table=running, start_page=1,
+        end_page=None, page_size=100, batch_records=500, first_page_stored=True)])
+    page = first_page_key(running, "job-running", "crm-contacts-00000")
+    rt.objects.put(page, b'{"results": []}')
+    rt.close()
+    proc = subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
+                           "maintain", "--data-dir", str(tmp_path / "data"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = {r["table"]: r for r in json.loads(proc.stdout)}
+    assert report["plan/"]["files_deleted"] == len(kept)
+    rt = Runtime(settings)
+    assert [o.key for o in rt.objects.list("plan/")] == [page]  # the running job's stays
+    assert not (tmp_path / "data" / "plan" / "acme" / "crm" / "contacts" / job).exists()
+    assert forget_pages(rt, retention_hours=0) == 1  # past the retention: any job's
+    assert list(rt.objects.list("plan/")) == []
+    rt.close()

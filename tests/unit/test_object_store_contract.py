@@ -59,6 +59,35 @@ def test_list_of_an_absent_prefix_is_empty(store: ObjectStore) -> None:
     assert list(store.list("raw/none/")) == []
 
 
+def test_delete_removes_what_it_names_and_a_missing_key_is_no_error(
+        store: ObjectStore) -> None:
+    keys = [f"plan/t/s/contacts/job-1/c-{i}/page-00001.json" for i in range(3)]
+    for key in [*keys, "plan/t/s/contacts/job-2/c-0/page-00001.json"]:
+        store.put(key, b"{}")
+    store.delete([*keys[:2], "plan/t/s/contacts/job-9/c-0/page-00001.json"])
+    assert sorted(o.key for o in store.list("plan/")) == [
+        keys[2], "plan/t/s/contacts/job-2/c-0/page-00001.json"]
+    store.delete([keys[2]])
+    store.delete([])
+    assert [o.key for o in store.list("plan/")] == [
+        "plan/t/s/contacts/job-2/c-0/page-00001.json"]
+    with pytest.raises(InvalidIdentifier):
+        store.delete(["plan/../../outside"])
+
+
+def test_a_local_store_drops_the_job_folders_a_delete_empties(tmp_path: Path) -> None:
+    store = open_object_store(f"file://{tmp_path}")
+    store.put("plan/t/s/contacts/job-1/c-0/page-00001.json", b"{}")
+    store.put("plan/t/s/contacts/job-1/c-1/page-00001.json", b"{}")
+    store.put("plan/t/s/contacts/job-2/c-0/page-00001.json", b"{}")
+    store.delete(["plan/t/s/contacts/job-1/c-0/page-00001.json",
+                  "plan/t/s/contacts/job-1/c-1/page-00001.json"])
+    assert sorted(p.name for p in (tmp_path / "plan/t/s/contacts").iterdir()) == ["job-2"]
+    store.delete(["plan/t/s/contacts/job-2/c-0/page-00001.json"])
+    assert (tmp_path / "plan/t/s/contacts").is_dir()  # the table's folder stays
+    assert list((tmp_path / "plan/t/s/contacts").iterdir()) == []
+
+
 def test_read_times_match_the_listing_and_a_directory_is_no_object(store: ObjectStore) -> None:
     store.put("t/a/one", b"1")
     (listed,) = store.list("t/a/")

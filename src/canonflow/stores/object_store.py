@@ -7,7 +7,7 @@ backend's library loads only when used: ``file://`` (default ``file://./canonflo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -45,6 +45,9 @@ class ObjectStore(Protocol):
         """Objects whose key starts with ``prefix``, with sizes and modification times."""
 
     def exists(self, key: str) -> bool: ...
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete these objects (in batches); a key that is not there is no error."""
 
     def delta_uri(self, name: str) -> tuple[str, dict[str, str]]:
         """Where a Delta table called ``name`` lives, and deltalake storage options."""

@@ -7,8 +7,9 @@ instance/web-identity chain), never from the URL. Create-only writes use ``If-No
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -19,6 +20,9 @@ from obstore.store import LocalStore, MemoryStore, S3Store
 
 from canonflow.errors import ConfigError, InvalidIdentifier, StoreUnavailable
 from canonflow.stores.object_store import ObjectInfo, ObjectStoreCapabilities
+
+_DELETE_BATCH = 1000  # keys a delete request names (S3's DeleteObjects limit)
+_KEPT_FOLDERS = 4  # {kind}/{tenant}/{service}/{table}: a delete leaves these folders
 
 
 def local_root(url: str) -> Path:
@@ -83,6 +87,42 @@ class ObstoreObjectStore:
         except FileNotFoundError:
             return False
         return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """In a local store, the job and chunk folders (``{kind}/{tenant}/{service}/{table}/
+        {job}/{chunk}/``) the deleted objects leave empty go too; never the folders above
+        them, which a new job of the same table may be writing into."""
+        batch = list(keys)
+        for start in range(0, len(batch), _DELETE_BATCH):
+            part = batch[start:start + _DELETE_BATCH]
+            try:
+                obstore.delete(self._store, part)
+            except FileNotFoundError:  # a local store refuses the batch: one at a time
+                for key in part:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._delete(key)
+            except (ValueError, TypeError):  # (a list with a key obstore cannot parse)
+                raise InvalidIdentifier(f"invalid object key among {part[:3]!r}") from None
+            except BaseError as exc:
+                raise StoreUnavailable(f"cannot delete {part[0]}...: "
+                                       f"{type(exc).__name__}") from exc
+        if self._root is not None:
+            for folder in sorted({os.path.dirname(k) for k in batch}, reverse=True):
+                parts = folder.split("/")
+                while len(parts) > _KEPT_FOLDERS:
+                    try:
+                        (self._root / "/".join(parts)).rmdir()
+                    except OSError:  # not empty (or gone): the folders above stay too
+                        break
+                    parts.pop()
+
+    def _delete(self, key: str) -> None:
+        try:
+            obstore.delete(self._store, key)
+        except (ValueError, TypeError):
+            raise InvalidIdentifier(f"invalid object key {key!r}") from None
+        except BaseError as exc:
+            raise StoreUnavailable(f"cannot delete {key}: {type(exc).__name__}") from exc
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         if self._root is not None and not (self._root / prefix).parent.exists():
