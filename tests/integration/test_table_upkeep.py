@@ -154,18 +154,12 @@ def test_maintain_deletes_the_first_pages_planning_kept_for_ended_jobs(
     """Planning keeps page 1 of each table for its chunk (plan/); a job that ended needs it
     no more: maintain deletes those (and their folders), keeps a running job's until the
     retention, and reports them."""
-    from canonflow.dispatch import open_dispatcher
     from canonflow.model import ChunkSpec, first_page_key
     from canonflow.plan import forget_pages
-    from canonflow.runner import JobRunner
+    from tests.jobs import run_job
 
     settings = make_settings(tables={"crm": ["contacts", "companies"]})
-    rt = Runtime(settings)
-    dispatcher = open_dispatcher(settings.dispatcher, settings)
-    try:
-        (job,) = JobRunner(settings, rt, dispatcher).run()
-    finally:
-        dispatcher.close()
+    rt, job = run_job(settings)
     kept = [o.key for o in rt.objects.list("plan/")]
     assert kept and all(f"/{job}/" in key for key in kept)
     running = TableRef(tenant_id="acme", service_name="crm", table_name="contacts")
