@@ -231,3 +231,37 @@ def test_a_group_reads_its_table_log_once_and_ends_its_requests_in_one_step(
     for r in requests[4:]:
         tasks.run_transform_task(r.model_dump_json(), rt)
     check_exact(rt, requests)
+
+
+def test_a_group_maps_its_files_in_one_pass_and_a_missing_file_fails_its_request_alone(
+        waiting: tuple[Runtime, list[TransformRequest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's requests' files are read up front and mapped in one pass; one of them
+    names a file that is gone: it fails, alone; the others land with the counts each
+    request has alone."""
+    rt, requests = waiting
+    passes: list[list[bool]] = []
+    together = transform_run.map_together
+
+    def counted(mapping: Any, files: Any) -> Any:
+        out = together(mapping, files)
+        passes.append([part is not None for part in out])
+        return out
+
+    monkeypatch.setattr(transform_run, "map_together", counted)
+    gone = (requests[1].source_files or [])[0]
+    (rt.canonical._store._root / gone).unlink()  # type: ignore[attr-defined]
+    outcome = tasks.run_transform_task(requests[0].model_dump_json(), rt)
+    assert outcome["result"]["records_read"] == DEALS
+    # one pass over the files of the three requests that could read all theirs
+    assert passes == [[True] * sum(len(r.source_files or []) for r in (
+        requests[0], requests[2], requests[3]))]
+    records = {r.request_id: rt.state.request(r.request_id) for r in requests[:4]}
+    failed = records.pop(requests[1].request_id)
+    assert failed is not None and failed.status == "failed"
+    assert "does not exist" in (failed.error or "")
+    ok = [rec.result for rec in records.values() if rec is not None and rec.result]
+    assert [rec.status for rec in records.values() if rec] == ["done"] * 3 and len(ok) == 3
+    bad = expected_bad(("crm", "deals"), DEALS)
+    assert {(r.records_read, r.records_written, r.records_quarantined) for r in ok} == {
+        (DEALS, DEALS - bad, bad)}

@@ -137,6 +137,8 @@ class Mapped:
     nulled: dict[str, int] = dc_field(default_factory=dict)  # reason -> optional values nulled
     deleted: pa.Array | None = None  # per good row: a deletion (tombstone)
     deleted_at: pa.Array | None = None  # per good row: when (null: at extraction)
+    # reason -> the source rows (that land) whose optional value it nulled
+    nulled_rows: dict[str, pa.Array] = dc_field(default_factory=dict)
 
 
 def count_true(mask: pa.Array) -> int:
@@ -573,7 +575,8 @@ class CompiledMapping:
             good = good.set_column(good.schema.get_field_index(EXTRA), EXTRA, extra)
         keys = pc.take(key_column(table, self.entity.keys), idx)
         lands = pc.invert(bad)  # only the records that land count
-        counts = {why: c for why, rows in nulled.items() if (c := count_true(pc.and_(rows, lands)))}
+        nulled = {why: pc.and_(rows, lands) for why, rows in nulled.items()}
+        counts = {why: c for why, rows in nulled.items() if (c := count_true(rows))}
         deleted_at = None
         if isinstance(self.spec, MappingSpec) and self.spec.deleted is not None:
             drule = self.spec.deleted
@@ -584,7 +587,8 @@ class CompiledMapping:
             when = pc.coalesce(when, columns[self.entity.ordering])
             deleted_at = pc.filter(pc.if_else(deleted, when, None), lands)
         return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys,
-                      counts, pc.filter(deleted, lands), deleted_at)
+                      counts, pc.filter(deleted, lands), deleted_at,
+                      {why: rows for why, rows in nulled.items() if why in counts})
 
     def _deleted(self, source: SourceColumns, n: int) -> pa.Array:
         """Which records are deletions, per the mapping's ``deleted`` rule."""

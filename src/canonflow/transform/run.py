@@ -43,6 +43,7 @@ from canonflow.transform.mapping import (
     sequence,
 )
 from canonflow.transform.reader import RawFile, read_raw
+from canonflow.transform.together import FileMapping, map_together
 from canonflow.transform.writer import (
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
@@ -213,8 +214,10 @@ class _Run:
             deleted, pc.coalesce(deleted_at, at), None)  # a deletion without a time: now
         return rows.append_column("_extracted_at", at).append_column("_deleted_at", gone)
 
-    def add_file(self, raw: RawFile, extracted_at: datetime) -> None:
-        mapped = self.mapping.apply(raw.columns, raw.raw_line)
+    def add_file(self, raw: RawFile, extracted_at: datetime,
+                 premapped: FileMapping | None = None) -> None:
+        """Map the file (or take its part of a group's mapping) and add its rows."""
+        mapped = premapped[0] if premapped else self.mapping.apply(raw.columns, raw.raw_line)
         self.read += raw.columns.num_rows + len(raw.broken)
         for why, n in mapped.nulled.items():
             self.nulled[why] = self.nulled.get(why, 0) + n
@@ -243,7 +246,8 @@ class _Run:
              for line, text, why in raw.broken]
         if self.mapping.children and mapped.canonical.num_rows:
             parent_keys = key_column(mapped.canonical, self.entity.keys)
-            for child in self.mapping.apply_children(raw.columns, mapped.kept):
+            for child in (premapped[1] if premapped
+                          else self.mapping.apply_children(raw.columns, mapped.kept)):
                 # the parent's position among the kept rows is its offset from ``first``
                 if child.rows.num_rows:
                     position = pc.index_in(child.parents, value_set=mapped.kept)
@@ -528,6 +532,7 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
     partitions = {(canonical_path(name), c.request.tenant_id) for c in group
                   for name in (c.spec.entity, *(child.entity for child in c.spec.children))}
     try:
+        loaded = _load_together(group, rt)
         with Heartbeat(lease / 4, lambda: [rt.state.touch_request(i, rt.holder)
                                            for i in others], "group commit"), \
                 rt.canonical.grouped(partitions):
@@ -535,7 +540,7 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
                 r = claimed.request
                 with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):
                     try:
-                        written.append((claimed, _write(claimed, rt)))
+                        written.append((claimed, _write(claimed, rt, loaded)))
                     except TerminalError as exc:  # finished as failed by _write
                         failed[r.request_id] = exc
     except Exception as exc:
@@ -556,9 +561,68 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
     return results[first.request.request_id]
 
 
-def _write(claimed: _Claimed, rt: Runtime) -> _Run:
+@dataclass
+class _Loaded:
+    raw: RawFile
+    modified: datetime
+    mapped: FileMapping | None = None  # its part of a group's mapping
+
+
+def _load(key: str, mapping: CompiledMapping, rt: Runtime) -> _Loaded:
+    try:
+        data, modified = rt.objects.get_object(key)
+    except FileNotFoundError:
+        raise TerminalError(f"source file {key!r} does not exist") from None
+    return _Loaded(read_raw(key, data, mapping.paths, mapping.text_paths), modified)
+
+
+# a group commit whose requests hold at most this many files, of at most this many records
+# in all, reads them up front and maps them in one pass (see ``transform/together.py``)
+TOGETHER_FILES = 32
+TOGETHER_RECORDS = 20_000
+
+
+@dataclass
+class _Failed:
+    """A file of a group that could not be read: raised when its request reaches it."""
+
+    error: Exception
+
+
+def _load_together(group: list[_Claimed], rt: Runtime) -> dict[str, _Loaded | _Failed]:
+    """The files of a group of small requests of one source table, read up front (a file
+    that cannot be read fails its own request only, when that request reaches it) and
+    mapped in one pass; {} for any other group (each request reads its own files)."""
+    keys = [key for claimed in group for key in claimed.files]
+    first = group[0]
+    if len(keys) > TOGETHER_FILES or len(set(keys)) < len(keys) or any(
+            c.spec != first.spec for c in group[1:]):
+        return {}
+    mapping = CompiledMapping(first.spec, first.entity, rt.catalog.entities)
+
+    def attempt(key: str) -> _Loaded | _Failed:
+        try:
+            return _load(key, mapping, rt)
+        except Exception as exc:  # raised again by its own request
+            return _Failed(exc)
+
+    loaded = dict(zip(keys, prefetch(keys, attempt), strict=True))
+    # the files of the requests whose every file could be read
+    files = [item for c in group
+             if all(isinstance(loaded[k], _Loaded) for k in c.files)
+             for item in (loaded[k] for k in c.files) if isinstance(item, _Loaded)]
+    if sum(f.raw.columns.num_rows for f in files) <= TOGETHER_RECORDS:
+        for item, part in zip(files, map_together(mapping, [f.raw for f in files]),
+                              strict=True):
+            item.mapped = part
+    return loaded
+
+
+def _write(claimed: _Claimed, rt: Runtime,
+           loaded: dict[str, _Loaded | _Failed] | None = None) -> _Run:
     """Map the request's files and write its rows (group by group); a terminal failure
-    finishes it as failed and raises."""
+    finishes it as failed and raises. ``loaded``: its files, read (and mapped) already
+    with the other requests of a group commit."""
     request, entity, attempt = claimed.request, claimed.entity, claimed.attempt
     log.info("canonical transform starting", extra={
         "request_id": request.request_id, "table": request.table.label,
@@ -574,16 +638,12 @@ def _write(claimed: _Claimed, rt: Runtime) -> _Run:
                 for g in rt.canonical.committed_groups(name, request.request_id)}
     run = _Run(request, rt, entity, mapping, skip)
 
-    def load(key: str) -> tuple[RawFile, datetime]:
-        try:
-            data, modified = rt.objects.get_object(key)
-        except FileNotFoundError:
-            raise TerminalError(f"source file {key!r} does not exist") from None
-        return read_raw(key, data, mapping.paths, mapping.text_paths), modified
-
     try:
-        for raw, modified in prefetch(claimed.files, load):
-            run.add_file(raw, modified)
+        for item in ((loaded[key] for key in claimed.files) if loaded
+                     else prefetch(claimed.files, lambda key: _load(key, mapping, rt))):
+            if isinstance(item, _Failed):
+                raise item.error
+            run.add_file(item.raw, item.modified, item.mapped)
         run.flush()
         if request.reconcile:
             run.reconcile()
