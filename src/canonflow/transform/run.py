@@ -576,8 +576,10 @@ def _load(key: str, mapping: CompiledMapping, rt: Runtime) -> _Loaded:
     return _Loaded(read_raw(key, data, mapping.paths, mapping.text_paths), modified)
 
 
-# a group commit whose requests hold at most this many files, of at most this many records
-# in all, reads them up front and maps them in one pass (see ``transform/together.py``)
+# a group commit whose requests hold at most this many files reads them up front (with
+# batch files of 5,000 records, at most 160,000 records: about one transform group's
+# memory, ``transform_group_records``), and maps them in one pass if they hold at most this
+# many records in all (see ``transform/together.py``)
 TOGETHER_FILES = 32
 TOGETHER_RECORDS = 20_000
 
