@@ -40,17 +40,20 @@ def inject_faults(store: DynamoStateStore, seed: int, rate: float,
                   lost_rate: float) -> dict[str, int]:
     """Random throttling / transaction conflicts before a request leaves (``rate`` each),
     and lost responses after a write the server applied (``lost_rate``: only first
-    deliveries write, so fewer writes succeed than are sent); the counts of each."""
+    deliveries write, so fewer writes succeed than are sent); the counts of each. The first
+    call, the first transaction and the first applied write of each process meet their
+    fault for sure: whether a few random draws land on the few writes that apply depends
+    on how the processes interleave, and every kind must happen in every run."""
     rng = random.Random(seed)
     fired = {"throttled": 0, "conflict": 0, "lost_response": 0}
 
     def before(model: Any, **_: Any) -> None:
         roll = rng.random()
-        if roll < rate:
+        if roll < rate or not fired["throttled"]:
             fired["throttled"] += 1
             raise botocore.exceptions.ClientError(
                 {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, model.name)
-        if roll < 2 * rate and model.name == "TransactWriteItems":
+        if (roll < 2 * rate or not fired["conflict"]) and model.name == "TransactWriteItems":
             fired["conflict"] += 1
             raise botocore.exceptions.ClientError(
                 {"Error": {"Code": "TransactionCanceledException", "Message": "conflict"},
@@ -58,7 +61,7 @@ def inject_faults(store: DynamoStateStore, seed: int, rate: float,
 
     def after(model: Any, http_response: Any, **_: Any) -> None:
         if (model.name in WRITES and http_response.status_code == 200
-                and rng.random() < lost_rate):
+                and (rng.random() < lost_rate or not fired["lost_response"])):
             fired["lost_response"] += 1
             raise botocore.exceptions.ReadTimeoutError(endpoint_url="http://dynamodb")
 
