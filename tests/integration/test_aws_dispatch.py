@@ -134,6 +134,42 @@ def test_the_seed_events_through_the_transform_handler(
     assert "outside" in foreign["rejected"]  # tenant isolation, not retried
 
 
+def _sqs_event(*bodies: Any) -> dict[str, Any]:
+    return {"Records": [{
+        "messageId": f"m{i}", "receiptHandle": f"r{i}", "body": jsonio.dumps(body).decode(),
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0"},
+        "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:transforms",
+        "awsRegion": "us-east-1"} for i, body in enumerate(bodies)]}
+
+
+def test_a_request_running_elsewhere_is_reported_for_redelivery_never_as_an_error(
+        make_settings: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings(tables={"crm": ["companies"]}, dispatcher="inline://")
+    c = handlers.configure(settings)
+    held = TransformRequest(tenant_id="acme", service_name="crm", table_name="companies",
+                            job_id="job-held", source_files=[],
+                            request_id="job-held:crm:companies", trigger="aggregated")
+    assert c.rt.state.claim_request(held.request_id, 60.0, holder="another-invocation",
+                                    enqueue=held) == 1
+    capfd.readouterr()
+
+    # the whole batch must come again: reported message by message, not raised (a raise
+    # is a Lambda error; it returns the same messages but counts and throttles as one)
+    out = handlers.transform(_sqs_event(held.payload()), FakeContext())
+    assert out == {"batchItemFailures": [{"itemIdentifier": "m0"}]}
+    lines = _logged(capfd)
+    assert any(x["event"] == "event delivered again later"
+               and "running elsewhere" in x["detail"] for x in lines), lines
+
+    foreign = {"tenant_id": "acme", "service_name": "crm", "table_name": "companies",
+               "s3_key": "raw/other/crm/companies/x.jsonl.zst"}  # rejected: done with
+    out = handlers.transform(_sqs_event(foreign, held.payload()), FakeContext())
+    assert out == {"batchItemFailures": [{"itemIdentifier": "m1"}]}
+    record = c.rt.state.request(held.request_id)
+    assert record is not None and record.status == "running"  # still its holder's
+
+
 def test_credentials_from_secrets_manager_cached_and_never_logged(
         make_settings: Any, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,
         capfd: pytest.CaptureFixture[str]) -> None:

@@ -157,10 +157,23 @@ def _each(event: Any, context: LambdaContext,
     metrics.add_metric(name="Events", unit=MetricUnit.Count,
                        value=len(event["Records"]) if is_sqs(event) else 1)
     if is_sqs(event):
-        processor = BatchProcessor(event_type=EventType.SQS)
+        # A message that failed is reported in ``batchItemFailures`` (SQS delivers it again
+        # after its visibility timeout), also when every message of the batch failed: an
+        # error of the whole invocation would return the same messages, but count as a
+        # Lambda error and slow the event source down, most often for a request that runs
+        # elsewhere (RetryLater), which is no error at all.
+        processor = BatchProcessor(event_type=EventType.SQS,
+                                   raise_on_entire_batch_failure=False)
 
         def record_handler(record: SQSRecord) -> dict[str, Any]:
-            return handle(record.body, context)
+            try:
+                return handle(record.body, context)
+            except RetryLater as exc:
+                log.info("event delivered again later", extra={"detail": str(exc)})
+                raise
+            except Exception:
+                log.error("event failed: delivered again later", exc_info=True)
+                raise
 
         response = process_partial_response(
             event=event, record_handler=record_handler, processor=processor,
