@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -864,6 +865,15 @@ def _command_path(argv: list[str]) -> str:
     return " ".join(words)
 
 
+def _exit(code: int) -> NoReturn:
+    """End the process with ``code``. The outcome is decided and printed by now, so Ctrl-C
+    has nothing left to interrupt: it is ignored from here on. Otherwise one that lands
+    while the interpreter shuts down (which puts the default handler back first) kills the
+    process by SIGINT, without a line, after a command that finished."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main() -> None:
     """The ``canonflow`` entry point: any failure ends in one redacted line on stderr (exit 2
     when retrying will not help, 3 when it may, 130 interrupted, 1 for an error canonflow
@@ -874,11 +884,11 @@ def main() -> None:
         code = app(args=argv, prog_name="canonflow", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):
         console.print("error: interrupted; run the command again to continue", soft_wrap=True)
-        sys.exit(exits.INTERRUPTED)
+        _exit(exits.INTERRUPTED)
     except Exception as exc:  # one line, never a traceback that could carry a secret
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help is printed already
-            sys.exit(exits.TERMINAL)
+            _exit(exits.TERMINAL)
         text, code = exits.describe(exc, _command_path(argv))
         console.print(f"error: {exits.one_line(text)}", soft_wrap=True)
-        sys.exit(code)
-    sys.exit(code if isinstance(code, int) else 0)
+        _exit(code)
+    _exit(code if isinstance(code, int) else 0)

@@ -295,6 +295,44 @@ def test_ctrl_c_with_idle_workers_prints_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in err, err
 
 
+# a command that finished and printed its outcome, then takes a while to shut down (as a run
+# does, joining its pool's helpers): the object goes when the interpreter clears __main__,
+# after it put the default SIGINT handler back
+EXITING = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class SlowExit:
+    def __del__(self, write=os.write, sleep=time.sleep):
+        write(1, b"exiting\\n")
+        sleep(2)
+
+keep = SlowExit()
+sys.argv = ["canonflow", "--help"]
+from canonflow.cli import main
+main()
+"""
+
+
+def test_ctrl_c_while_a_finished_command_exits_keeps_its_exit_code() -> None:
+    """Its outcome is printed: Ctrl-C has nothing left to interrupt, and must not turn exit
+    0 into a death by SIGINT without a line (as a run that had just finished did)."""
+    proc = subprocess.Popen([sys.executable, "-c", EXITING], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while (line := proc.stdout.readline()) not in ("", "exiting\n"):
+            lines.append(line)
+        assert line == "exiting\n" and any("Usage" in x for x in lines), lines
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=BOUND)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    assert proc.returncode == 0, (proc.returncode, err)
+
+
 # -- the whole run, interrupted at different moments ----------------------------------------
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -114,8 +115,12 @@ def test_the_cli_error_line_is_redacted_for_any_exception(
                            "page[after]=7&api_key=CliKey-12")
 
     monkeypatch.setattr(cli, "app", boom)
-    with pytest.raises(SystemExit) as info:
-        cli.main()
+    saved = signal.getsignal(signal.SIGINT)  # main ignores Ctrl-C once it exits
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert "CliPgPw-6" not in err and "CliKey-12" not in err
