@@ -138,6 +138,19 @@ def test_names_that_end_in_key_are_secrets_only_when_they_say_so() -> None:
         assert "abc123" not in redact(text), text
 
 
+def test_a_location_that_ends_in_a_secret_name_keeps_the_problem_after_it() -> None:
+    """``at tenants.0.credentials.crm.token: Field required`` names where the problem is;
+    the words after it are the problem, not the value (which a validation message never
+    carries), while a bare or quoted field of the same name is still masked."""
+    for text in ("at tenants.0.credentials.crm.token: Field required",
+                 "pipeline.yaml: at sources.0.auth.password: Input should be a valid string",
+                 "at sources.1.auth: Extra inputs are not permitted"):
+        assert redact(text) == text, text
+    for text in ("token: abc123", "password=abc123", '{"token": "abc123"}',
+                 "crm token: abc123", "Authorization: Basic abc123"):
+        assert "abc123" not in redact(text), text
+
+
 def test_known_secrets_match_as_a_prefix_tree_longest_first() -> None:
     import random
     import re
