@@ -68,6 +68,14 @@ def assert_exact(data: Path) -> None:
         assert rows == [("acme", good, good), ("globex", good, good)], (entity, rows)
 
 
+def wait_for_a_job(db: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _count(db, "SELECT count(*) FROM jobs"):
+            return
+        time.sleep(0.05)
+
+
 def _count(db: Path, sql: str) -> int:
     if not db.exists():
         return 0
