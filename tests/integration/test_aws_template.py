@@ -15,6 +15,7 @@ import pytest
 from cfnlint.api import ManualArgs, decode_str, lint
 
 from canonflow.aws import handlers, template
+from canonflow.config import Settings
 from canonflow.stores import open_state_store
 
 
@@ -23,6 +24,34 @@ def doc() -> dict[str, Any]:
     decoded, problems = decode_str(template())
     assert not problems and decoded is not None
     return dict(decoded)
+
+
+_GONE = object()  # AWS::NoValue: the property or list item is left out
+
+
+def deployed(doc: dict[str, Any], dispatch: str) -> dict[str, Any]:
+    """The template as CloudFormation applies it for ``Dispatch=dispatch``: each Fn::If
+    taken, AWS::NoValue left out, resources whose condition is false gone."""
+    conditions = {"InvokeDirectly": dispatch == "lambda", "ThroughQueues": dispatch == "sqs"}
+    assert set(conditions) == set(doc["Conditions"])
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"Fn::If"}:
+                name, yes, no = value["Fn::If"]
+                return walk(yes if conditions[name] else no)
+            if value == {"Ref": "AWS::NoValue"}:
+                return _GONE
+            out = {k: walk(v) for k, v in value.items()}
+            return {k: v for k, v in out.items() if v is not _GONE}
+        if isinstance(value, list):
+            return [v for v in map(walk, value) if v is not _GONE]
+        return value
+
+    out = walk(doc)
+    out["Resources"] = {name: r for name, r in out["Resources"].items()
+                        if conditions.get(r.get("Condition", ""), True)}
+    return dict(out)
 
 
 def resources(doc: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
@@ -112,10 +141,72 @@ def test_functions_name_real_handlers_with_schedules_and_reserved_concurrency(
         if variable.startswith("CANONFLOW_") and variable not in (
                 "CANONFLOW_OBJECT_STORE", "CANONFLOW_STATE_STORE", "CANONFLOW_DISPATCHER"):
             assert f'"{variable}"' in source, variable  # read by the handlers
-    assert env["CANONFLOW_DISPATCHER"]["Fn::Sub"].startswith("sqs://")
+    assert deployed(doc, "sqs")["Globals"]["Function"]["Environment"]["Variables"][
+        "CANONFLOW_DISPATCHER"]["Fn::Sub"].startswith("sqs://")
 
 
-def test_iam_is_least_privilege(doc: dict[str, Any]) -> None:
+# what each handler hands on through the dispatcher: the plan sends chunks (and relays a job
+# without chunks); a chunk continues itself and relays its job's transforms; a transform
+# short of time continues in a new invocation; the sweeper re-sends both
+SENDS = {"plan": {"chunk", "transform"}, "chunk": {"chunk", "transform"},
+         "transform": {"transform"}, "sweeper": {"chunk", "transform"}}
+
+
+@pytest.mark.parametrize("dispatch", ["sqs", "lambda"])
+def test_each_function_may_send_what_its_handler_sends_whichever_the_dispatch(
+        doc: dict[str, Any], dispatch: str) -> None:
+    from canonflow.aws.dispatch import LambdaDispatcher, SqsDispatcher
+
+    live = deployed(doc, dispatch)
+    functions = resources(live, "AWS::Serverless::Function")
+    stack, region, account = "cf-prod", "eu-west-1", "123456789012"
+    pseudo = {"AWS::StackName": stack, "AWS::Region": region, "AWS::AccountId": account,
+              "AWS::Partition": "aws", "ChunkQueue.QueueName": "cq",
+              "TransformQueue.QueueName": "tq"}
+
+    def sub(value: Any) -> str:
+        text = value["Fn::Sub"]
+        for name, actual in pseudo.items():
+            text = text.replace("${" + name + "}", actual)
+        return str(text)
+
+    by_stage = {handler(fn).rsplit(".", 1)[1]: fn["Properties"] for fn in functions.values()}
+    url = sub(live["Globals"]["Function"]["Environment"]["Variables"]["CANONFLOW_DISPATCHER"])
+    settings = Settings(name="t", object_store="memory://", state_store="sqlite://",
+                        dispatcher=url)
+    if dispatch == "lambda":
+        client = object()  # never called: the URL is what this checks
+        d: Any = LambdaDispatcher(url, settings, client=client)
+        targets = {"chunk": d.chunk_function, "transform": d.transform_function}
+        for stage in ("chunk", "transform"):  # the URL names the stack's own functions
+            assert sub(by_stage[stage]["FunctionName"]) == targets[stage]
+        wanted = {stage: f"arn:aws:lambda:{region}:{account}:function:{name}"
+                  for stage, name in targets.items()}
+        action = "lambda:InvokeFunction"
+        assert not resources(live, "AWS::Lambda::EventSourceMapping")  # no queue polled
+    else:
+        SqsDispatcher(url, settings, client=object())
+        wanted = {"chunk": "ChunkQueue", "transform": "TransformQueue"}
+        action = "sqs:SendMessage"
+        assert len(resources(live, "AWS::Lambda::EventSourceMapping")) == 2
+    for stage, sends in SENDS.items():
+        allowed = set()
+        for policy in by_stage[stage]["Policies"]:
+            for st in policy["Statement"]:
+                if action in st["Action"]:
+                    targets_ = st["Resource"] if isinstance(st["Resource"], list) else [
+                        st["Resource"]]
+                    allowed |= ({sub(t) for t in targets_} if dispatch == "lambda"
+                                else set(refs(targets_)))
+        assert {wanted[s] for s in sends} <= allowed, (stage, dispatch, allowed)
+        # and nothing it never sends to (its own dead-letter queue aside: on-failure)
+        assert allowed - {wanted[s] for s in sends} <= {
+            "ChunkDeadLetterQueue", "TransformDeadLetterQueue"}, (stage, allowed)
+
+
+@pytest.mark.parametrize("dispatch", ["sqs", "lambda"])
+def test_iam_is_least_privilege(doc: dict[str, Any], dispatch: str) -> None:
+    doc = deployed(doc, dispatch)
     for name, fn in resources(doc, "AWS::Serverless::Function").items():
         for policy in fn["Properties"]["Policies"]:
             assert isinstance(policy, dict) and set(policy) == {"Statement"}, name
@@ -140,6 +231,11 @@ def test_iam_is_least_privilege(doc: dict[str, Any]) -> None:
                     assert named == {"StateTable"}
                 elif service == "sqs":
                     assert named and named <= set(resources(doc, "AWS::SQS::Queue"))
+                elif service == "lambda":
+                    assert actions == ["lambda:InvokeFunction"] and dispatch == "lambda"
+                    assert all(t["Fn::Sub"].endswith(("${AWS::StackName}-chunk",
+                                                      "${AWS::StackName}-transform"))
+                               for t in targets), (name, st["Sid"])
                 elif service == "secretsmanager":
                     assert "SecretsPrefix" in named and actions == [
                         "secretsmanager:GetSecretValue"]
