@@ -28,16 +28,18 @@ _USERINFO = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)[^\s@/]
 # name=value in a query string or a form body
 _PARAM = re.compile(rf"(?P<pre>(?:^|[?&;\s,(\"'])(?:{_SECRET_NAMES})=)[^&\s;,\"')#]+",
                     re.IGNORECASE)
-# name: value / "name": "value" in headers and JSON-ish text; not the last part of a dotted
-# location (``at tenants.0.credentials.crm.token: Field required`` says where, and the words
-# after it are the problem, not a value)
-_FIELD = re.compile(rf"(?P<pre>(?<!\.)[\"']?(?:{_SECRET_NAMES})[\"']?\s*[:=]\s*[\"']?)"
+# name: value / "name": "value" / name=value in headers and JSON-ish text; a dotted location
+# ending in such a name with a colon (``at tenants.0.credentials.crm.token: Field required``)
+# says where a problem is, and the words after it are the problem, not a value
+_FIELD = re.compile(rf"(?P<pre>(?:(?<!\.)[\"']?(?:{_SECRET_NAMES})[\"']?\s*[:=]"
+                    rf"|(?<=\.)(?:{_SECRET_NAMES})\s*=)\s*[\"']?)"
                     r"(?!\*\*\*)[^\s\"',}&]+", re.IGNORECASE)
 # a mapping key whose value is a secret whatever it looks like (log extras, documents)
 _SECRET_KEY = re.compile(r"(?:.*[_\-])?(?:password|passwd|secret|token|api[_\-]?key|apikey|"
                          r"authorization|credentials?|(?:access|secret)[_\-]?key)",
                          re.IGNORECASE)
-_SCHEME_CRED = re.compile(r"(?P<pre>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]+",
+# the credential after an auth scheme (base64 may end in "="; ``token = x`` is a field)
+_SCHEME_CRED = re.compile(r"(?P<pre>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/\-]+=*",
                           re.IGNORECASE)
 
 _known: set[str] = set()

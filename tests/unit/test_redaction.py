@@ -147,7 +147,8 @@ def test_a_location_that_ends_in_a_secret_name_keeps_the_problem_after_it() -> N
                  "at sources.1.auth: Extra inputs are not permitted"):
         assert redact(text) == text, text
     for text in ("token: abc123", "password=abc123", '{"token": "abc123"}',
-                 "crm token: abc123", "Authorization: Basic abc123"):
+                 "crm token: abc123", "Authorization: Basic abc123", "token = abc123",
+                 "db.password=abc123", "auth.token = abc123", "Bearer abc123=="):
         assert "abc123" not in redact(text), text
 
 
