@@ -102,8 +102,9 @@ class Stats:
 class Pump:
     def __init__(self, sqs: Any, queues: list[Queue], seed: int = 7, duplicate: float = 0.3,
                  kill: float = 0.15, max_batch: int = 3, visibility_seconds: int = 1,
-                 min_kills: int = 0) -> None:
+                 min_kills: int = 0, max_receives: int = 5) -> None:
         self.sqs, self.queues = sqs, queues
+        self.max_receives = max_receives  # the queues' maxReceiveCount (make_queues)
         self.rng = random.Random(seed)
         self.duplicate, self.kill, self.max_batch = duplicate, kill, max_batch
         self.min_kills = min_kills
@@ -156,7 +157,12 @@ class Pump:
                 batch, got = got[:size], got[size:]
                 event = self._event(queue, batch)
                 self.stats.messages_delivered += len(batch)
-                failed = self._invoke(queue, event, killable=True)
+                # a message on its last receive is not killed: a kill then would send it to
+                # the dead-letter queue, which is the dice's doing, not the handlers' (dead
+                # letters have tests of their own); a failure the handler reports still does
+                last = max(int(m["Attributes"]["ApproximateReceiveCount"]) for m in batch) \
+                    >= self.max_receives
+                failed = self._invoke(queue, event, killable=not last)
                 if failed is not None and self.rng.random() < self.duplicate:
                     self.stats.duplicates += len(batch)  # the same events again, no error
                     again = self._invoke(queue, event, killable=False)
