@@ -268,3 +268,30 @@ def test_a_zone_applies_to_timestamps_without_an_offset_only_through_the_read_pa
                    compiled.text_paths)
     assert compiled.apply(raw.columns).canonical.column("seen_at").to_pylist() == [
         datetime(1970, 1, 1, tzinfo=UTC)]
+
+
+def test_iso_text_of_any_precision_maps_with_or_without_an_offset() -> None:
+    """A date alone (midnight), hours, minutes, seconds, fractions; offsets Z, +02, +0200,
+    +02:00: what pyarrow.json parsed before a zone made the field text, text maps too."""
+    entity = ENTITY.model_copy(update={"fields": {
+        "id": FieldDef(type="string", required=True),
+        "seen_at": FieldDef(type="timestamp"),
+        "updated_at": FieldDef(type="timestamp", required=True)}})
+    spec = MappingSpec(
+        source=SourceRef(service="svc", table="things"), entity="thing", fields={
+            "id": FieldRule(path="id"),
+            "seen_at": FieldRule(path="seen", timezone="America/New_York"),
+            "updated_at": FieldRule(path="updated_at")})
+    compiled = CompiledMapping(spec, entity, {"thing": entity})
+    cases = {"2026-01-01": (5, 0), "2026-01-01T10": (15, 0), "2026-01-01 10:30": (15, 30),
+             "2026-01-01T10:30:00.250": (15, 30), "2026-01-01T10:30Z": (10, 30),
+             "2026-01-01T10+02": (8, 0), "2026-01-01T10:30:00+0200": (8, 30)}
+    data = encode_batch([orjson.dumps({"id": str(i), "seen": text, "updated_at": TS})
+                         for i, text in enumerate(cases)])
+    raw = read_raw("raw/t/s/things/j/c/part-00000.jsonl.zst", data, compiled.paths,
+                   compiled.text_paths)
+    mapped = compiled.apply(raw.columns)
+    got = mapped.canonical.column("seen_at").to_pylist()
+    assert [(t.hour, t.minute) for t in got] == list(cases.values()), got
+    assert got[3].microsecond == 250_000
+    assert not any(mapped.nulled.values()) and len(mapped.rejected) == 0

@@ -41,8 +41,11 @@ LINEAGE: list[tuple[str, pa.DataType]] = [
 ]
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
-_ISO_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
-_ISO_LOCAL_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?$"
+# ISO 8601 text: a time of hours, minutes or seconds (with fractions), with an offset (Z,
+# +02, +0200, +02:00) or without one (then in the field's zone); a date alone is midnight
+_ISO_TIME = r"[T ]\d{2}(:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
+_ISO_RE = rf"^\d{{4}}-\d{{2}}-\d{{2}}{_ISO_TIME}(Z|[+-]\d{{2}}(:?\d{{2}})?)$"
+_ISO_LOCAL_RE = rf"^\d{{4}}-\d{{2}}-\d{{2}}({_ISO_TIME})?$"
 _TRUE = ["true", "1", "yes", "y", "t"]
 _FALSE = ["false", "0", "no", "n", "f"]
 
