@@ -179,15 +179,20 @@ def plan_job(settings: Settings, rt: Runtime, tenant_id: str, job_id: str | None
 
 
 PLAN_PREFIX = "plan/"
+# a job's pages are stored while it is planned, before the state store knows the job: one
+# it does not know is taken as gone (its planning failed, or it was deleted) only after this
+UNKNOWN_JOB_GRACE = timedelta(hours=1)
 
 
 def forget_pages(rt: Runtime, retention_hours: float) -> int:
     """Delete the page 1 bodies planning left for chunks (:func:`first_page_key`) of jobs
-    that ended (done, failed, cancelled, or no longer known to the state store), and of any
-    job after ``retention_hours`` (a chunk that still runs then asks the API for its first
-    page again, as it would without them). Returns how many were deleted."""
-    cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
-    ended: dict[str, bool] = {}
+    that ended (done, failed, cancelled, or unknown to the state store for
+    ``UNKNOWN_JOB_GRACE``), and of any job after ``retention_hours`` (a chunk that still
+    runs then asks the API for its first page again, as it would without them). Returns how
+    many were deleted."""
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(hours=retention_hours)
+    ended: dict[str, bool | None] = {}  # None: a job the state store does not know
     gone: list[str] = []
     for obj in rt.objects.list(PLAN_PREFIX):
         parts = obj.key.split("/")
@@ -196,8 +201,10 @@ def forget_pages(rt: Runtime, retention_hours: float) -> int:
         job_id = parts[4]
         if job_id not in ended:
             job = rt.state.job(job_id)
-            ended[job_id] = job is None or job.status in TERMINAL
-        if ended[job_id] or obj.last_modified < cutoff:
+            ended[job_id] = None if job is None else job.status in TERMINAL
+        over = ended[job_id] if ended[job_id] is not None \
+            else obj.last_modified < now - UNKNOWN_JOB_GRACE
+        if over or obj.last_modified < cutoff:
             gone.append(obj.key)
     rt.objects.delete(gone)
     return len(gone)

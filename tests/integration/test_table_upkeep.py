@@ -5,8 +5,10 @@ reader of the current version keep working, and other tenants are never touched.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +170,25 @@ def test_maintain_deletes_the_first_pages_planning_kept_for_ended_jobs(
         end_page=None, page_size=100, batch_records=500, first_page_stored=True)])
     page = first_page_key(running, "job-running", "crm-contacts-00000")
     rt.objects.put(page, b'{"results": []}')
+    # a job being planned: its pages are stored before the state store knows it
+    planning = first_page_key(running, "job-planning", "crm-contacts-00000")
+    rt.objects.put(planning, b'{"results": []}')
+    # one the state store never came to know (its planning failed), written long ago
+    failed = first_page_key(running, "job-failed-plan", "crm-contacts-00000")
+    rt.objects.put(failed, b'{"results": []}')
+    hours_ago = time.time() - 2 * 3600
+    os.utime(tmp_path / "data" / failed, (hours_ago, hours_ago))
     rt.close()
     proc = subprocess.run([sys.executable, "-c", "from canonflow.cli import main; main()",
                            "maintain", "--data-dir", str(tmp_path / "data"), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = {r["table"]: r for r in json.loads(proc.stdout)}
-    assert report["plan/"]["files_deleted"] == len(kept)
+    assert report["plan/"]["files_deleted"] == len(kept) + 1
     rt = Runtime(settings)
-    assert [o.key for o in rt.objects.list("plan/")] == [page]  # the running job's stays
+    # the running job's stays, and the one being planned
+    assert sorted(o.key for o in rt.objects.list("plan/")) == sorted([page, planning])
     assert not (tmp_path / "data" / "plan" / "acme" / "crm" / "contacts" / job).exists()
-    assert forget_pages(rt, retention_hours=0) == 1  # past the retention: any job's
+    assert forget_pages(rt, retention_hours=0) == 2  # past the retention: any job's
     assert list(rt.objects.list("plan/")) == []
     rt.close()
