@@ -265,3 +265,33 @@ def test_a_group_maps_its_files_in_one_pass_and_a_missing_file_fails_its_request
     bad = expected_bad(("crm", "deals"), DEALS)
     assert {(r.records_read, r.records_written, r.records_quarantined) for r in ok} == {
         (DEALS, DEALS - bad, bad)}
+
+
+def test_a_group_keeps_its_requests_leased_while_it_reads_their_files(
+        waiting: tuple[Runtime, list[TransformRequest]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a group's files up front can take longer than a lease (slow storage, its
+    retries): the requests the group took stay its own meanwhile, never claimable by
+    another worker (which would run them a second time)."""
+    rt, requests = waiting
+    lease = rt.settings.transform_lease_seconds
+    load = transform_run._load
+    stolen: list[str] = []
+
+    def slow(key: str, mapping: Any, rt_: Runtime) -> Any:
+        if not stolen:  # once, on the first file: a read three leases long
+            stolen.append("")
+            time.sleep(3 * lease)
+            for r in requests[1:4]:  # another worker tries to take them
+                if rt.state.claim_request(r.request_id, lease, holder="thief:1:x",
+                                          holder_dead=lambda _: False) is not None:
+                    stolen.append(r.request_id)
+        return load(key, mapping, rt_)
+
+    monkeypatch.setattr(transform_run, "_load", slow)
+    outcome = tasks.run_transform_task(requests[0].model_dump_json(), rt)
+    assert stolen == [""], stolen[1:]  # none of them was taken
+    assert outcome["result"]["records_read"] == DEALS
+    for r in requests[:4]:
+        record = rt.state.request(r.request_id)
+        assert record is not None and record.status == "done", (r.request_id, record)

@@ -532,17 +532,20 @@ def _run_group(first: _Claimed, more: list[tuple[TransformRequest, int]],
     partitions = {(canonical_path(name), c.request.tenant_id) for c in group
                   for name in (c.spec.entity, *(child.entity for child in c.spec.children))}
     try:
-        loaded = _load_together(group, rt)
+        # the requests stay this worker's from here on, the up-front read of their files
+        # included (slow storage can make it last longer than a lease)
         with Heartbeat(lease / 4, lambda: [rt.state.touch_request(i, rt.holder)
-                                           for i in others], "group commit"), \
-                rt.canonical.grouped(partitions):
-            for claimed in group:
-                r = claimed.request
-                with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id, request_id=r.request_id):
-                    try:
-                        written.append((claimed, _write(claimed, rt, loaded)))
-                    except TerminalError as exc:  # finished as failed by _write
-                        failed[r.request_id] = exc
+                                           for i in others], "group commit"):
+            loaded = _load_together(group, rt)
+            with rt.canonical.grouped(partitions):
+                for claimed in group:
+                    r = claimed.request
+                    with logs.bind(tenant_id=r.tenant_id, job_id=r.job_id,
+                                   request_id=r.request_id):
+                        try:
+                            written.append((claimed, _write(claimed, rt, loaded)))
+                        except TerminalError as exc:  # finished as failed by _write
+                            failed[r.request_id] = exc
     except Exception as exc:
         message = redact(str(exc) if isinstance(exc, CanonflowError)
                          else f"{type(exc).__name__}: {exc}")
