@@ -211,6 +211,37 @@ def test_persistent_throttling_gives_up_with_a_retryable_error(store: DynamoStat
     assert info.value.retryable and faults.sent["GetItem"] == 8
 
 
+def test_reads_handed_back_unprocessed_are_asked_again_then_given_up(
+        store: DynamoStateStore) -> None:
+    """Throttled, BatchGetItem hands keys back (UnprocessedKeys) instead of failing: they are
+    asked again after growing pauses, a bounded number of times, then a retryable error."""
+    req = request("j", "r")
+    keys = ["raw/a.jsonl.zst", "raw/b.jsonl.zst"]
+    store.record_files(req, keys)
+    calls = [0]
+    handed_back = [2]  # the first two answers hand every key back
+
+    def throttle(parsed: dict[str, Any], **_: Any) -> None:
+        calls[0] += 1
+        if handed_back[0] > 0 and calls[0] <= 40:  # (a loop that never gives up ends)
+            handed_back[0] -= 1
+            parsed["UnprocessedKeys"] = {store.table: {"Keys": [
+                {"pk": {"S": store._ledger_pk(req)}, "sk": {"S": store._ledger_sk(k)}}
+                for k in keys]}}
+            parsed["Responses"] = {store.table: []}
+
+    store.client.meta.events.register("after-call.dynamodb.BatchGetItem", throttle)
+    try:
+        assert store.processed_files(req, keys) == set(keys)  # after two hand-backs
+        assert calls[0] == 3
+        calls[0], handed_back[0] = 0, 10_000  # handed back for good
+        with pytest.raises(StoreUnavailable, match="unprocessed") as info:
+            store.processed_files(req, keys)
+        assert info.value.retryable and calls[0] == 10
+    finally:
+        store.client.meta.events.unregister("after-call.dynamodb.BatchGetItem", throttle)
+
+
 def test_a_stale_holder_cannot_touch_release_or_finish_its_successors_work(
         store: DynamoStateStore) -> None:
     assert store.acquire_lock("t", "old", ttl=0.0)

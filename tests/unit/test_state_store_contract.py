@@ -200,6 +200,26 @@ def test_retryable_failures_go_back_to_the_outbox_until_attempts_run_out(
     assert state.job("j").status == "failed"  # type: ignore[union-attr]
 
 
+def test_a_request_naming_a_job_the_store_does_not_know_runs_and_ends(
+        state: StateStore) -> None:
+    """A transform event may name a job this store never had (a legacy per-batch event, a
+    request sent by hand): its row is added, claimed, and ended like any other, done or
+    failed, and leaves nothing open."""
+    res = TransformResult(request_id="r1", tenant_id="acme", service_name="crm",
+                          table_name="contacts", entity="contact",
+                          processing_mode="file_specific")
+    assert state.claim_request("r1", 60, holder="w:1:a", enqueue=request("nojob", "r1")) == 1
+    assert state.finish_request("r1", res, holder="w:1:a")
+    record = state.request("r1")
+    assert record is not None and record.status == "done"
+    assert state.claim_request("r2", 60, holder="w:1:a", enqueue=request("nojob", "r2")) == 1
+    assert not state.retry_later("r2", "store busy", max_attempts=1, holder="w:1:a")
+    record = state.request("r2")
+    assert record is not None and record.status == "failed"
+    assert state.outbox_backlog().waiting == 0
+    assert state.job("nojob") is None
+
+
 # -- invariant 9: a completion is accepted only for a chunk of that job ---------------------
 def test_a_completion_for_a_chunk_not_in_the_job_is_refused_and_not_counted(
         state: StateStore) -> None:

@@ -167,6 +167,15 @@ def _job_pk(job_id: str) -> str:
     return f"JOB#{job_id}"
 
 
+# a batch's unprocessed part (DynamoDB throttles by handing items back rather than failing
+# the call) is sent again at most this often, after growing pauses
+UNPROCESSED_TRIES = 10
+
+
+def _unprocessed_pause(attempt: int) -> None:
+    time.sleep(min(1.0, 0.02 * 2 ** attempt))
+
+
 def _req_pk(request_id: str) -> str:
     return f"REQ#{request_id}"
 
@@ -474,13 +483,13 @@ class DynamoStateStore:
         """Unconditional puts/deletes, 25 per request, unprocessed ones sent again."""
         for start in range(0, len(requests), 25):
             pending: list[dict[str, Any]] = list(requests[start:start + 25])
-            for attempt in range(10):
+            for attempt in range(UNPROCESSED_TRIES):
                 response = self._call("batch_write_item",
                                       RequestItems={self.table: pending})
                 pending = response.get("UnprocessedItems", {}).get(self.table, [])
                 if not pending:
                     break
-                time.sleep(min(1.0, 0.02 * 2 ** attempt))
+                _unprocessed_pause(attempt)
             if pending:
                 raise StoreUnavailable(f"state store {self._safe_url()}: writes stayed "
                                        "unprocessed (throttled)")
@@ -1058,6 +1067,8 @@ class DynamoStateStore:
         job = self._get(_job_pk(request.job_id), JOB_SK) if request.job_id else None
         row = self._row_item(request, job["pipeline"] if job else None, now)
         if job is None:
+            if request.job_id is not None:  # a job this store does not know: none to count
+                row["uncounted"] = True  # it in (nor, when the row ends, out of)
             try:
                 self._put(row, "attribute_not_exists(#pk)")
             except _ConditionFailed:
@@ -1197,7 +1208,7 @@ class DynamoStateStore:
         vals.update(values, **{":new_status": status, ":now": now})
         row_action = {"Update": {"Key": _key(row["pk"], REQ_SK), "UpdateExpression": update,
                                  "ConditionExpression": cond, "values": vals}}
-        job_id = row.get("job_id")
+        job_id = None if row.get("uncounted") else row.get("job_id")
         try:
             if job_id is None:
                 self._transact([row_action])
@@ -1317,8 +1328,13 @@ class DynamoStateStore:
                              holder=holder, drop_holder=False):
                 return True
             row = self._get(pk, REQ_SK) or row
-            # a retry whose first attempt committed: the row shows this very end
-            return bool(row["status"] == status and row["updated_at"] == now)
+            # a retry whose first attempt committed: the row shows this very end (whose
+            # settle of the job did not run)
+            if row["status"] != status or row["updated_at"] != now:
+                return False
+            if row.get("job_id") is not None and not row.get("uncounted"):
+                self._settle(row["job_id"], now)
+            return True
         if holder is not None:
             return False
         try:  # ended already, no holder given: record the end again (not counted again)
@@ -1424,7 +1440,7 @@ class DynamoStateStore:
         projection = ", ".join(f"#{n}" for n in names)
         for start in range(0, len(keys), 100):
             pending: list[dict[str, Any]] = [_key(pk, sk) for pk, sk in keys[start:start + 100]]
-            while pending:
+            for attempt in range(UNPROCESSED_TRIES):
                 response = self._call("batch_get_item", RequestItems={self.table: {
                     "Keys": pending, "ConsistentRead": True,
                     "ProjectionExpression": projection,
@@ -1435,6 +1451,12 @@ class DynamoStateStore:
                         found.append(item)
                 pending = response.get("UnprocessedKeys", {}).get(self.table, {}).get(
                     "Keys", [])
+                if not pending:
+                    break
+                _unprocessed_pause(attempt)
+            if pending:
+                raise StoreUnavailable(f"state store {self._safe_url()}: reads stayed "
+                                       "unprocessed (throttled)")
         return found
 
     @staticmethod
