@@ -127,8 +127,20 @@ def runner_lock(holder: str) -> str:
     return f"runner:{holder}"
 
 
+# the runner of a job no process drives: its events carry it (chunk and transform messages
+# on queues, function invocations); the sweeper re-sends the chunks of one left idle
+EVENT_DRIVEN = "events:"
+
+
+def event_driven(job: JobRecord) -> bool:
+    return job.runner is not None and job.runner.startswith(EVENT_DRIVEN)
+
+
 def runner_alive(state: StateStore, job: JobRecord) -> bool:
-    """Is the process that drives ``job`` still there (its lease fresh, not known dead)?"""
+    """Is the process that drives ``job`` still there (its lease fresh, not known dead)?
+    A job its events drive has no such process: it counts as driven."""
+    if event_driven(job):
+        return True
     if job.runner is None or holder_dead(job.runner):
         return False
     return bool(state.live_locks([runner_lock(job.runner)]))

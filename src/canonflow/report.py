@@ -6,7 +6,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from canonflow.lease import runner_alive
+from canonflow.lease import event_driven, runner_alive
 from canonflow.model import TERMINAL, ChunkResult, TriggerMode
 from canonflow.stores.state import JobRecord, RequestRecord, StateStore
 
@@ -131,9 +131,12 @@ def _add_timings(tables: dict[str, dict[str, Any]], results: list[ChunkResult],
 
 
 def _runner_state(state: StateStore, job: JobRecord) -> str | None:
-    """"alive" or "lost" for an unfinished job driven by a runner; None otherwise."""
+    """"alive" or "lost" for an unfinished job driven by a runner, "events" for one its
+    events drive (functions on queues); None otherwise."""
     if job.status in TERMINAL or job.runner is None:
         return None
+    if event_driven(job):
+        return "events"
     return "alive" if runner_alive(state, job) else "lost"
 
 

@@ -47,7 +47,14 @@ from canonflow.errors import (
     RunTimeout,
     error_payload,
 )
-from canonflow.lease import Heartbeat, holder_dead, holder_id, runner_alive, runner_lock
+from canonflow.lease import (
+    EVENT_DRIVEN,
+    Heartbeat,
+    holder_dead,
+    holder_id,
+    runner_alive,
+    runner_lock,
+)
 from canonflow.log import bind
 from canonflow.model import (
     TERMINAL,
@@ -189,6 +196,7 @@ class JobRunner:
         self.dispatcher = dispatcher
         self.progress = progress or NullProgress()
         self.holder = holder_id()
+        self._runner = self.holder  # the runner its jobs record (start(): their events)
         self.wait_limit = wait_limit or settings.run_wait_limit_seconds
         self.refused: dict[str, str] = {}  # tenant -> why this run did not start its job
         self.resumed: list[str] = []
@@ -252,6 +260,7 @@ class JobRunner:
         if unknown:
             raise ConfigError(f"tenant(s) {', '.join(unknown)} not in pipeline "
                               f"{self.settings.name!r} (it has: {', '.join(known)})")
+        self._runner = EVENT_DRIVEN + self.holder  # no process will drive these jobs
         with bind(pipeline=self.settings.name):
             works, failed = self._start(list(dict.fromkeys(tenant_ids or known)))
         for job_id, span in self._spans.items():  # planned: the job's trace goes on
@@ -316,7 +325,7 @@ class JobRunner:
             return None
         try:
             state.create_job(plan.job_id, tenant, name, self.settings.trigger_mode.value,
-                             plan.chunks, runner=self.holder, exclusive=True)
+                             plan.chunks, runner=self._runner, exclusive=True)
         except ActiveJobExists as exc:  # another run created it a moment ago
             tracing.finish(span, attached_to=exc.job_id)
             return self._attach(exc.job_id, tenant)
@@ -328,7 +337,7 @@ class JobRunner:
 
     def _attach(self, job_id: str, tenant: str) -> _Work | None:
         job = self.rt.state.job(job_id)
-        if job is not None and job.runner != self.holder and runner_alive(self.rt.state, job):
+        if job is not None and job.runner != self._runner and runner_alive(self.rt.state, job):
             self.refused[tenant] = (
                 f"tenant {tenant!r}: job {job_id} is already running (runner {job.runner}); "
                 f"wait for it (canonflow status {job_id}) or cancel it "
@@ -342,7 +351,7 @@ class JobRunner:
     def _adopt(self, job: JobRecord) -> _Work | None:
         """Become the runner of an orphaned job; its chunks without a result run again."""
         state = self.rt.state
-        if job.status in TERMINAL or not state.adopt_job(job.job_id, self.holder, job.runner):
+        if job.status in TERMINAL or not state.adopt_job(job.job_id, self._runner, job.runner):
             return None
         specs = state.chunk_specs(job.job_id)
         done = {r.chunk_id for r in state.chunk_results(job.job_id)}

@@ -156,6 +156,27 @@ class _Recorder:
         pass
 
 
+def test_a_second_plan_refuses_a_tenant_whose_job_its_events_still_carry(
+        make_settings: Any) -> None:
+    """The plan function starts a job and returns: no process drives it, its events do. The
+    next plan (the schedule's next tick, an async retry) must not take it for orphaned and
+    send its chunks again; a job left idle is the sweeper's."""
+    settings = make_settings(tables={"crm": ["companies"]}, dispatcher="inline://")
+    recorder = _Recorder()
+    c = handlers.configure(settings, dispatcher=recorder)
+    first = handlers.plan({"tenant_id": "acme"}, FakeContext())
+    (job_id,) = first["jobs"]
+    sent = len(recorder.chunks)
+    assert sent == first["chunks_sent"] > 0
+    again = handlers.plan({"tenant_id": "acme"}, FakeContext())
+    assert again["jobs"] == [] and again["chunks_sent"] == 0 and again["resumed"] == []
+    assert job_id in again["refused"]["acme"]
+    assert len(recorder.chunks) == sent  # nothing sent twice
+    job = c.rt.state.job(job_id)
+    assert job is not None
+    assert job_report(c.rt.state, job_id)["runner"] == "events"  # not "lost"
+
+
 def test_a_chunk_running_out_of_time_continues_from_its_checkpoint_every_record_once(
         tmp_path: Path) -> None:
     api = DemoApi(2000)

@@ -289,8 +289,10 @@ def transform(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
 def plan(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Start a job per tenant and send its chunks. ``{"tenant_id": ...}`` or
     ``{"tenant_ids": [...]}``; none (a schedule's event) means every tenant of the pipeline;
-    ``"full_refresh": true`` ignores incremental cursors. A tenant whose job is still
-    running is refused; one whose job was left behind has its missing chunks sent again."""
+    ``"full_refresh": true`` ignores incremental cursors. A tenant whose job is unfinished
+    is refused (its events carry it; the sweeper re-sends the missing chunks of one left
+    idle); one whose job a killed ``canonflow run`` left behind has its missing chunks sent
+    again, and its events carry it from then on."""
     c = container()
     event = event if isinstance(event, dict) else {}
     tenants = event.get("tenant_ids") or (
