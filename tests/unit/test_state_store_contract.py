@@ -1,5 +1,6 @@
 """One contract for every state store backend: the atomic steps of the protocol."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,6 +165,19 @@ def test_leases_exclude_other_holders_until_released_or_expired(state: StateStor
     state.release_lock("canonical/contact/acme", "a")
     assert state.acquire_lock("canonical/contact/acme", "b", ttl=0.0)
     assert state.acquire_lock("canonical/contact/acme", "c", ttl=60)  # b's lease expired
+
+
+def test_a_lapsed_lease_cannot_be_renewed_even_if_nobody_took_it(state: StateStore) -> None:
+    """Once a lease lapsed, others may have acted on it (a runner's jobs adopted: they ask
+    whether its lease is live, not whether someone took it): its renewal fails, so its
+    holder hears it lost the lease."""
+    assert state.acquire_lock("runner:a", "a", ttl=60)
+    assert state.renew_lock("runner:a", "a", ttl=0.0)  # held: renewed (to lapse at once)
+    time.sleep(0.01)
+    assert state.live_locks(["runner:a"]) == {}  # lapsed: the runner counts as gone
+    assert not state.renew_lock("runner:a", "a", ttl=60)
+    assert not state.renew_lock("runner:a", "b", ttl=60)  # never another holder's
+    assert state.acquire_lock("runner:a", "a", ttl=60)  # taken anew, explicitly
 
 
 def test_several_leases_are_taken_where_free_and_released_together(

@@ -1516,9 +1516,10 @@ class DynamoStateStore:
     def renew_lock(self, name: str, holder: str, ttl: float) -> bool:
         now = _now()
         try:
-            self._update(f"LOCK#{name}", "#LOCK",
-                         "SET #expires_at = :until, #expires = :expires", "#holder = :holder",
-                         {":holder": holder, ":until": now + ttl,
+            self._update(f"LOCK#{name}", "#LOCK",  # held, and not lapsed (as in SQL)
+                         "SET #expires_at = :until, #expires = :expires",
+                         "#holder = :holder AND #expires_at >= :now",
+                         {":holder": holder, ":until": now + ttl, ":now": now,
                           ":expires": int(now + ttl + LEASE_GRACE)})
         except _ConditionFailed:
             return False

@@ -1009,11 +1009,13 @@ class SqlStateStore:
         return acquired
 
     def renew_lock(self, name: str, holder: str, ttl: float) -> bool:
-        """Extend a lease this holder still holds; False if it was lost (never re-taken)."""
+        """Extend a lease this holder still holds; False if it was lost (never re-taken):
+        taken by another, or lapsed (others may have acted on its lapse: a runner's jobs
+        adopted)."""
         now = _now()
         return bool(self._run(lambda c: c.execute(locks.update().where(
-            locks.c.name == name, locks.c.holder == holder).values(expires_at=now + ttl)
-        ).rowcount == 1))
+            locks.c.name == name, locks.c.holder == holder, locks.c.expires_at >= now,
+        ).values(expires_at=now + ttl)).rowcount == 1))
 
     def lock_holder(self, name: str) -> tuple[str, float] | None:
         """Who holds a lease and until when (epoch seconds), expired or not."""

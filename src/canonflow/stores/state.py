@@ -257,7 +257,8 @@ class Leases(Protocol):
         (unless that holder is ``steal_from``, known dead)."""
 
     def renew_lock(self, name: str, holder: str, ttl: float) -> bool:
-        """Extend a lease still held by ``holder``; False if it was lost."""
+        """Extend a lease still held by ``holder``; False if it was lost: taken by another
+        holder, or lapsed (others may have acted on the lapse, as on a runner's jobs)."""
 
     def lock_holder(self, name: str) -> tuple[str, float] | None: ...
 
