@@ -450,3 +450,23 @@ def test_a_task_of_several_chunks_whose_worker_died_runs_again_or_fails_each_chu
     else:
         assert (report["status"], report["outcome"]) == ("done", "completed")
         assert all(r.completed for r in results) and len(report["transforms"]) == 2
+
+
+def test_a_local_task_that_raises_counts_as_run_not_as_never_run(make_settings) -> None:
+    """A task that raised in a live worker ran (an attempt, bounded by the runner); only one
+    that waited behind a task that killed the pool never ran. Told as never run, a chunk
+    whose completion kept failing was submitted again at once, without end (until the run's
+    wait limit)."""
+    from canonflow.dispatch.local import LocalDispatcher
+
+    settings = make_settings(tables={"crm": ["companies"]}, dispatcher="local://?workers=1")
+    dispatcher = LocalDispatcher(settings.dispatcher, settings)
+    try:
+        raised = dispatcher._submit(eval, "chunk:j:c0", "1/0")
+        assert isinstance(raised.exception(timeout=60), ZeroDivisionError)
+        assert dispatcher.lost_in_worker("chunk:j:c0")
+        assert not dispatcher.lost_in_worker("chunk:j:c0")  # told once, for that failure
+        fine = dispatcher._submit(eval, "chunk:j:c1", "1 + 1")
+        assert fine.result(timeout=60) == 2 and not dispatcher.lost_in_worker("chunk:j:c1")
+    finally:
+        dispatcher.close()

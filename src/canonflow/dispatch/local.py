@@ -91,8 +91,12 @@ class LocalDispatcher:
         self._closed = False
         self._pool: ProcessPoolExecutor | None = None  # the pool thread's alone
         self._commands: SimpleQueue[Command | None] = SimpleQueue()
-        self._finished: SimpleQueue[tuple[Future[TaskOutcome], Future[TaskOutcome]] | None] \
-            = SimpleQueue()  # (the caller's future, its task's in the pool)
+        self._finished: SimpleQueue[
+            tuple[Future[TaskOutcome], Future[TaskOutcome], str] | None] \
+            = SimpleQueue()  # (the caller's future, its task's in the pool, its key)
+        # keys of tasks that raised in a live worker (they ran: ``lost_in_worker`` says so)
+        self._failed_alone: set[str] = set()
+        self._failed_lock = threading.Lock()
         for target, name in ((self._serve, "canonflow-local-pool"),
                              (self._settle, "canonflow-local-results")):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -124,7 +128,13 @@ class LocalDispatcher:
         return self._call(self._submit_to_pool, fn, key, payload)
 
     def lost_in_worker(self, key: str) -> bool:
-        """Was the task ``key`` running in a worker that died (its mark is left behind)?"""
+        """Did the task ``key`` run: it raised in its worker, or was running in a worker
+        that died (its mark is left behind)? False for one that only waited behind a task
+        that killed the pool."""
+        with self._failed_lock:
+            if key in self._failed_alone:
+                self._failed_alone.discard(key)
+                return True
         for mark in self._marks.iterdir():
             if mark.name.isdigit() and pid_gone(int(mark.name)):
                 try:
@@ -213,7 +223,7 @@ class LocalDispatcher:
             task = self._pool.submit(run_marked, str(self._marks), key, fn, payload)
         future: Future[TaskOutcome] = Future()
         # called in the pool's manager thread: it only queues, never waits on a lock
-        task.add_done_callback(lambda ended: self._finished.put((future, ended)))
+        task.add_done_callback(lambda ended: self._finished.put((future, ended, key)))
         return future
 
     def _check_start(self) -> None:
@@ -244,12 +254,15 @@ class LocalDispatcher:
         """Settle each caller's future as its task's ended. Only this thread waits on the
         caller's futures' locks (one an interrupt left held blocks it, never the pool)."""
         while (item := self._finished.get()) is not None:
-            future, task = item
+            future, task, key = item
             try:
                 if task.cancelled():
                     future.cancel()
                     future.set_running_or_notify_cancel()  # wakes whoever waits on it
                 elif (error := task.exception()) is not None:
+                    if not isinstance(error, BrokenProcessPool):  # raised by the task
+                        with self._failed_lock:
+                            self._failed_alone.add(key)
                     future.set_exception(error)
                 else:
                     future.set_result(task.result())
@@ -257,4 +270,4 @@ class LocalDispatcher:
                 pass
             except Exception:  # never leaves the other futures unsettled
                 logger.exception("could not hand a local task's outcome on")
-            del item, future, task
+            del item, future, task, key
