@@ -125,9 +125,18 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
     for job_id in state.stuck_jobs(older_than):
         if job_ids is not None and job_id not in job_ids:
             continue
+        if pipeline is not None:  # another pipeline's job: its stores are not these
+            job = state.job(job_id)
+            if job is None or job.pipeline != pipeline:
+                continue
         if state.reclaim_aggregation(job_id, older_than):
             metrics.taken_over("aggregation")
-            aggregate_job(rt, job_id)
+            try:
+                aggregate_job(rt, job_id)
+            except CanonflowError as exc:  # this job's problem: the others go on
+                log.error("aggregating a stuck job failed; the next sweep tries again",
+                          extra={"job_id": job_id, "error": str(exc)})
+                continue
             reaggregated += 1
     requests = state.claim_for_dispatch(
         limit=10_000, redispatch_after=older_than,

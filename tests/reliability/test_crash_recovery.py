@@ -126,3 +126,49 @@ def test_every_task_of_several_chunks_delivered_twice_changes_nothing(
     assert len(report["transforms"]) == 3
     assert all(t["attempts"] == 1 for t in report["transforms"])
     assert count(rt, "company") == 1200 and count(rt, "deal") == 1198
+
+
+def stuck(rt: Runtime, tenant: str, pipeline: str) -> str:
+    """A job claimed by its last completer, which died before aggregating it."""
+    plan = plan_job(rt.settings, rt, tenant)
+    rt.state.create_job(plan.job_id, tenant, pipeline, "aggregated", plan.chunks)
+    for spec in plan.chunks:
+        rt.state.complete_chunk(process_chunk(spec, rt))
+    assert rt.state.requests(plan.job_id) == []
+    return plan.job_id
+
+
+def test_the_sweeper_aggregates_its_own_pipelines_jobs_and_one_failure_stops_no_other(
+        settings, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelines may share a state store, not their object stores: a sweep of one never
+    aggregates another's job (its manifests would land in the wrong store). A job whose
+    aggregation fails is logged and left to the next sweep; the others are aggregated."""
+    import canonflow.runner as runner_module
+    from canonflow.errors import StoreUnavailable
+
+    other = settings.model_copy(update={"name": "other",
+                                        "object_store": f"file://{tmp_path / 'other'}"})
+    rt, rt_other = Runtime(settings), Runtime(other)
+    try:
+        theirs = stuck(rt_other, "acme", "other")
+        mine = [stuck(rt, "acme", settings.name), stuck(rt, "acme", settings.name)]
+        aggregate = runner_module.aggregate_job
+
+        def first_fails(rt_: Runtime, job_id: str) -> object:
+            if job_id == mine[0]:
+                raise StoreUnavailable("the object store is not reachable")
+            return aggregate(rt_, job_id)
+
+        monkeypatch.setattr(runner_module, "aggregate_job", first_fails)
+        dispatcher = open_dispatcher("inline://", rt.settings)
+        swept = recover(rt, dispatcher, older_than=0, pipeline=settings.name)
+        assert swept["jobs_reaggregated"] == 1
+        assert rt.state.requests(theirs) == [] and rt.state.requests(mine[0]) == []
+        assert len(rt.state.requests(mine[1])) == 3
+        monkeypatch.setattr(runner_module, "aggregate_job", aggregate)
+        assert recover(rt, dispatcher, older_than=0, pipeline=settings.name)[
+            "jobs_reaggregated"] == 1  # the next sweep: the one that failed
+        assert len(rt.state.requests(mine[0])) == 3 and rt.state.requests(theirs) == []
+    finally:
+        rt.close()
+        rt_other.close()
