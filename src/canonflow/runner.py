@@ -20,10 +20,8 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import (
-    Future,
-    ThreadPoolExecutor,
-)
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -112,11 +110,13 @@ def reclaim_lost_transforms(rt: Runtime, job_ids: Collection[str] | None = None)
 
 def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
             job_ids: Collection[str] | None = None,
-            pipeline: str | None = None) -> dict[str, int]:
+            pipeline: str | None = None,
+            check: Callable[[], None] | None = None) -> dict[str, int]:
     """The sweeper: settle jobs whose transforms all finished, give requests of dead workers
     back, aggregate jobs stuck after their last chunk, re-send outbox rows left pending or
     abandoned (failing those that used every attempt), wait for what it sent. Everything
-    it re-sends is idempotent."""
+    it re-sends is idempotent. ``check`` is called every second while it waits (a run's:
+    its wait limit and its lease), and stops the wait by raising."""
     state = rt.state
     settled = len(state.settle_jobs(job_ids))
     reclaimed = reclaim_lost_transforms(rt, job_ids)
@@ -148,18 +148,26 @@ def recover(rt: Runtime, dispatcher: Dispatcher, older_than: float,
     # every future's lock in a row, and a Ctrl-C in between leaves one held for good
     for request, future in futures:
         if future is not None:
-            _settle_transform(rt, dispatcher, request, future)
+            _settle_transform(rt, dispatcher, request, future, check)
     settled += len(state.settle_jobs(job_ids))
     return {"jobs_reaggregated": reaggregated, "transforms_redispatched": len(requests),
             "transforms_reclaimed": reclaimed, "jobs_settled": settled}
 
 
 def _settle_transform(rt: Runtime, dispatcher: Dispatcher, request: TransformRequest,
-                      future: Future[TaskOutcome]) -> bool:
+                      future: Future[TaskOutcome],
+                      check: Callable[[], None] | None = None) -> bool:
     """A transform whose worker died goes back to the outbox (a retryable failure) until
     its attempts run out; then it fails and its job settles. One that only waited behind
-    a task that killed the pool never ran: True, send it again as it is."""
-    exc = future.exception()
+    a task that killed the pool never ran: True, send it again as it is. ``check`` is
+    called every second of the wait (it stops it by raising)."""
+    while True:
+        try:
+            exc = future.exception(timeout=None if check is None else 1.0)
+            break
+        except FutureTimeout:
+            assert check is not None
+            check()
     if exc is None:
         return False
     if not dispatcher.lost_in_worker(transform_key(request)):
@@ -461,7 +469,8 @@ class JobRunner:
             return job_ids
         resumed = [w.plan.job_id for w in works if w.resumed]
         if resumed:  # whatever the dead runner left between aggregation and transforms
-            recover(self.rt, self.dispatcher, older_than=0.0, job_ids=resumed)
+            recover(self.rt, self.dispatcher, older_than=0.0, job_ids=resumed,
+                    check=lambda: self._check_wait(job_ids))
         if remote:
             self._watch(job_ids)
             return job_ids
@@ -469,7 +478,8 @@ class JobRunner:
         for _ in range(3):  # a crashed worker may leave a job short of its end
             if not self.rt.state.unfinished_jobs(job_ids):
                 break
-            recover(self.rt, self.dispatcher, older_than=0.0, job_ids=job_ids)
+            recover(self.rt, self.dispatcher, older_than=0.0, job_ids=job_ids,
+                    check=lambda: self._check_wait(job_ids))
             self._drain()
         for job in self.rt.state.unfinished_jobs(job_ids):
             log.error("job left unfinished", extra={

@@ -470,3 +470,59 @@ def test_a_local_task_that_raises_counts_as_run_not_as_never_run(make_settings) 
         assert fine.result(timeout=60) == 2 and not dispatcher.lost_in_worker("chunk:j:c1")
     finally:
         dispatcher.close()
+
+
+class TransformsNeverEnd:
+    """A dispatcher whose transforms never finish (a stuck worker, a long transform)."""
+
+    url = "never://"
+
+    def submit_chunk(self, spec: ChunkSpec) -> Any:
+        raise AssertionError("no chunk is missing")
+
+    def submit_chunks(self, specs: list[ChunkSpec]) -> Any:
+        raise AssertionError("no chunk is missing")
+
+    def submit_transform(self, request: TransformRequest) -> Any:
+        return Future()
+
+    def lost_in_worker(self, key: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_run_resuming_a_job_keeps_its_wait_limit_while_it_sweeps(make_settings) -> None:
+    """A run that resumes an orphaned job first sends what the dead runner left between
+    aggregation and transforms, and waits for it: within the run's wait limit (and its
+    lease), not for as long as those transforms take."""
+    from canonflow.aggregate import complete_chunk
+    from canonflow.chunk import process_chunk
+    from canonflow.errors import RunTimeout
+    from canonflow.plan import plan_job
+
+    settings = make_settings(tables={"crm": ["companies"]})
+    rt = Runtime(settings)
+    plan = plan_job(settings, rt, "acme")
+    rt.state.create_job(plan.job_id, "acme", settings.name, "aggregated", plan.chunks,
+                        runner="gone-host:ns:1:1:tok", exclusive=True)
+    for spec in plan.chunks:  # aggregated: its transform request waits in the outbox
+        complete_chunk(rt, process_chunk(spec, rt))
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            JobRunner(settings, rt, TransformsNeverEnd(), wait_limit=1.0).run()  # type: ignore[arg-type]
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the run waited past its limit for the swept transform"
+    assert isinstance(outcome[0], RunTimeout) and plan.job_id in str(outcome[0])
+    assert time.monotonic() - started < 15
+    rt.close()
