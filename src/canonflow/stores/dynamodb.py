@@ -176,6 +176,12 @@ def _unprocessed_pause(attempt: int) -> None:
     time.sleep(min(1.0, 0.02 * 2 ** attempt))
 
 
+def _counted_in(row: dict[str, Any]) -> str | None:
+    """The job whose ``open_requests`` counts this outbox row (none: no job, or a job the
+    store did not know when the row was added)."""
+    return None if row.get("uncounted") else row.get("job_id")
+
+
 def _req_pk(request_id: str) -> str:
     return f"REQ#{request_id}"
 
@@ -1208,7 +1214,7 @@ class DynamoStateStore:
         vals.update(values, **{":new_status": status, ":now": now})
         row_action = {"Update": {"Key": _key(row["pk"], REQ_SK), "UpdateExpression": update,
                                  "ConditionExpression": cond, "values": vals}}
-        job_id = None if row.get("uncounted") else row.get("job_id")
+        job_id = _counted_in(row)
         try:
             if job_id is None:
                 self._transact([row_action])
@@ -1332,8 +1338,8 @@ class DynamoStateStore:
             # settle of the job did not run)
             if row["status"] != status or row["updated_at"] != now:
                 return False
-            if row.get("job_id") is not None and not row.get("uncounted"):
-                self._settle(row["job_id"], now)
+            if (job_id := _counted_in(row)) is not None:
+                self._settle(job_id, now)
             return True
         if holder is not None:
             return False

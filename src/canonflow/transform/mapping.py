@@ -137,11 +137,15 @@ class Mapped:
     fields: pa.Array  # field per rejected row
     kept: pa.Array  # indices of the good rows in the source
     keys: pa.Array  # key text per rejected row (null when the key is missing or bad)
-    nulled: dict[str, int] = dc_field(default_factory=dict)  # reason -> optional values nulled
     deleted: pa.Array | None = None  # per good row: a deletion (tombstone)
     deleted_at: pa.Array | None = None  # per good row: when (null: at extraction)
-    # reason -> the source rows (that land) whose optional value it nulled
+    # reason -> per source row: an optional value of a record that lands nulled for it
     nulled_rows: dict[str, pa.Array] = dc_field(default_factory=dict)
+
+    @property
+    def nulled(self) -> dict[str, int]:
+        """reason -> optional values nulled (of the records that land)."""
+        return {why: c for why, rows in self.nulled_rows.items() if (c := count_true(rows))}
 
 
 def count_true(mask: pa.Array) -> int:
@@ -579,7 +583,6 @@ class CompiledMapping:
         keys = pc.take(key_column(table, self.entity.keys), idx)
         lands = pc.invert(bad)  # only the records that land count
         nulled = {why: pc.and_(rows, lands) for why, rows in nulled.items()}
-        counts = {why: c for why, rows in nulled.items() if (c := count_true(rows))}
         deleted_at = None
         if isinstance(self.spec, MappingSpec) and self.spec.deleted is not None:
             drule = self.spec.deleted
@@ -590,8 +593,7 @@ class CompiledMapping:
             when = pc.coalesce(when, columns[self.entity.ordering])
             deleted_at = pc.filter(pc.if_else(deleted, when, None), lands)
         return Mapped(good, idx, pc.take(reason, idx), pc.take(field, idx), kept, keys,
-                      counts, pc.filter(deleted, lands), deleted_at,
-                      {why: rows for why, rows in nulled.items() if why in counts})
+                      pc.filter(deleted, lands), deleted_at, nulled)
 
     def _deleted(self, source: SourceColumns, n: int) -> pa.Array:
         """Which records are deletions, per the mapping's ``deleted`` rule."""

@@ -21,7 +21,6 @@ from canonflow.transform.mapping import (
     CompiledMapping,
     Mapped,
     StructColumns,
-    count_true,
 )
 from canonflow.transform.reader import RawFile
 
@@ -98,16 +97,13 @@ def _rebased(rows: pa.Array, start: int) -> pa.Array:
 
 def _part(m: Mapped, kept: list[int], rejected: list[int], start: int, end: int) -> Mapped:
     good, bad = _span(kept, start, end), _span(rejected, start, end)
-    nulled = {why: c for why, rows in m.nulled_rows.items()
-              if (c := count_true(rows.slice(start, end - start)))}
     return Mapped(
         m.canonical.slice(*good), _rebased(m.rejected.slice(*bad), start),
         m.reasons.slice(*bad), m.fields.slice(*bad), _rebased(m.kept.slice(*good), start),
-        m.keys.slice(*bad), nulled,
+        m.keys.slice(*bad),
         None if m.deleted is None else m.deleted.slice(*good),
         None if m.deleted_at is None else m.deleted_at.slice(*good),
-        {why: rows.slice(start, end - start) for why, rows in m.nulled_rows.items()
-         if why in nulled})
+        {why: rows.slice(start, end - start) for why, rows in m.nulled_rows.items()})
 
 
 def _child_part(c: ChildMapped, parents: list[int], rejected: list[int], start: int,
